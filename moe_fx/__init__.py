@@ -1,0 +1,22 @@
+"""moe_fx: turn single-device Mixture-of-Experts models into expert-parallel ones, by a
+torch.compile pass.
+
+    model = torch.compile(model, backend=moe_fx.backend)
+"""
+
+from moe_fx import config
+from moe_fx.backend import RecordedGraph, backend, recording
+from moe_fx.errors import LoweringUnavailableError, MoEFxError, UnsupportedMoEError
+from moe_fx.explain import ExplainReport, explain
+
+__all__ = [
+    "ExplainReport",
+    "LoweringUnavailableError",
+    "MoEFxError",
+    "RecordedGraph",
+    "UnsupportedMoEError",
+    "backend",
+    "config",
+    "explain",
+    "recording",
+]

@@ -1,0 +1,67 @@
+"""The ``moe_fx`` dynamo backend: rewrite MoE blocks, then hand off to the inner compiler.
+
+    torch.compile(model, backend=moe_fx.backend)   # or backend="moe_fx" (entry point)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from moe_fx import config
+from moe_fx.passes import PassReport, moe_ep_pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedGraph:
+    """One graph the backend compiled: before and after the rewrite, and what was done."""
+
+    original: fx.GraphModule
+    rewritten: fx.GraphModule
+    report: PassReport
+
+
+_recorders: list[list[RecordedGraph]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[RecordedGraph]]:
+    """Collect every graph the backend compiles while the block runs (for tests and debugging)::
+
+        with moe_fx.recording() as graphs:
+            compiled(x)
+        print(graphs[0].rewritten.code, graphs[0].report.blocks[0].rendering)
+    """
+    graphs: list[RecordedGraph] = []
+    _recorders.append(graphs)
+    try:
+        yield graphs
+    finally:
+        _recorders.remove(graphs)
+
+
+def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """Dynamo backend: the MoE EP rewrite followed by ``config.inner_backend``."""
+    original = copy.deepcopy(gm) if _recorders else None
+    report = moe_ep_pass(gm)
+    for graphs in _recorders:
+        graphs.append(RecordedGraph(original=original, rewritten=gm, report=report))
+    return _inner_compile(gm, example_inputs)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    name = config.inner_backend
+    if name == "eager":
+        return gm.forward
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    if name == "moe_fx":
+        raise ValueError("moe_fx.config.inner_backend cannot be 'moe_fx' itself")
+    return torch._dynamo.lookup_backend(name)(gm, example_inputs)

@@ -1,0 +1,48 @@
+"""moe_fx configuration, a torch-style config module.
+
+Read and set attributes directly (``moe_fx.config.lowering = "all2allv"``) or scope a change with
+``moe_fx.config.patch(lowering="all2allv")``, which works as a context manager and as a decorator.
+Settings are read when a graph is compiled: change them before the first call of a compiled model
+(or call ``torch._dynamo.reset()``).
+"""
+
+import sys
+from typing import Optional
+
+from torch.utils._config_module import Config, install_config_module
+
+# Which EP lowering replaces each MoE experts region:
+#   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
+#   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no host sync)
+#   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
+#   "mc2"       fused static-capacity dispatch/combine (not available yet: raises)
+lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
+
+# Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", or any name known
+# to torch._dynamo.list_backends().
+inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="inductor")
+
+# Name of the c10d process group that holds the experts (``pg.group_name``). None: the default
+# process group when torch.distributed is initialized, else no expert parallelism (ep == 1).
+ep_group: Optional[str] = None
+
+# What to do with a graph that holds an MoE-like block moe_fx cannot rewrite:
+#   "warn"  keep the original graph for that block and log a warning with the reason
+#   "raise" raise moe_fx.UnsupportedMoEError
+on_unmatched: str = Config(env_name_default="MOE_FX_ON_UNMATCHED", default="warn")
+
+# Largest number of tokens any rank feeds one MoE block, when the user knows it. The same value
+# on every rank; "auto" uses it (local token counts differ between ranks and must not decide).
+max_tokens_per_rank: Optional[int] = None
+
+# "auto" thresholds. AllGather moves ep*T rows and needs no host sync; All2AllV moves about T*K
+# rows after a device-to-host sync of the split sizes.
+# Pick AllGather when max_tokens_per_rank is known and at most this (latency-bound sizes):
+auto_allgather_max_tokens: int = 256
+# Otherwise pick AllGather while ep <= top_k * this factor (its volume is not yet larger):
+auto_allgather_ep_per_topk: float = 1.0
+
+# Rewrite with ep == 1 too (one sorted grouped matmul instead of the traced experts code).
+rewrite_without_ep: bool = True
+
+install_config_module(sys.modules[__name__])

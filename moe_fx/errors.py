@@ -1,0 +1,13 @@
+"""Exceptions moe_fx raises. Messages name the MoE block, the sizes involved and the fix."""
+
+
+class MoEFxError(Exception):
+    """Base class of every error moe_fx raises on purpose."""
+
+
+class UnsupportedMoEError(MoEFxError, ValueError):
+    """An MoE block cannot be rewritten as configured (sizes, group, form)."""
+
+
+class LoweringUnavailableError(MoEFxError, NotImplementedError):
+    """The requested lowering strategy does not exist for this device or release."""

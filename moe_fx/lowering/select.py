@@ -1,0 +1,71 @@
+"""Choosing the lowering for one MoE block.
+
+The rule ("auto"), in order:
+
+| condition                                              | strategy  | why                                    |
+|--------------------------------------------------------|-----------|----------------------------------------|
+| ep == 1                                                | local     | nothing to communicate                 |
+| config.max_tokens_per_rank <= auto_allgather_max_tokens| allgather | latency-bound: no host sync            |
+| ep <= top_k * auto_allgather_ep_per_topk               | allgather | gathers no more rows than all-to-all   |
+| otherwise                                              | all2allv  | least traffic for large token counts   |
+
+Only values that are equal on every rank decide (ep, top-k, the configured token bound): the
+local token count differs between ranks, and ranks that chose differently would deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from moe_fx import config
+from moe_fx.lowering.base import Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoweringChoice:
+    strategy: Strategy
+    reason: str
+
+
+def choose_lowering(*, block: str, ep_size: int, top_k: int) -> LoweringChoice:
+    forced = config.lowering
+    valid = {s.value for s in Strategy if s is not Strategy.LOCAL} | {"auto"}
+    if forced not in valid:
+        raise ValueError(
+            f"moe_fx.config.lowering={forced!r} is not one of {sorted(valid)}"
+        )
+    if forced == Strategy.MC2.value:
+        choice = LoweringChoice(strategy=Strategy.MC2, reason="forced by config.lowering")
+    elif ep_size == 1:
+        choice = LoweringChoice(strategy=Strategy.LOCAL, reason="ep=1: no expert-parallel group")
+    elif forced != "auto":
+        choice = LoweringChoice(strategy=Strategy(forced), reason="forced by config.lowering")
+    else:
+        choice = _auto(ep_size=ep_size, top_k=top_k)
+    log.debug("moe_fx: block %s -> %s (%s)", block, choice.strategy.value, choice.reason)
+    return choice
+
+
+def _auto(*, ep_size: int, top_k: int) -> LoweringChoice:
+    bound = config.max_tokens_per_rank
+    if bound is not None and bound <= config.auto_allgather_max_tokens:
+        return LoweringChoice(
+            strategy=Strategy.ALLGATHER,
+            reason=f"auto: max_tokens_per_rank={bound} <= auto_allgather_max_tokens="
+            f"{config.auto_allgather_max_tokens} (latency-bound, no host sync)",
+        )
+    limit = top_k * config.auto_allgather_ep_per_topk
+    if ep_size <= limit:
+        return LoweringChoice(
+            strategy=Strategy.ALLGATHER,
+            reason=f"auto: ep={ep_size} <= top_k*{config.auto_allgather_ep_per_topk:g}={limit:g} "
+            "(gathering all tokens moves no more rows than the all-to-all)",
+        )
+    return LoweringChoice(
+        strategy=Strategy.ALL2ALLV,
+        reason=f"auto: ep={ep_size} > top_k*{config.auto_allgather_ep_per_topk:g}={limit:g} "
+        "(all-to-all moves fewer rows)",
+    )

@@ -1,0 +1,85 @@
+"""The moe_fx graph pass: find every MoE experts region, choose its lowering, rewrite it.
+
+Invariants every step keeps are in README.md beside this file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from moe_fx import config
+from moe_fx.errors import UnsupportedMoEError
+from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, Strategy, choose_lowering
+from moe_fx.lowering.mc2 import unavailable as mc2_unavailable
+from moe_fx.passes.find import find_moe_regions
+from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.rewrite import render_region, rewrite_region
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BlockDecision", "PassReport", "analyze_graph", "moe_ep_pass"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockDecision:
+    """One MoE block found in a graph and what moe_fx does with it."""
+
+    region: MoERegion
+    plan: EPPlan
+    choice: LoweringChoice
+    rendering: str = ""  # the rewritten region (empty when only analyzed)
+
+
+@dataclass(kw_only=True)
+class PassReport:
+    blocks: list[BlockDecision] = field(default_factory=list)
+    misses: list[NoMatch] = field(default_factory=list)
+
+
+def analyze_graph(graph: fx.Graph) -> PassReport:
+    """Find the regions and decide their lowering without touching the graph."""
+    regions, misses = find_moe_regions(graph)
+    report = PassReport(misses=misses)
+    for region in regions:
+        plan = EPPlan.for_block(region.block, region.num_experts)
+        choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k)
+        report.blocks.append(BlockDecision(region=region, plan=plan, choice=choice))
+    return report
+
+
+def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
+    """Rewrite every MoE experts region of ``gm`` in place into its EP lowering."""
+    analysis = analyze_graph(gm.graph)
+    _report_misses(analysis.misses)
+    report = PassReport(misses=analysis.misses)
+    for decision in analysis.blocks:
+        if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
+            continue
+        if decision.choice.strategy is Strategy.MC2:
+            raise mc2_unavailable(decision.region.block, decision.plan)
+        lowering = LOWERINGS[decision.choice.strategy](decision.plan)
+        new_nodes = rewrite_region(gm.graph, decision.region, lowering)
+        rendering = render_region(decision.region, lowering, new_nodes)
+        report.blocks.append(
+            BlockDecision(region=decision.region, plan=decision.plan, choice=decision.choice, rendering=rendering)
+        )
+        counters["moe_fx"]["regions_rewritten"] += 1
+        counters["moe_fx"][f"lowering_{decision.choice.strategy.value}"] += 1
+        log.info("moe_fx: rewrote %s (%s) with %s", decision.region.block, decision.region.form, lowering)
+    if report.blocks:
+        gm.graph.lint()
+        gm.recompile()
+    return report
+
+
+def _report_misses(misses: list[NoMatch]) -> None:
+    for miss in misses:
+        counters["moe_fx"]["near_misses"] += 1
+        message = f"moe_fx: MoE block {miss.block!r} ({miss.form}) left as traced: {miss.reason}"
+        if config.on_unmatched == "raise":
+            raise UnsupportedMoEError(message)
+        log.warning(message)

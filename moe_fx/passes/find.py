@@ -1,0 +1,34 @@
+"""Finding MoE experts regions in a dynamo graph: every recognizer, anchored on its matmuls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import is_op
+from moe_fx.passes.hf_experts import GROUPED_MM_OPS, match_batched, match_grouped
+from moe_fx.passes.region import MoERegion, NoMatch
+
+# (anchor predicate, recognizer). A recognizer returns None when the anchor is not the start of
+# its form (a second matmul of a block already seen, or a plain bmm).
+_RECOGNIZERS: tuple[tuple[Callable[[fx.Node], bool], Callable[[fx.Node], MoERegion | NoMatch | None]], ...] = (
+    (lambda n: is_op(n, *GROUPED_MM_OPS), match_grouped),
+    (lambda n: is_op(n, "bmm"), match_batched),
+)
+
+
+def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
+    """Every rewritable experts region of ``graph``, and every near-miss with its reason."""
+    regions: list[MoERegion] = []
+    misses: list[NoMatch] = []
+    for node in graph.nodes:
+        for is_anchor, recognize in _RECOGNIZERS:
+            if not is_anchor(node):
+                continue
+            found = recognize(node)
+            if isinstance(found, MoERegion):
+                regions.append(found)
+            elif isinstance(found, NoMatch):
+                misses.append(found)
+    return regions, misses

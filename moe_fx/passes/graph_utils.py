@@ -1,0 +1,106 @@
+"""Predicates and accessors over dynamo FX graphs (torch-level IR: call_function and call_method
+nodes side by side, ``example_value`` metadata)."""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_OPERATOR_NAMES = {
+    getattr(operator, n): n
+    for n in (
+        "getitem", "setitem", "add", "sub", "mul", "truediv", "floordiv", "neg", "pow",
+        "iadd", "isub", "imul", "itruediv", "matmul",
+    )
+}
+
+
+def op_name(node: fx.Node) -> str:
+    """A torch-version-stable name for what ``node`` computes: ``"sort"`` for both ``torch.sort``
+    and ``x.sort()``, ``"transformers.grouped_mm_fallback"`` for a custom op."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    if target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[target]
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        name = target._qualified_op_name if hasattr(target, "_qualified_op_name") else str(target)
+        return name.replace("::", ".")
+    return getattr(target, "__name__", str(target))
+
+
+def is_op(node: Any, *names: str) -> bool:
+    return isinstance(node, fx.Node) and op_name(node) in names
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (positional, after self for methods) or keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def fake(node: Any) -> torch.Tensor | None:
+    """The fake tensor dynamo recorded for ``node``, if it is a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_graph_input(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def strip_casts(node: fx.Node) -> fx.Node:
+    """Follow ``x.to(dtype)`` / ``x.float()`` style casts back to the uncast value."""
+    while is_op(node, "to", "float", "bfloat16", "half", "type_as", "type"):
+        node = node.args[0]
+    return node
+
+
+def int_value(value: Any) -> int | None:
+    """A Python int for a literal or a backed SymInt; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        try:
+            return int(value)
+        except Exception:  # unbacked
+            return None
+    if isinstance(value, fx.Node):
+        return int_value(value.meta.get("example_value"))
+    return None
+
+
+_SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.([A-Za-z_]\w*)")
+
+
+def module_path(param: fx.Node) -> str:
+    """``model.layers.0.mlp.experts.gate_up_proj`` for the placeholder dynamo made of that parameter."""
+    if param.op == "get_attr":
+        return str(param.target)
+    grapharg = param.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is not None:
+        parts = [a or b for a, b in _SOURCE_KEY.findall(source.name)]
+        parts = [p for p in parts if p not in ("self", "_modules", "_parameters", "_buffers")]
+        if parts:
+            return ".".join(parts)
+    # Fallback: dynamo's placeholder name, "l_self_modules_layers_modules_0_..._parameters_w_".
+    name = re.sub(r"^l_[a-z0-9]+?_(?=(modules|parameters|buffers)_)", "", param.name.rstrip("_"), flags=re.I)
+    return re.sub(r"_?(modules|parameters|buffers)_", ".", name).strip(".")
+
+
+def owner_path(param: fx.Node) -> str:
+    """The module that holds ``param``: ``model.layers.0.mlp.experts``."""
+    path = module_path(param)
+    return path.rsplit(".", 1)[0] if "." in path else path

@@ -1,0 +1,302 @@
+"""Recognizers for the transformers 5.x fused-experts forms (``@use_experts_implementation``).
+
+grouped_mm (the default)::
+
+    expert_ids = topk_ids.reshape(-1); sorted_ids, perm = torch.sort(expert_ids)
+    xs = hidden[perm // K]; ws = topk_weights.reshape(-1)[perm]
+    offs = cumsum(histc(sorted_ids.float(), bins=E, min=0, max=E-1), dtype=int32)
+    h = grouped_mm(xs.to(dt), W_up.transpose(-2, -1), offs)     # or W_up [E, H, N]: no transpose
+    a = activation(h [+ b_up[sorted_ids]])                        # chunk/silu/mul, GPT-OSS clamp...
+    y = grouped_mm(a.to(dt), W_down.transpose(-2, -1), offs) [+ b_down[sorted_ids]]
+    inv = empty_like(perm); inv[perm] = arange(S)
+    out = (y * ws.unsqueeze(-1))[inv].view(T, K, H).sum(1)        # <- region output
+
+grouped_mm is ``torch._grouped_mm``, ``F.grouped_mm`` or ``transformers.grouped_mm_fallback``
+(non-bf16 weights under compile).
+
+batched_mm::
+
+    xs = hidden.repeat_interleave(K, dim=0); ids = topk_ids.reshape(-1); ws = topk_weights.reshape(-1)
+    h = bmm(W_up[ids], xs.unsqueeze(-1)).squeeze(-1)   # or bmm(xs.unsqueeze(1), W_up[ids]).squeeze(1)
+    a = activation(h [+ b_up[ids]]); y = bmm(W_down[ids], a.unsqueeze(-1)).squeeze(-1) [+ b_down[ids]]
+    out = (y * ws.unsqueeze(-1)).view(T, K, H).sum(1)                                  # <- region output
+
+Both become one ``MoERegion``: the router that made topk_ids / topk_weights stays as traced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, strip_casts
+from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
+from moe_fx.passes.rowwise import extract_row_fn
+
+GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm", "transformers.grouped_mm_fallback")
+
+
+class _Miss(Exception):
+    """Raised inside a recognizer to bail out with a reason (turned into a NoMatch)."""
+
+
+def _expect(cond: bool, reason: str) -> None:
+    if not cond:
+        raise _Miss(reason)
+
+
+def _flat_source(node: fx.Node, what: str) -> fx.Node:
+    """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
+    _expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
+    src = node.args[0]
+    _expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
+    return src
+
+
+def _weighting(y: fx.Node, ws_of, what: str) -> tuple[fx.Node, fx.Node]:
+    """Find ``y_post * ws.unsqueeze(-1)`` downstream of ``y``; return (mul node, y_post)."""
+    for node in _forward_slice(y):
+        if is_op(node, "mul") and len(node.args) == 2:
+            for a, b in (node.args, node.args[::-1]):
+                if is_op(b, "unsqueeze") and ws_of(b.args[0]):
+                    return node, a
+    raise _Miss(f"no multiplication of the {what} outputs by the router weights")
+
+
+def _forward_slice(start: fx.Node, limit: int = 64) -> list[fx.Node]:
+    seen, out, frontier = {start}, [], [start]
+    while frontier and len(out) < limit:
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    out.append(u)
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
+    """``weighted.view(T, K, H).sum(dim=1)`` -> the sum node."""
+    _expect(len(weighted.users) == 1, "weighted rows have several users")
+    view = next(iter(weighted.users))
+    _expect(is_op(view, "view", "reshape"), f"weighted rows go to {op_name(view)}, not view(T, K, H)")
+    shape = [int_value(s) for s in (view.args[1:] if len(view.args) > 2 else view.args[1])]
+    _expect(shape == [t, k, h], f"weighted rows viewed as {shape}, not [T={t}, K={k}, H={h}]")
+    _expect(len(view.users) == 1, "the [T, K, H] view has several users")
+    total = next(iter(view.users))
+    dim = arg(total, 1, "dim")
+    _expect(is_op(total, "sum") and dim in (1, -2, (1,), [1]), "the [T, K, H] rows are not summed over K")
+    return total
+
+
+def _projection(weight_arg: fx.Node, *, transposed_when: str) -> ExpertProjection:
+    """``W`` or ``W.transpose(-2, -1)`` for grouped forms ("transpose" means nn.Linear layout)."""
+    if is_op(weight_arg, "transpose") and sorted(weight_arg.args[1:3]) in ([-2, -1], [1, 2]):
+        weight, layout = weight_arg.args[0], "out_in"
+    else:
+        weight, layout = weight_arg, "in_out"
+    _expect(is_graph_input(weight) and fake(weight) is not None and fake(weight).dim() == 3,
+            f"expert weight {weight.name} is not a 3-D parameter")
+    return ExpertProjection(weight=weight, layout=layout)
+
+
+@dataclass
+class _Parts:
+    """What both forms share once their matmuls are understood."""
+
+    hidden: fx.Node
+    topk_ids: fx.Node
+    topk_weights: fx.Node
+    row_ids: fx.Node
+    up_out: fx.Node
+    down_in: fx.Node
+    down_mm: fx.Node  # the down matmul (bmm for the batched form)
+    down_out: fx.Node
+    up: ExpertProjection
+    down: ExpertProjection
+    weighted: fx.Node
+    y_post: fx.Node
+    output: fx.Node
+    nodes: set
+
+
+def _region(parts: _Parts, *, form: str, block: str) -> MoERegion | NoMatch:
+    act = extract_row_fn(parts.up_out, parts.down_in, parts.down_mm, parts.row_ids, block=block, form=form, part="activation")
+    if not act:
+        return act
+    post = extract_row_fn(parts.down_out, parts.y_post, parts.weighted, parts.row_ids, block=block, form=form, part="post-expert")
+    if not post:
+        return post
+    t, k = fake(parts.topk_ids).shape
+    e = fake(parts.up.weight).shape[0]
+    h_in, n_up = parts.up.features()
+    i_down, h_out = parts.down.features()
+    if fake(parts.down.weight).shape[0] != e:
+        return NoMatch(block, form, f"up and down weights hold {e} and {fake(parts.down.weight).shape[0]} experts")
+    nodes = set(parts.nodes) | set(act.nodes) | set(post.nodes)
+    return MoERegion(
+        block=block,
+        form=form,
+        hidden=parts.hidden,
+        topk_ids=parts.topk_ids,
+        topk_weights=parts.topk_weights,
+        up=parts.up,
+        activation=act,
+        down=parts.down,
+        post=post if post.nodes else None,
+        output=parts.output,
+        nodes=frozenset(nodes),
+        num_experts=e,
+        top_k=k,
+        hidden_size=h_in,
+        intermediate_size=i_down,
+        dtype=fake(parts.up.weight).dtype,
+    )
+
+
+def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
+    """Recognize the grouped_mm form anchored at its first grouped matmul; None if not a first one."""
+    offs = arg(up_mm, 2, "offs")
+    if not isinstance(offs, fx.Node):
+        return None
+    mms = [u for u in offs.users if is_op(u, *GROUPED_MM_OPS)]
+    if mms[0] is not up_mm:
+        return None  # anchored at the first matmul of the block only
+    up = _projection(up_mm.args[1], transposed_when="transpose") if is_graph_input(strip_transpose(up_mm.args[1])) else None
+    block = owner_path(up.weight) if up else up_mm.name
+    form = "hf_grouped_mm"
+    try:
+        _expect(up is not None, "first grouped matmul's weight is not a parameter")
+        _expect(len(mms) == 2, f"{len(mms)} grouped matmuls share one offsets tensor (expected gate_up and down)")
+        down_mm = mms[1]
+        down = _projection(down_mm.args[1], transposed_when="transpose")
+        # rows: hidden[perm // K]
+        x_sel = strip_casts(up_mm.args[0])
+        _expect(is_op(x_sel, "getitem"), "grouped matmul input is not hidden[perm // K]")
+        hidden, index = x_sel.args
+        _expect(is_op(index, "floordiv"), "grouped matmul input rows are not perm // K")
+        perm, k = index.args
+        _expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by torch.sort of the expert ids")
+        sort = perm.args[0]
+        _expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
+        flat_ids = sort.args[0]
+        topk_ids = _flat_source(flat_ids, "sorted expert ids")
+        row_ids = next((u for u in sort.users if is_op(u, "getitem") and u.args[1] == 0), None)
+        _expect(row_ids is not None, "sorted expert ids are unused")
+        t, kk = fake(topk_ids).shape
+        _expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
+        _expect(fake(hidden) is not None and fake(hidden).shape[0] == t, "hidden rows do not match the routed tokens")
+        # offsets = cumsum(histc(sorted_ids, bins=E, min=0, max=E-1), int32)
+        _expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
+        hist = offs.args[0]
+        e = fake(up.weight).shape[0]
+        if is_op(hist, "histc"):
+            _expect(strip_casts(hist.args[0]) is row_ids, "histogram is not over the sorted expert ids")
+            bins, lo, hi = (arg(hist, 1, "bins"), arg(hist, 2, "min", 0), arg(hist, 3, "max", 0))
+            _expect((bins, lo, hi) == (e, 0, e - 1), f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
+        else:
+            raise _Miss(f"expert counts come from {op_name(hist)}, not histc")
+        # weighting and unpermute
+        def is_sorted_weights(n):
+            return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
+
+        weighted, y_post = _weighting(down_mm, is_sorted_weights, "down projection")
+        ws_sorted = next(a for a in weighted.args if is_op(a, "unsqueeze")).args[0]
+        topk_weights = _flat_source(ws_sorted.args[0], "router weights")
+        _expect(len(weighted.users) == 1, "weighted rows have several users")
+        unperm = next(iter(weighted.users))
+        _expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
+        inv = unperm.args[1]
+        _expect(inv.args[0] is perm, "inverse permutation is not built from the sort permutation")
+        setters = [u for u in inv.users if is_op(u, "setitem")]
+        _expect(len(setters) == 1 and setters[0].args[1] is perm and is_op(setters[0].args[2], "arange"), "inverse permutation is not inv[perm] = arange(S)")
+        h = fake(up_mm.args[0]).shape[1]
+        output = _sum_over_topk(unperm, t, kk, fake(down_mm).shape[1])
+        nodes = {flat_ids, sort, perm, row_ids, index, x_sel, offs, hist, up_mm, down_mm, weighted,
+                 ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
+                 next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0]}
+        nodes |= {n for n in (hist.args[0], up_mm.args[0], up_mm.args[1], down_mm.args[0], down_mm.args[1]) if isinstance(n, fx.Node) and not is_graph_input(n)}
+        parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
+                       up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
+                       weighted=weighted, y_post=y_post, output=output, nodes=nodes)
+        del h
+    except _Miss as miss:
+        return NoMatch(block, form, str(miss))
+    return _region(parts, form=form, block=block)
+
+
+def strip_transpose(node):
+    return node.args[0] if is_op(node, "transpose") else node
+
+
+def _bmm_weight_gather(bmm: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
+    """(gathered ``W[ids]`` node, the other operand, layout) of an expert bmm, or None."""
+    a, b = bmm.args[:2]
+    if is_op(a, "getitem") and is_graph_input(a.args[0]) and is_op(b, "unsqueeze"):
+        return a, b, "out_in"  # bmm(W[ids] [S, N, K], x.unsqueeze(-1))
+    if is_op(b, "getitem") and is_graph_input(b.args[0]) and is_op(a, "unsqueeze"):
+        return b, a, "in_out"  # bmm(x.unsqueeze(1), W[ids] [S, K, N])
+    return None
+
+
+def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
+    """Recognize the batched_mm form anchored at its first bmm; None if ``up_bmm`` is not one."""
+    gathered = _bmm_weight_gather(up_bmm)
+    if gathered is None:
+        return None
+    w_gather, x_unsq, layout = gathered
+    ids = w_gather.args[1]
+    if not isinstance(ids, fx.Node):
+        return None
+    bmms = [g for u in ids.users if is_op(u, "getitem") and is_graph_input(u.args[0]) and fake(u.args[0]) is not None and fake(u.args[0]).dim() == 3
+            for g in u.users if is_op(g, "bmm")]
+    if not bmms or bmms[0] is not up_bmm:
+        return None
+    form = "hf_batched_mm"
+    block = owner_path(w_gather.args[0])
+    try:
+        _expect(len(bmms) == 2, f"{len(bmms)} expert bmms share one expert-id tensor (expected gate_up and down)")
+        down_bmm = bmms[1]
+        down_gather, down_unsq, down_layout = _bmm_weight_gather(down_bmm)
+        _expect(down_layout == layout, "gate_up and down weights use different layouts")
+        up = ExpertProjection(weight=w_gather.args[0], layout=layout)
+        down = ExpertProjection(weight=down_gather.args[0], layout=down_layout)
+        topk_ids = _flat_source(ids, "gathered expert ids")
+        t, k = fake(topk_ids).shape
+        x_rep = strip_casts(x_unsq.args[0])
+        _expect(is_op(x_rep, "repeat_interleave"), "bmm input is not hidden.repeat_interleave(K)")
+        hidden = x_rep.args[0]
+        _expect(int_value(arg(x_rep, 1, "repeats")) == k and arg(x_rep, 2, "dim") in (0, -2), "tokens are not repeated K times along dim 0")
+        up_out = _single_squeeze(up_bmm)
+        down_out = _single_squeeze(down_bmm)
+        _expect(down_unsq.args[0] is not None, "down bmm input")
+        down_in = down_unsq.args[0]
+
+        def is_flat_weights(n):
+            return is_op(n, "reshape", "view") and fake(n) is not None and fake(n).dim() == 1 and n is not ids
+
+        weighted, y_post = _weighting(down_out, is_flat_weights, "down projection")
+        ws = next(a for a in weighted.args if is_op(a, "unsqueeze"))
+        topk_weights = _flat_source(ws.args[0], "router weights")
+        output = _sum_over_topk(weighted, t, k, fake(down_out).shape[1])
+        nodes = {ids, w_gather, x_unsq, x_rep, up_bmm, up_out, down_gather, down_unsq, down_bmm, down_out,
+                 weighted, ws, ws.args[0], output, *output.all_input_nodes}
+        if x_unsq.args[0] is not x_rep:
+            nodes.add(x_unsq.args[0])
+        parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=ids,
+                       up_out=up_out, down_in=down_in, down_mm=down_bmm, down_out=down_out, up=up, down=down,
+                       weighted=weighted, y_post=y_post, output=output, nodes=nodes)
+    except _Miss as miss:
+        return NoMatch(block, form, str(miss))
+    return _region(parts, form=form, block=block)
+
+
+def _single_squeeze(bmm: fx.Node) -> fx.Node:
+    _expect(len(bmm.users) == 1, "expert bmm output has several users")
+    sq = next(iter(bmm.users))
+    _expect(is_op(sq, "squeeze"), "expert bmm output is not squeezed back to rows")
+    return sq

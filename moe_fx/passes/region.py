@@ -1,0 +1,92 @@
+"""Typed records between the recognizers and the lowering.
+
+A recognizer returns an ``MoERegion`` (everything the rewrite needs; lowering never looks at the
+original nodes again) or a falsy ``NoMatch`` carrying the reason for explain().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowFn:
+    """A row-wise piece of the traced experts code, replayed on the rewritten rows.
+
+    ``nodes`` (in graph order) compute ``output`` from ``input`` [rows, N]; per-expert
+    parameters (biases) are read as ``param[row_ids]``. Nothing else may depend on the row order,
+    which the recognizer checks.
+    """
+
+    input: fx.Node
+    output: fx.Node
+    row_ids: fx.Node
+    nodes: tuple[fx.Node, ...]
+    label: str  # human-readable summary, e.g. "silu(gate) * up"
+
+    def replay(self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node) -> fx.Node:
+        """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``."""
+        env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
+        for node in self.nodes:
+            env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+        return env.get(self.output, new_input)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertProjection:
+    """One per-expert weight: [E, N, K] ("out_in", nn.Linear style) or [E, K, N] ("in_out")."""
+
+    weight: fx.Node
+    layout: str
+
+    def features(self) -> tuple[int, int]:
+        """(in, out) features."""
+        shape = self.weight.meta["example_value"].shape
+        return (shape[2], shape[1]) if self.layout == "out_in" else (shape[1], shape[2])
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoERegion:
+    """The experts computation of one MoE block: (hidden, topk_ids, topk_weights) -> [T, H]."""
+
+    block: str  # module path of the experts, e.g. "model.layers.0.mlp.experts"
+    form: str  # recognizer name, e.g. "hf_grouped_mm"
+    hidden: fx.Node  # [T, H]
+    topk_ids: fx.Node  # [T, K]
+    topk_weights: fx.Node  # [T, K], applied to the expert outputs
+    up: ExpertProjection
+    activation: RowFn  # up output -> down input (biases, gate, casts)
+    down: ExpertProjection
+    post: RowFn | None  # down output -> weighted rows (biases, post-expert norm)
+    output: fx.Node  # the [T, H] sum over top-k that the rewrite replaces
+    nodes: frozenset[fx.Node]  # every node of the traced experts code (erased when dead)
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype  # expert weight dtype
+
+    @property
+    def num_tokens(self):
+        return self.hidden.meta["example_value"].shape[0]
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a candidate is not a rewritable MoE region. Falsy; the message is built lazily."""
+
+    block: str
+    form: str
+    _reason: Callable[[], str] | str = field(repr=False)
+
+    def __bool__(self) -> bool:
+        return False
+
+    @property
+    def reason(self) -> str:
+        text = self._reason() if callable(self._reason) else self._reason
+        return text if len(text) <= 200 else text[:197] + "..."

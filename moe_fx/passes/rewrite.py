@@ -1,0 +1,135 @@
+"""Replacing one matched experts region with a lowering's dispatch -> experts -> combine.
+
+Before (any recognized form)::
+
+    ... router ... -> topk_ids, topk_weights
+    <traced experts code: sort / gather / grouped_mm or bmm / activation / unsort>
+    out = weighted.view(T, K, H).sum(1)
+
+After::
+
+    dispatched = <strategy>.dispatch(hidden, topk_ids, topk_weights)
+    tokens, offsets, row_expert = dispatched.tokens, .offsets, .row_expert
+    h = expert_matmul(tokens, <strategy>.local_weights(W_up), offsets, layout=...)
+    a = <the traced activation, replayed on h; biases read as b[row_expert]>
+    y = expert_matmul(a, <strategy>.local_weights(W_down), offsets, layout=...)
+    out = <strategy>.combine(y, dispatched, topk_weights)
+
+The dead traced experts code is erased; the router and everything else stay as traced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from moe_fx.lowering.base import LocalLowering
+from moe_fx.lowering.experts import expert_matmul
+from moe_fx.passes.graph_utils import module_path, op_name
+from moe_fx.passes.region import MoERegion
+
+
+def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> list[fx.Node]:
+    """Rewrite ``region`` in place; returns the new nodes in order."""
+    first_new = region.output.prev
+    with graph.inserting_before(region.output):
+        dispatched = graph.call_function(
+            lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
+        )
+        tokens = graph.call_function(getattr, (dispatched, "tokens"))
+        offsets = graph.call_function(getattr, (dispatched, "offsets"))
+        row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
+
+        def project(x: fx.Node, projection) -> fx.Node:
+            weight = graph.call_function(lowering.local_weights, (projection.weight,))
+            return graph.call_function(
+                expert_matmul, (x, weight, offsets), {"layout": projection.layout}
+            )
+
+        h = project(tokens, region.up)
+        a = region.activation.replay(graph, h, row_expert)
+        y = project(a, region.down)
+        if region.post is not None:
+            y = region.post.replay(graph, y, row_expert)
+        out = graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
+    region.output.replace_all_uses_with(out)
+    new_nodes = _nodes_between(first_new, region.output)
+    _erase_dead(region.nodes | {region.output})
+    return new_nodes
+
+
+def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
+    out, node = [], after.next
+    while node is not before:
+        out.append(node)
+        node = node.next
+    return out
+
+
+def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
+    """Erase the candidates nothing reads any more (mutations of dead values included)."""
+    alive = set(candidates)
+    if not alive:
+        return
+    graph = next(iter(alive)).graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    changed = True
+    while changed:
+        changed = False
+        for node in sorted(alive, key=position.__getitem__, reverse=True):
+            if not node.users:
+                graph.erase_node(node)
+                alive.discard(node)
+                changed = True
+
+
+
+# ------------------------------------------------------------------------------------------
+# A torch-version-stable rendering of the rewritten region, for tests and explain().
+# ------------------------------------------------------------------------------------------
+
+
+def render_region(region: MoERegion, lowering: LocalLowering, new_nodes: list[fx.Node]) -> str:
+    names: dict[fx.Node, str] = {
+        region.hidden: "hidden",
+        region.topk_ids: "topk_ids",
+        region.topk_weights: "topk_weights",
+    }
+    strategy = lowering.strategy.value
+    lines = []
+    for i, node in enumerate(new_nodes):
+        names[node] = f"v{i}"
+        lines.append(f"v{i} = {_target_name(node, strategy)}({_format_args(node, names)})")
+    return "\n".join(lines)
+
+
+def _target_name(node: fx.Node, strategy: str) -> str:
+    target = node.target
+    if getattr(target, "__self__", None) is not None and isinstance(target.__self__, LocalLowering):
+        return f"{strategy}.{target.__name__}"
+    if target is expert_matmul:
+        return "expert_matmul"
+    return op_name(node)
+
+
+def _format_args(node: fx.Node, names: dict[fx.Node, str]) -> str:
+    def fmt(value) -> str:
+        if isinstance(value, fx.Node):
+            if value not in names:
+                names[value] = module_path(value).split(".")[-1] if value.op in ("placeholder", "get_attr") else value.name
+            return names[value]
+        if isinstance(value, (tuple, list)):
+            inner = ", ".join(fmt(v) for v in value)
+            return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, slice):
+            return ":".join("" if v is None else fmt(v) for v in (value.start, value.stop, value.step)).rstrip(":") or ":"
+        if value is Ellipsis:
+            return "..."
+        if isinstance(value, torch.dtype):
+            return str(value).replace("torch.", "")
+        return repr(value)
+
+    parts = [fmt(a) for a in node.args] + [f"{k}={fmt(v)}" for k, v in node.kwargs.items()]
+    return ", ".join(parts)

@@ -1,0 +1,151 @@
+"""Extracting the row-wise parts of traced experts code (activation, biases, post-expert norm).
+
+The rewrite keeps the model's own activation: the nodes between the two expert matmuls are copied
+into the rewritten graph and applied to the dispatched rows. That is only correct if every node
+treats rows independently, so each node must be on an allow-list (elementwise math, last-dim
+splits and reductions, column slices) and may read only: the matmul output, per-expert parameters
+gathered by the row's expert id (``bias[row_ids]``), whole parameters, and scalars.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, fake, is_graph_input, is_op, op_name
+from moe_fx.passes.region import NoMatch, RowFn
+
+# Row-independent whatever their arguments (scalars and broadcasts only touch columns).
+_ELEMENTWISE = frozenset(
+    """add sub mul truediv floordiv neg pow iadd isub imul itruediv add_ sub_ mul_ div div_ clamp
+    clamp_ clip clip_ sigmoid sigmoid_ silu silu_ gelu relu relu_ tanh tanh_ exp exp_ erf rsqrt sqrt
+    abs square log reciprocal softplus mish leaky_relu elu selu hardswish hardsigmoid to float
+    bfloat16 half type_as contiguous masked_fill masked_fill_ minimum maximum""".split()
+)
+# Row-independent when they act on the last dimension.
+_LAST_DIM = {"chunk": (1, "dim"), "split": (1, "dim"), "unbind": (0, "dim"), "mean": (0, "dim"),
+             "sum": (0, "dim"), "amax": (0, "dim"), "softmax": (0, "dim")}
+_ACTIVATIONS = ("silu", "gelu", "relu", "sigmoid", "tanh", "clamp", "softplus", "mish", "elu")
+
+
+def _mutates(node: fx.Node) -> bool:
+    name = op_name(node)
+    return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
+
+
+def _is_last_dim(node: fx.Node, rank: int) -> bool:
+    index, key = _LAST_DIM[op_name(node)]
+    dim = arg(node, index + 1, key, 0 if op_name(node) == "unbind" else None)
+    return isinstance(dim, int) and dim in (-1, rank - 1)
+
+
+def _is_column_slice(index) -> bool:
+    """``x[..., ::2]`` or ``x[:, a:b]``: rows untouched."""
+    if not isinstance(index, tuple) or not index:
+        return False
+    head = index[0]
+    return head is Ellipsis or head == slice(None, None, None)
+
+
+def _row_safe(node: fx.Node, rows_rank: int) -> bool:
+    name = op_name(node)
+    if name in _ELEMENTWISE:
+        return True
+    if name in _LAST_DIM:
+        return _is_last_dim(node, rows_rank)
+    if name == "getitem":
+        source, index = node.args
+        if fake(source) is None:  # indexing the tuple of a chunk / split
+            return isinstance(index, int)
+        return _is_column_slice(index)
+    return False
+
+
+def _is_param(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    where = source or node.name
+    return node.op == "placeholder" and ("_parameters" in where or "_buffers" in where)
+
+
+def _is_expert_gather(node: fx.Node, row_ids: fx.Node) -> bool:
+    """``param[row_ids]``: a per-expert parameter picked per row (biases)."""
+    return is_op(node, "getitem") and node.args[1] is row_ids and is_graph_input(node.args[0])
+
+
+def _describe(nodes: list[fx.Node]) -> str:
+    names = [op_name(n) for n in nodes]
+    acts = sorted({n.rstrip("_") for n in names if n.rstrip("_") in _ACTIVATIONS})
+    gated = any(n in ("chunk", "split") for n in names) or any(
+        is_op(n, "getitem") and fake(n.args[0]) is not None for n in nodes
+    )
+    biased = any(is_op(n, "add_", "add") and any(is_op(a, "getitem") and is_graph_input(a.args[0]) for a in n.all_input_nodes) for n in nodes)
+    label = "+".join(acts) if acts else "identity"
+    return f"{'gated ' if gated else ''}{label}{' +bias' if biased else ''}"
+
+
+def extract_row_fn(
+    start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str
+) -> RowFn | NoMatch:
+    """The row-wise nodes computing ``end`` from ``start`` (``end is start``: only in-place
+    updates), as read by ``consumer``: mutations of those values up to ``consumer`` count."""
+    graph_nodes = list(start.graph.nodes)
+    position = {n: i for i, n in enumerate(graph_nodes)}
+    stop = position[consumer]
+    # Everything computed from `start` before `end`.
+    downstream = {start}
+    for node in graph_nodes[position[start] + 1 : stop]:
+        if any(a in downstream for a in node.all_input_nodes):
+            downstream.add(node)
+
+    included: set[fx.Node] = set()
+
+    def include(node: fx.Node) -> NoMatch | None:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in included or n is start:
+                continue
+            if n in downstream or _is_expert_gather(n, row_ids):
+                included.add(n)
+                stack.extend(a for a in n.all_input_nodes if a is not row_ids or not _is_expert_gather(n, row_ids))
+            elif n is row_ids:
+                return NoMatch(block, form, f"{part}: reads the expert ids directly ({n.name})")
+            elif fake(n) is not None and not _is_param(n):
+                return NoMatch(
+                    block, form,
+                    lambda n=n: f"{part}: reads {n.name} ({op_name(n)}), computed outside the experts; "
+                    "its rows would not follow the dispatched tokens",
+                )
+        return None
+
+    if end is not start:
+        if (miss := include(end)) is not None:
+            return miss
+    # In-place updates of included values (``out.add_(bias)``) are part of the computation.
+    for node in graph_nodes[position[start] + 1 : stop]:
+        if node not in included and _mutates(node) and (node.args[0] in included or node.args[0] is start):
+            if (miss := include(node)) is not None:
+                return miss
+
+    ordered = sorted(included, key=position.__getitem__)
+    rows_rank = fake(start).dim() if fake(start) is not None else 2
+    for node in ordered:
+        if _is_expert_gather(node, row_ids):
+            continue
+        if not _row_safe(node, rows_rank):
+            return NoMatch(
+                block, form,
+                lambda node=node: f"{part}: {op_name(node)} ({node.name}) is not known to be row-wise; "
+                "moe_fx only replays elementwise ops, last-dim splits/reductions and column slices",
+            )
+        outside = [u for u in node.users if u not in included and u is not end and node is not end]
+        if node is not end and outside:
+            return NoMatch(
+                block, form,
+                lambda node=node, outside=outside: f"{part}: {node.name} is also used by {outside[0].name}, outside the experts",
+            )
+    return RowFn(
+        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered)
+    )
