@@ -103,8 +103,11 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
         with moe_fx.config.patch(lowering=args.lowering, inner_backend=args.inner_backend), \
                 moe_fx.recording() as graphs, torch.no_grad():
             actual = _logits(compiled(input_ids)).float()
+        blocks = [b for g in graphs for b in g.report.blocks]
+        if not blocks:
+            print(f"rank {rank}: FAILED: moe_fx rewrote no MoE block (see the reasons above)")
+            return 1
         if rank == 0:
-            blocks = [b for g in graphs for b in g.report.blocks]
             print(f"rewrote {len(blocks)} MoE block(s); the first, {blocks[0].region.block} "
                   f"({blocks[0].choice.strategy.value}):")
             print("\n".join("    " + line for line in blocks[0].rendering.splitlines()), "\n")

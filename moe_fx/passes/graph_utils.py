@@ -60,7 +60,7 @@ def is_graph_input(node: Any) -> bool:
 
 def strip_casts(node: fx.Node) -> fx.Node:
     """Follow ``x.to(dtype)`` / ``x.float()`` style casts back to the uncast value."""
-    while is_op(node, "to", "float", "bfloat16", "half", "type_as", "type"):
+    while is_op(node, "to", "float", "bfloat16", "half", "int", "long", "type_as", "type"):
         node = node.args[0]
     return node
 

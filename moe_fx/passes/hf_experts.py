@@ -47,8 +47,21 @@ def _expect(cond: bool, reason: str) -> None:
         raise _Miss(reason)
 
 
+def _strip_sentinel_handling(node: fx.Node) -> fx.Node:
+    """transformers (5.17) guards ids >= E, which only its own EP produces: ``ids.clamp(0, E-1)``
+    and ``weights.masked_fill(ids >= E, 0)``. Both are identities on a router's output."""
+    while True:
+        if is_op(node, "clamp") and arg(node, 1, "min") == 0:
+            node = node.args[0]
+        elif is_op(node, "masked_fill") and is_op(node.args[1], "ge") and arg(node, 2, "value") == 0:
+            node = node.args[0]
+        else:
+            return node
+
+
 def _flat_source(node: fx.Node, what: str) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
+    node = _strip_sentinel_handling(node)
     _expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
     src = node.args[0]
     _expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
@@ -84,7 +97,7 @@ def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
     _expect(len(weighted.users) == 1, "weighted rows have several users")
     view = next(iter(weighted.users))
     _expect(is_op(view, "view", "reshape"), f"weighted rows go to {op_name(view)}, not view(T, K, H)")
-    shape = [int_value(s) for s in (view.args[1:] if len(view.args) > 2 else view.args[1])]
+    shape = [int_value(s) for s in fake(view).shape] if fake(view) is not None else None
     _expect(shape == [t, k, h], f"weighted rows viewed as {shape}, not [T={t}, K={k}, H={h}]")
     _expect(len(view.users) == 1, "the [T, K, H] view has several users")
     total = next(iter(view.users))
@@ -277,6 +290,7 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         down_in = down_unsq.args[0]
 
         def is_flat_weights(n):
+            n = _strip_sentinel_handling(n)
             return is_op(n, "reshape", "view") and fake(n) is not None and fake(n).dim() == 1 and n is not ids
 
         weighted, y_post = _weighting(down_out, is_flat_weights, "down projection")

@@ -26,6 +26,7 @@ import torch.fx as fx
 from moe_fx.lowering.base import LocalLowering
 from moe_fx.lowering.experts import expert_matmul
 from moe_fx.passes.graph_utils import module_path, op_name
+from moe_fx.passes.rowwise import mutates as _mutates
 from moe_fx.passes.region import MoERegion
 
 
@@ -72,6 +73,8 @@ def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
     if not alive:
         return
     graph = next(iter(alive)).graph
+    # In-place updates of dead values (``rows.masked_fill_(mask, 0)``) die with them.
+    alive |= {u for n in candidates for u in n.users if _mutates(u) and u.args[0] is n and not u.users}
     position = {n: i for i, n in enumerate(graph.nodes)}
     changed = True
     while changed:

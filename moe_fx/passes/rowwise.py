@@ -19,7 +19,8 @@ _ELEMENTWISE = frozenset(
     """add sub mul truediv floordiv neg pow iadd isub imul itruediv add_ sub_ mul_ div div_ clamp
     clamp_ clip clip_ sigmoid sigmoid_ silu silu_ gelu relu relu_ tanh tanh_ exp exp_ erf rsqrt sqrt
     abs square log reciprocal softplus mish leaky_relu elu selu hardswish hardsigmoid to float
-    bfloat16 half type_as contiguous masked_fill masked_fill_ minimum maximum""".split()
+    bfloat16 half int long type_as contiguous masked_fill masked_fill_ minimum maximum where ge gt le lt
+    eq ne logical_not logical_and logical_or invert and_ or_""".split()
 )
 # Row-independent when they act on the last dimension.
 _LAST_DIM = {"chunk": (1, "dim"), "split": (1, "dim"), "unbind": (0, "dim"), "mean": (0, "dim"),
@@ -27,7 +28,8 @@ _LAST_DIM = {"chunk": (1, "dim"), "split": (1, "dim"), "unbind": (0, "dim"), "me
 _ACTIVATIONS = ("silu", "gelu", "relu", "sigmoid", "tanh", "clamp", "softplus", "mish", "elu")
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
+    """In-place ops: ``x.add_(y)``, ``x[i] = y``."""
     name = op_name(node)
     return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
 
@@ -52,6 +54,9 @@ def _row_safe(node: fx.Node, rows_rank: int) -> bool:
         return True
     if name in _LAST_DIM:
         return _is_last_dim(node, rows_rank)
+    if name == "unsqueeze":  # a per-row scalar becomes a column: x[:, None]
+        dim = arg(node, 1, "dim")
+        return isinstance(dim, int) and dim in (-1, fake(node).dim() - 1) and dim != 0
     if name == "getitem":
         source, index = node.args
         if fake(source) is None:  # indexing the tuple of a chunk / split
@@ -98,6 +103,13 @@ def extract_row_fn(
     for node in graph_nodes[position[start] + 1 : stop]:
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
+    # Per-row values computed from the expert ids alone (transformers' EP sentinel masks).
+    from_rows = {row_ids}
+    for node in graph_nodes[position[row_ids] + 1 : stop]:
+        inputs = [a for a in node.all_input_nodes if fake(a) is not None]
+        if any(a in from_rows for a in inputs) and all(a in from_rows or _is_param(a) for a in inputs):
+            from_rows.add(node)
+    from_rows.discard(row_ids)
 
     included: set[fx.Node] = set()
 
@@ -107,9 +119,9 @@ def extract_row_fn(
             n = stack.pop()
             if n in included or n is start:
                 continue
-            if n in downstream or _is_expert_gather(n, row_ids):
+            if n in downstream or n in from_rows or _is_expert_gather(n, row_ids):
                 included.add(n)
-                stack.extend(a for a in n.all_input_nodes if a is not row_ids or not _is_expert_gather(n, row_ids))
+                stack.extend(a for a in n.all_input_nodes if a is not row_ids)
             elif n is row_ids:
                 return NoMatch(block, form, f"{part}: reads the expert ids directly ({n.name})")
             elif fake(n) is not None and not _is_param(n):
@@ -125,7 +137,7 @@ def extract_row_fn(
             return miss
     # In-place updates of included values (``out.add_(bias)``) are part of the computation.
     for node in graph_nodes[position[start] + 1 : stop]:
-        if node not in included and _mutates(node) and (node.args[0] in included or node.args[0] is start):
+        if node not in included and mutates(node) and (node.args[0] in included or node.args[0] is start):
             if (miss := include(node)) is not None:
                 return miss
 
@@ -141,7 +153,7 @@ def extract_row_fn(
                 "moe_fx only replays elementwise ops, last-dim splits/reductions and column slices",
             )
         outside = [u for u in node.users if u not in included and u is not end and node is not end]
-        if node is not end and outside:
+        if node is not end and outside and node not in from_rows:  # from_rows nodes are recomputed
             return NoMatch(
                 block, form,
                 lambda node=node, outside=outside: f"{part}: {node.name} is also used by {outside[0].name}, outside the experts",

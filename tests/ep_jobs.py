@@ -1,0 +1,130 @@
+"""Functions the tests run on every rank of a gloo group (tests/dist_pool.py), or in-process for
+ep == 1. Each returns plain data (floats, strings) for the test to assert on."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import moe_fx
+from tests.moe_modules import BatchedMoE, GroupedMoE
+from tests.tiny_models import build_tiny, experts_modules, make_input_ids
+
+# Uneven token counts per rank: the EP lowerings must not assume equal sizes.
+TOKENS_PER_RANK = (7, 12, 3, 9)
+
+
+def rank_and_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def zero_foreign_experts(model: torch.nn.Module, num_experts: int) -> int:
+    """Zero every expert weight this rank does not own; returns how many tensors were touched."""
+    rank, world = rank_and_size()
+    per_rank = num_experts // world
+    touched = 0
+    with torch.no_grad():
+        for _, experts in experts_modules(model) if hasattr(model, "model") else [("", model)]:
+            for name, p in experts.named_parameters(recurse=False):
+                if p.shape[0] == num_experts and not name.startswith("router"):
+                    foreign = torch.ones(num_experts, dtype=torch.bool)
+                    foreign[rank * per_rank : (rank + 1) * per_rank] = False
+                    p[foreign] = 0
+                    touched += 1
+    return touched
+
+
+def _compile_and_run(model, args, *, lowering: str, inner: str):
+    torch._dynamo.reset()
+    with moe_fx.config.patch(lowering=lowering, inner_backend=inner), moe_fx.recording() as graphs, torch.no_grad():
+        out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(*args)
+    out = out.logits if hasattr(out, "logits") else out
+    blocks = [(b.region.block, b.choice.strategy.value) for g in graphs for b in g.report.blocks]
+    misses = [m.reason for g in graphs for m in g.report.misses]
+    return out.float(), blocks, misses
+
+
+def _diff(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"diff": (out - ref).abs().max().item(), "scale": ref.abs().max().item()}
+
+
+def hf_model_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtype: str,
+                  lowerings: tuple[str, ...], inner: str = "aot_eager") -> dict:
+    """A tiny transformers model on this rank's tokens: eager (before zeroing foreign experts)
+    versus moe_fx for each lowering (after zeroing them, so only local experts can contribute)."""
+    torch.set_num_threads(1) if world_size > 1 else None
+    model = build_tiny(key, experts_implementation=impl, dtype=getattr(torch, dtype))
+    ids = make_input_ids(TOKENS_PER_RANK[rank], seed=100 + rank)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    compiled_ref = None
+    if inner == "inductor" and dtype == "bfloat16":
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled_ref = torch.compile(model, backend="inductor", fullgraph=True)(ids).logits.float()
+    touched = zero_foreign_experts(model, 8) if world_size > 1 else 0
+    results = {"touched": touched, "tokens": ids.shape[1]}
+    for lowering in lowerings:
+        out, blocks, misses = _compile_and_run(model, (ids,), lowering=lowering, inner=inner)
+        results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
+        if compiled_ref is not None:
+            results[lowering]["vs_compiled"] = _diff(out, compiled_ref)
+    return results
+
+
+def build_plain(kind: str, *, hidden: int, intermediate: int, num_experts: int, top_k: int,
+                dtype: str, seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cls = {"batched": BatchedMoE, "grouped": GroupedMoE}[kind]
+    return cls(hidden, intermediate, num_experts, top_k, **kw).to(getattr(torch, dtype))
+
+
+def plain_case(*, rank: int = 0, world_size: int = 1, kind: str = "batched", hidden: int = 16,
+               intermediate: int = 8, num_experts: int = 4, top_k: int = 2, dtype: str = "float32",
+               tokens: tuple[int, ...] = (5, 6, 7, 8), routing: str = "router", skew: float = 0.0,
+               lowerings: tuple[str, ...] = ("allgather", "all2allv"), inner: str = "eager",
+               module_kw: dict | None = None, seed: int = 0) -> dict:
+    """A plain-PyTorch MoE on this rank's tokens, with the router's routing or a forced one:
+    "foreign" (every token to the next rank's experts), "one_expert" (every token to expert 0)."""
+    model = build_plain(kind, hidden=hidden, intermediate=intermediate, num_experts=num_experts,
+                        top_k=top_k, dtype=dtype, seed=seed, skew=skew, **(module_kw or {}))
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
+    t = tokens[rank]
+    x = torch.randn(t, hidden, generator=gen).to(getattr(torch, dtype))
+    args: tuple = (x,)
+    if routing != "router":
+        per_rank = num_experts // world_size
+        if routing == "foreign":
+            first = ((rank + 1) % world_size) * per_rank
+            choices = torch.stack([torch.randperm(per_rank, generator=gen)[:top_k] for _ in range(t)]) + first
+        elif routing == "one_expert":
+            choices = torch.zeros(t, top_k, dtype=torch.int64) + torch.arange(top_k)
+        else:
+            raise ValueError(routing)
+        weights = torch.rand(t, top_k, generator=gen)
+        args = (x, choices, (weights / weights.sum(-1, keepdim=True)).float())
+    with torch.no_grad():
+        ref = model(*args).float()
+    if world_size > 1:
+        zero_foreign_experts(model, num_experts)
+    results = {}
+    for lowering in lowerings:
+        try:
+            out, blocks, misses = _compile_and_run(model, args, lowering=lowering, inner=inner)
+        except Exception as exc:  # the test asserts on the message
+            results[lowering] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
+    return results
+
+
+def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtype: str, lowering: str) -> str:
+    """The normalized rendering of the first rewritten region (for expecttest snapshots)."""
+    model = build_tiny(key, experts_implementation=impl, dtype=getattr(torch, dtype))
+    ids = make_input_ids(TOKENS_PER_RANK[rank], seed=100 + rank)
+    torch._dynamo.reset()
+    with moe_fx.config.patch(lowering=lowering, inner_backend="eager"), moe_fx.recording() as graphs, torch.no_grad():
+        torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids)
+    return graphs[0].report.blocks[0].rendering
