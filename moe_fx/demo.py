@@ -14,10 +14,14 @@ import socket
 import torch
 import torch.distributed as dist
 
-# fp32: the rewrite reorders no fp32 sums except the cross-rank one (AllGather), ~1e-7 here.
-# bf16: rounding of intermediates differs between eager and inductor's fused kernels; 2e-2 of the
-# largest output magnitude is the bound the tests use too.
-_TOLERANCE = {torch.float32: (1e-5, "absolute"), torch.bfloat16: (2e-2, "relative to max |eager|")}
+# fp32: compared with eager, 1e-5 absolute (the rewrite keeps the traced order of operations).
+# bf16: compared with the same model compiled by the same inner compiler without moe_fx, 2e-2 of
+# the largest output: inductor alone moves bf16 logits of tiny random models by up to ~11% of their
+# maximum relative to eager (router scores within one rounding step pick other experts), so eager
+# is no yardstick for the rewrite there. The difference to eager is printed too. tests/tolerances.py
+# says the same for the tests.
+_TOLERANCE = {torch.float32: (1e-5, "absolute, vs eager"),
+              torch.bfloat16: (2e-2, "of max |output|, vs torch.compile without moe_fx")}
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -93,7 +97,12 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
         generator = torch.Generator().manual_seed(1000 + rank)
         input_ids = torch.randint(0, 128, (1, args.tokens + 5 * rank), generator=generator).to(device)
         with torch.no_grad():
-            expected = _logits(model(input_ids)).float()
+            eager = _logits(model(input_ids)).float()
+            expected = eager
+            if dtype == torch.bfloat16 and args.inner_backend != "eager":
+                baseline = torch.compile(model, backend=args.inner_backend, fullgraph=True)
+                expected = _logits(baseline(input_ids)).float()
+                torch._dynamo.reset()
         if rank == 0:
             print(f"moe_fx demo: {description}, {world} rank(s) over "
                   f"{'NCCL' if args.device == 'cuda' else 'gloo'}, {args.dtype}, lowering={args.lowering}, "
@@ -114,8 +123,8 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
         diff = (actual - expected).abs().max().item()
         scale = expected.abs().max().item()
         tol, kind = _TOLERANCE[dtype]
-        bound = tol * scale if kind.startswith("relative") else tol
-        row = (rank, input_ids.shape[1], diff, bound)
+        bound = tol * scale if kind.startswith("of max") else tol
+        row = (rank, input_ids.shape[1], diff, bound, (actual - eager).abs().max().item())
         rows = [None] * world
         if world > 1:
             dist.all_gather_object(rows, row)
@@ -123,9 +132,10 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
             rows = [row]
         ok = all(r[2] <= r[3] for r in rows)
         if rank == 0:
-            for r, tokens, d, b in rows:
-                print(f"rank {r}: {tokens} tokens, max |compiled - eager| = {d:.3g} (bound {b:.3g}: {tol:g} {kind})")
-            print("\nOK: every rank matches eager" if ok else "\nFAILED: a rank differs from eager")
+            for r, tokens, d, b, vs_eager in rows:
+                print(f"rank {r}: {tokens} tokens, max |moe_fx - reference| = {d:.3g} "
+                      f"(bound {b:.3g}: {tol:g} {kind}); max |moe_fx - eager| = {vs_eager:.3g}")
+            print("\nOK: every rank matches its reference" if ok else "\nFAILED: a rank differs from its reference")
         return 0 if ok else 1
     finally:
         if world > 1:

@@ -103,4 +103,4 @@ def module_path(param: fx.Node) -> str:
 def owner_path(param: fx.Node) -> str:
     """The module that holds ``param``: ``model.layers.0.mlp.experts``."""
     path = module_path(param)
-    return path.rsplit(".", 1)[0] if "." in path else path
+    return path.rsplit(".", 1)[0] if "." in path else "<root module>"

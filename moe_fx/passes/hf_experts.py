@@ -106,8 +106,8 @@ def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
     return total
 
 
-def _projection(weight_arg: fx.Node, *, transposed_when: str) -> ExpertProjection:
-    """``W`` or ``W.transpose(-2, -1)`` for grouped forms ("transpose" means nn.Linear layout)."""
+def _projection(weight_arg: fx.Node) -> ExpertProjection:
+    """``W`` ([E, K, N]) or ``W.transpose(-2, -1)`` (W [E, N, K], nn.Linear layout) of a grouped matmul."""
     if is_op(weight_arg, "transpose") and sorted(weight_arg.args[1:3]) in ([-2, -1], [1, 2]):
         weight, layout = weight_arg.args[0], "out_in"
     else:
@@ -176,17 +176,19 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
     offs = arg(up_mm, 2, "offs")
     if not isinstance(offs, fx.Node):
         return None
-    mms = [u for u in offs.users if is_op(u, *GROUPED_MM_OPS)]
+    mms = sorted(u for u in offs.users if is_op(u, *GROUPED_MM_OPS))  # fx nodes sort by graph order
     if mms[0] is not up_mm:
         return None  # anchored at the first matmul of the block only
-    up = _projection(up_mm.args[1], transposed_when="transpose") if is_graph_input(strip_transpose(up_mm.args[1])) else None
-    block = owner_path(up.weight) if up else up_mm.name
     form = "hf_grouped_mm"
     try:
-        _expect(up is not None, "first grouped matmul's weight is not a parameter")
+        up = _projection(up_mm.args[1])
+    except _Miss as miss:
+        return NoMatch(up_mm.name, form, str(miss))
+    block = owner_path(up.weight)
+    try:
         _expect(len(mms) == 2, f"{len(mms)} grouped matmuls share one offsets tensor (expected gate_up and down)")
         down_mm = mms[1]
-        down = _projection(down_mm.args[1], transposed_when="transpose")
+        down = _projection(down_mm.args[1])
         # rows: hidden[perm // K]
         x_sel = strip_casts(up_mm.args[0])
         _expect(is_op(x_sel, "getitem"), "grouped matmul input is not hidden[perm // K]")
@@ -227,7 +229,6 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         _expect(inv.args[0] is perm, "inverse permutation is not built from the sort permutation")
         setters = [u for u in inv.users if is_op(u, "setitem")]
         _expect(len(setters) == 1 and setters[0].args[1] is perm and is_op(setters[0].args[2], "arange"), "inverse permutation is not inv[perm] = arange(S)")
-        h = fake(up_mm.args[0]).shape[1]
         output = _sum_over_topk(unperm, t, kk, fake(down_mm).shape[1])
         nodes = {flat_ids, sort, perm, row_ids, index, x_sel, offs, hist, up_mm, down_mm, weighted,
                  ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
@@ -236,14 +237,9 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes)
-        del h
     except _Miss as miss:
         return NoMatch(block, form, str(miss))
     return _region(parts, form=form, block=block)
-
-
-def strip_transpose(node):
-    return node.args[0] if is_op(node, "transpose") else node
 
 
 def _bmm_weight_gather(bmm: fx.Node) -> tuple[fx.Node, fx.Node, str] | None:
@@ -265,8 +261,13 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
     ids = w_gather.args[1]
     if not isinstance(ids, fx.Node):
         return None
-    bmms = [g for u in ids.users if is_op(u, "getitem") and is_graph_input(u.args[0]) and fake(u.args[0]) is not None and fake(u.args[0]).dim() == 3
-            for g in u.users if is_op(g, "bmm")]
+    bmms = sorted(
+        g
+        for u in ids.users
+        if is_op(u, "getitem") and is_graph_input(u.args[0]) and fake(u.args[0]) is not None and fake(u.args[0]).dim() == 3
+        for g in u.users
+        if is_op(g, "bmm")
+    )
     if not bmms or bmms[0] is not up_bmm:
         return None
     form = "hf_batched_mm"

@@ -1,0 +1,62 @@
+"""Routing corner cases and bad sizes, on a plain-PyTorch MoE over gloo."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.ep_jobs import plain_case
+from tests.tolerances import within
+
+LOWERINGS = ("allgather", "all2allv")
+
+
+def _assert_all_match(results, dtype="float32"):
+    for rank, res in enumerate(results):
+        for lowering in LOWERINGS:
+            r = res[lowering]
+            assert "error" not in r, f"rank {rank} {lowering}: {r.get('error')}"
+            assert [s for _, s in r["blocks"]] == [lowering]
+            assert within(r, dtype), f"rank {rank} {lowering}: max |diff| {r['diff']:.3g}"
+
+
+@pytest.mark.parametrize("ep", (2, 4))
+def test_every_token_routed_to_another_rank(rank_pool, ep):
+    """No rank computes any of its own tokens: everything crosses the group and comes back."""
+    _assert_all_match(rank_pool(ep).run("tests.ep_jobs:plain_case", num_experts=8, routing="foreign"))
+
+
+@pytest.mark.parametrize("ep", (2, 4))
+def test_all_tokens_to_one_expert(rank_pool, ep):
+    """Top-k = 2 and every token picks experts 0 and 1: rank 0 gets every row, others none."""
+    _assert_all_match(rank_pool(ep).run("tests.ep_jobs:plain_case", num_experts=8, routing="one_expert"))
+
+
+def test_rank_with_a_single_token(rank_pool):
+    _assert_all_match(rank_pool(2).run("tests.ep_jobs:plain_case", tokens=(9, 1)))
+
+
+def test_grouped_form_bf16(rank_pool):
+    """The sort / histc / torch._grouped_mm form written by hand (bf16: what torch 2.13 compiles)."""
+    _assert_all_match(
+        rank_pool(2).run("tests.ep_jobs:plain_case", kind="grouped", dtype="bfloat16"), dtype="bfloat16"
+    )
+
+
+def test_non_gated_biased_gelu_experts_bf16(rank_pool):
+    _assert_all_match(
+        rank_pool(2).run("tests.ep_jobs:plain_case", kind="batched", dtype="bfloat16",
+                         module_kw={"gated": False, "bias": True}),
+        dtype="bfloat16",
+    )
+
+
+def test_experts_not_divisible_by_ep(rank_pool):
+    results = rank_pool(4).run("tests.ep_jobs:plain_case", num_experts=6, lowerings=("allgather",))
+    for res in results:
+        message = res["allgather"].get("error", "")
+        assert re.search(
+            r"MoE block '<root module>': 6 experts cannot be split evenly over an expert-parallel "
+            r"group of 4 ranks \(6 % 4 = 2\)", message
+        ), message

@@ -1,0 +1,127 @@
+"""explain(), config, the backend's entry points and its errors (single process)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import moe_fx
+from moe_fx.passes import analyze_graph
+from tests.ep_jobs import build_plain
+from tests.tiny_models import build_tiny, make_input_ids
+
+
+def test_explain_reports_every_block():
+    model = build_tiny("qwen3_moe", num_hidden_layers=2)
+    report = moe_fx.explain(model, make_input_ids(6, seed=0))
+    assert [b.block for b in report.blocks] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    block = report.blocks[0]
+    assert (block.form, block.num_experts, block.top_k, block.hidden_size, block.intermediate_size) == (
+        "hf_grouped_mm", 8, 2, 64, 32)
+    assert block.lowering == "local" and "ep=1" in block.reason
+    assert block.local_experts == "0..7 (ep 0/1)"
+    table = str(report)
+    assert "model.layers.1.mlp.experts" in table and "hf_grouped_mm" in table
+    assert not report.near_misses
+
+
+def test_explain_on_eager_experts_says_how_to_fix():
+    model = build_tiny("mixtral", experts_implementation="eager")
+    report = moe_fx.explain(model, make_input_ids(6, seed=0))
+    assert not report.blocks
+    assert report.graph_breaks
+    assert any('experts_implementation="grouped_mm"' in m.reason for m in report.near_misses), str(report)
+    assert "could not" in str(report) or "cannot be captured as one graph" in str(report)
+
+
+class _LeakyActivation(torch.nn.Module):
+    """Almost an MoE: the activation multiplies by a per-token scale computed outside the experts,
+    whose rows do not follow a dispatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+
+    def forward(self, x):
+        m = self.moe
+        ids, w = m.router(x)
+        t, k = ids.shape
+        ids_s = ids.reshape(-1)
+        scale = x.repeat_interleave(k, dim=0).sum(-1, keepdim=True)
+        h = torch.bmm(m.w_up[ids_s], x.repeat_interleave(k, dim=0).unsqueeze(-1)).squeeze(-1)
+        g, u = h.chunk(2, dim=-1)
+        a = torch.nn.functional.silu(g) * u * scale
+        y = torch.bmm(m.w_down[ids_s], a.unsqueeze(-1)).squeeze(-1)
+        return (y * w.reshape(-1).unsqueeze(-1)).view(t, k, -1).sum(dim=1)
+
+
+def test_near_miss_has_a_reason_and_keeps_the_original(caplog):
+    model, x = _LeakyActivation(), torch.randn(5, 16)
+    report = moe_fx.explain(model, x)
+    assert not report.blocks
+    assert len(report.near_misses) == 1
+    assert "computed outside the experts" in report.near_misses[0].reason
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING), moe_fx.config.patch(inner_backend="eager"):
+        out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x)
+    assert torch.equal(out, model(x))
+    assert "left as traced" in caplog.text
+
+
+def test_on_unmatched_raise():
+    torch._dynamo.reset()
+    with moe_fx.config.patch(on_unmatched="raise", inner_backend="eager"):
+        with pytest.raises(Exception, match="moe.*left as traced: activation: reads"):
+            torch.compile(_LeakyActivation(), backend=moe_fx.backend, fullgraph=True)(torch.randn(5, 16))
+
+
+def test_mc2_is_not_available_yet():
+    torch._dynamo.reset()
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+    with moe_fx.config.patch(lowering="mc2", inner_backend="eager"):
+        with pytest.raises(Exception, match=r"lowering='mc2' is not available yet"):
+            torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
+
+
+def test_unknown_lowering_is_rejected():
+    torch._dynamo.reset()
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+    with moe_fx.config.patch(lowering="alltoall", inner_backend="eager"):
+        with pytest.raises(Exception, match=r"lowering='alltoall' is not one of"):
+            torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
+
+
+@moe_fx.config.patch(lowering="all2allv")
+def test_config_patch_as_decorator():
+    assert moe_fx.config.lowering == "all2allv"
+
+
+def test_config_patch_restores():
+    with moe_fx.config.patch(inner_backend="aot_eager", max_tokens_per_rank=64):
+        assert (moe_fx.config.inner_backend, moe_fx.config.max_tokens_per_rank) == ("aot_eager", 64)
+    assert (moe_fx.config.inner_backend, moe_fx.config.max_tokens_per_rank) == ("inductor", None)
+
+
+def test_backend_by_name_through_entry_point():
+    """torch.compile(backend="moe_fx") finds the backend through the torch_dynamo_backends entry point."""
+    torch._dynamo.reset()
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+    x = torch.randn(6, 16)
+    with moe_fx.config.patch(inner_backend="eager"), moe_fx.recording() as graphs:
+        out = torch.compile(model, backend="moe_fx", fullgraph=True)(x)
+    assert len(graphs) == 1 and len(graphs[0].report.blocks) == 1
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)
+
+
+def test_recording_gives_original_and_rewritten_graphs():
+    torch._dynamo.reset()
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+    with moe_fx.config.patch(inner_backend="eager"), moe_fx.recording() as graphs:
+        torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(6, 16))
+    (g,) = graphs
+    before = [n.target for n in g.original.graph.nodes]
+    after = [n.target for n in g.rewritten.graph.nodes]
+    assert torch.bmm in before and torch.bmm not in after
+    assert analyze_graph(g.original.graph).blocks and not analyze_graph(g.rewritten.graph).blocks
