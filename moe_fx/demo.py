@@ -103,6 +103,9 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
                 baseline = torch.compile(model, backend=args.inner_backend, fullgraph=True)
                 expected = _logits(baseline(input_ids)).float()
                 torch._dynamo.reset()
+                if rank == 0:
+                    print(f"reference: torch.compile(backend={args.inner_backend!r}) without moe_fx; "
+                          f"its max |difference| to eager on rank 0: {(expected - eager).abs().max().item():.3g}")
         if rank == 0:
             print(f"moe_fx demo: {description}, {world} rank(s) over "
                   f"{'NCCL' if args.device == 'cuda' else 'gloo'}, {args.dtype}, lowering={args.lowering}, "

@@ -128,3 +128,68 @@ def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtyp
     with moe_fx.config.patch(lowering=lowering, inner_backend="eager"), moe_fx.recording() as graphs, torch.no_grad():
         torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids)
     return graphs[0].report.blocks[0].rendering
+
+
+def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int = 16,
+              intermediate: int = 8, num_experts: int = 4, top_k: int = 2, tokens=(6, 9, 4, 7)) -> dict:
+    """A backward pass through the rewritten graph (training): input and router gradients equal
+    eager's on this rank; each local expert's weight gradient equals the sum over ranks of eager's
+    (its rows now come from every rank, as data parallelism would all-reduce them); foreign
+    experts get none."""
+    import copy
+
+    model = build_plain("batched", hidden=hidden, intermediate=intermediate, num_experts=num_experts,
+                        top_k=top_k, dtype="float32", bias=True)
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens[rank], hidden, generator=gen)
+    probe = torch.randn(tokens[rank], hidden, generator=gen)
+
+    def grads(module, fn):
+        xi = x.clone().requires_grad_(True)
+        (fn(xi) * probe).sum().backward()
+        return xi.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    ref_x, ref = grads(model, model)
+    torch._dynamo.reset()
+    with moe_fx.config.patch(lowering=lowering, inner_backend="aot_eager"), moe_fx.recording() as graphs:
+        compiled = torch.compile(twin, backend=moe_fx.backend, fullgraph=True)
+        got_x, got = grads(twin, compiled)
+    per_rank = num_experts // world_size
+    local = slice(rank * per_rank, (rank + 1) * per_rank)
+    out = {"blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
+           "x": (got_x - ref_x).abs().max().item()}
+    for name, g_ref in ref.items():
+        if g_ref.shape[0] == num_experts and not name.startswith("router"):
+            summed = g_ref.clone()
+            if world_size > 1:
+                dist.all_reduce(summed)
+            out[name] = max((got[name][local] - summed[local]).abs().max().item(),
+                            got[name][torch.arange(num_experts) // per_rank != rank].abs().max().item()
+                            if world_size > 1 else 0.0)
+        else:
+            out[name] = (got[name] - g_ref).abs().max().item()
+    return out
+
+
+def explain_case(*, rank: int = 0, world_size: int = 1, config_patch: dict | None = None) -> list[tuple]:
+    """explain() on this rank (no collective is issued): (block, local experts, lowering, reason)."""
+    model = build_tiny("qwen3_moe", num_hidden_layers=2)
+    with moe_fx.config.patch(**(config_patch or {})):
+        report = moe_fx.explain(model, make_input_ids(TOKENS_PER_RANK[rank], seed=rank))
+    return [(b.block, b.local_experts, b.lowering, b.reason) for b in report.blocks]
+
+
+def dynamic_case(*, rank: int = 0, world_size: int = 1, lowering: str, inner: str = "aot_eager",
+                 sizes=((5, 9, 13), (8, 3, 11))) -> dict:
+    """One compiled model fed three token counts per rank: dynamo's automatic dynamic shapes
+    recompile once with a symbolic T; the rewrite must not specialize on it again."""
+    model = build_tiny("mixtral")
+    torch._dynamo.reset()
+    diffs = []
+    with moe_fx.config.patch(lowering=lowering, inner_backend=inner), moe_fx.recording() as graphs, torch.no_grad():
+        compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
+        for t in sizes[rank % len(sizes)]:
+            ids = make_input_ids(t, seed=t)
+            diffs.append((compiled(ids).logits - model(ids).logits).abs().max().item())
+    return {"diffs": diffs, "graphs": len(graphs), "blocks": [len(g.report.blocks) for g in graphs]}

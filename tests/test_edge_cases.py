@@ -60,3 +60,11 @@ def test_experts_not_divisible_by_ep(rank_pool):
             r"MoE block '<root module>': 6 experts cannot be split evenly over an expert-parallel "
             r"group of 4 ranks \(6 % 4 = 2\)", message
         ), message
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_changing_token_counts_compile_once_more(rank_pool, lowering):
+    """Three token counts per rank: one static graph, then one dynamic graph serves the rest."""
+    for rank, res in enumerate(rank_pool(2).run("tests.ep_jobs:dynamic_case", lowering=lowering)):
+        assert max(res["diffs"]) <= 1e-5, (rank, res)
+        assert res["graphs"] == 2 and res["blocks"] == [1, 1], (rank, res)

@@ -125,3 +125,22 @@ def test_recording_gives_original_and_rewritten_graphs():
     after = [n.target for n in g.rewritten.graph.nodes]
     assert torch.bmm in before and torch.bmm not in after
     assert analyze_graph(g.original.graph).blocks and not analyze_graph(g.rewritten.graph).blocks
+
+
+@pytest.mark.parametrize(
+    "ep,config_patch,expected",
+    [
+        (2, {}, "allgather"),  # ep=2 <= top_k=2
+        (4, {}, "all2allv"),  # ep=4 > top_k=2
+        (4, {"max_tokens_per_rank": 64}, "allgather"),  # latency-bound bound given
+        (4, {"lowering": "allgather"}, "allgather"),  # forced
+    ],
+)
+def test_auto_rule_reported_per_rank(rank_pool, ep, config_patch, expected):
+    results = rank_pool(ep).run("tests.ep_jobs:explain_case", config_patch=config_patch)
+    for rank, rows in enumerate(results):
+        assert [r[0] for r in rows] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        per_rank = 8 // ep
+        assert rows[0][1] == f"{rank * per_rank}..{(rank + 1) * per_rank - 1} (ep {rank}/{ep})"
+        assert {r[2] for r in rows} == {expected}, rows
+        assert rows[0][3].startswith("forced" if "lowering" in config_patch else "auto:"), rows[0][3]

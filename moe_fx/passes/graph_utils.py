@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 _OPERATOR_NAMES = {
     getattr(operator, n): n
@@ -66,19 +67,26 @@ def strip_casts(node: fx.Node) -> fx.Node:
 
 
 def int_value(value: Any) -> int | None:
-    """A Python int for a literal or a backed SymInt; None for anything else."""
+    """A Python int for a literal or a constant SymInt; None otherwise. Never guards: reading a
+    symbolic size as an int would specialize the graph on it (a recompile per token count)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, torch.SymInt):
-        try:
-            return int(value)
-        except Exception:  # unbacked
-            return None
+    if isinstance(value, torch.SymInt) and is_concrete_int(value):
+        return int(value)
     if isinstance(value, fx.Node):
         return int_value(value.meta.get("example_value"))
     return None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """``a == b`` for sizes that may be symbolic, true only when provable (adds no guard)."""
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(shape: Any, expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(same_size(a, b) for a, b in zip(shape, expected))
 
 
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.([A-Za-z_]\w*)")

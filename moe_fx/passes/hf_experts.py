@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, strip_casts
+from moe_fx.passes.graph_utils import (
+    arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_shape, same_size, strip_casts,
+)
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
 from moe_fx.passes.rowwise import extract_row_fn
 
@@ -97,8 +99,8 @@ def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
     _expect(len(weighted.users) == 1, "weighted rows have several users")
     view = next(iter(weighted.users))
     _expect(is_op(view, "view", "reshape"), f"weighted rows go to {op_name(view)}, not view(T, K, H)")
-    shape = [int_value(s) for s in fake(view).shape] if fake(view) is not None else None
-    _expect(shape == [t, k, h], f"weighted rows viewed as {shape}, not [T={t}, K={k}, H={h}]")
+    shape = tuple(fake(view).shape) if fake(view) is not None else ()
+    _expect(same_shape(shape, (t, k, h)), f"weighted rows viewed as {list(shape)}, not [T={t}, K={k}, H={h}]")
     _expect(len(view.users) == 1, "the [T, K, H] view has several users")
     total = next(iter(view.users))
     dim = arg(total, 1, "dim")
@@ -204,7 +206,7 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         _expect(row_ids is not None, "sorted expert ids are unused")
         t, kk = fake(topk_ids).shape
         _expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
-        _expect(fake(hidden) is not None and fake(hidden).shape[0] == t, "hidden rows do not match the routed tokens")
+        _expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
         # offsets = cumsum(histc(sorted_ids, bins=E, min=0, max=E-1), int32)
         _expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
         hist = offs.args[0]
