@@ -96,6 +96,10 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
         model = model.to(device)
         generator = torch.Generator().manual_seed(1000 + rank)
         input_ids = torch.randint(0, 128, (1, args.tokens + 5 * rank), generator=generator).to(device)
+        if rank == 0:
+            print(f"moe_fx demo: {description}, {world} rank(s) over "
+                  f"{'NCCL' if args.device == 'cuda' else 'gloo'}, {args.dtype}, lowering={args.lowering}, "
+                  f"inner backend {args.inner_backend}\n")
         with torch.no_grad():
             eager = _logits(model(input_ids)).float()
             expected = eager
@@ -105,11 +109,8 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
                 torch._dynamo.reset()
                 if rank == 0:
                     print(f"reference: torch.compile(backend={args.inner_backend!r}) without moe_fx; "
-                          f"its max |difference| to eager on rank 0: {(expected - eager).abs().max().item():.3g}")
+                          f"its max |difference| to eager on rank 0: {(expected - eager).abs().max().item():.3g}\n")
         if rank == 0:
-            print(f"moe_fx demo: {description}, {world} rank(s) over "
-                  f"{'NCCL' if args.device == 'cuda' else 'gloo'}, {args.dtype}, lowering={args.lowering}, "
-                  f"inner backend {args.inner_backend}\n")
             print(moe_fx.explain(model, input_ids), "\n")
         compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
         with moe_fx.config.patch(lowering=args.lowering, inner_backend=args.inner_backend), \
