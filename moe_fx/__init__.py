@@ -6,12 +6,11 @@ torch.compile pass.
 
 from moe_fx import config
 from moe_fx.backend import RecordedGraph, backend, recording
-from moe_fx.errors import LoweringUnavailableError, MoEFxError, UnsupportedMoEError
+from moe_fx.errors import MoEFxError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
 
 __all__ = [
     "ExplainReport",
-    "LoweringUnavailableError",
     "MoEFxError",
     "RecordedGraph",
     "UnsupportedMoEError",

@@ -15,7 +15,8 @@ from torch.utils._config_module import Config, install_config_module
 #   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
 #   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no host sync)
 #   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
-#   "mc2"       fused static-capacity dispatch/combine (not available yet: raises)
+#   "mc2"       static-capacity dispatch/combine, no host sync (needs max_tokens_per_rank); never
+#               chosen by "auto" yet
 lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 
 # Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", or any name known
@@ -32,7 +33,8 @@ ep_group: Optional[str] = None
 on_unmatched: str = Config(env_name_default="MOE_FX_ON_UNMATCHED", default="warn")
 
 # Largest number of tokens any rank feeds one MoE block, when the user knows it. The same value
-# on every rank; "auto" uses it (local token counts differ between ranks and must not decide).
+# on every rank; "auto" uses it (local token counts differ between ranks and must not decide), and
+# "mc2" sizes its buffers from it (a rank with more tokens gets an error, never a dropped token).
 max_tokens_per_rank: Optional[int] = None
 
 # "auto" thresholds. AllGather moves ep*T rows and needs no host sync; All2AllV moves about T*K

@@ -7,7 +7,3 @@ class MoEFxError(Exception):
 
 class UnsupportedMoEError(MoEFxError, ValueError):
     """An MoE block cannot be rewritten as configured (sizes, group, form)."""
-
-
-class LoweringUnavailableError(MoEFxError, NotImplementedError):
-    """The requested lowering strategy does not exist for this device or release."""

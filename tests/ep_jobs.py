@@ -36,9 +36,10 @@ def zero_foreign_experts(model: torch.nn.Module, num_experts: int) -> int:
     return touched
 
 
-def _compile_and_run(model, args, *, lowering: str, inner: str):
+def _compile_and_run(model, args, *, lowering: str, inner: str, config_patch: dict | None = None):
     torch._dynamo.reset()
-    with moe_fx.config.patch(lowering=lowering, inner_backend=inner), moe_fx.recording() as graphs, torch.no_grad():
+    settings = {"lowering": lowering, "inner_backend": inner, **(config_patch or {})}
+    with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
         out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(*args)
     out = out.logits if hasattr(out, "logits") else out
     blocks = [(b.region.block, b.choice.strategy.value) for g in graphs for b in g.report.blocks]
@@ -51,7 +52,7 @@ def _diff(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def hf_model_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtype: str,
-                  lowerings: tuple[str, ...], inner: str = "aot_eager") -> dict:
+                  lowerings: tuple[str, ...], inner: str = "aot_eager", config_patch: dict | None = None) -> dict:
     """A tiny transformers model on this rank's tokens: eager (before zeroing foreign experts)
     versus moe_fx for each lowering (after zeroing them, so only local experts can contribute)."""
     torch.set_num_threads(1) if world_size > 1 else None
@@ -67,7 +68,7 @@ def hf_model_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dt
     touched = zero_foreign_experts(model, 8) if world_size > 1 else 0
     results = {"touched": touched, "tokens": ids.shape[1]}
     for lowering in lowerings:
-        out, blocks, misses = _compile_and_run(model, (ids,), lowering=lowering, inner=inner)
+        out, blocks, misses = _compile_and_run(model, (ids,), lowering=lowering, inner=inner, config_patch=config_patch)
         results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
         if compiled_ref is not None:
             results[lowering]["vs_compiled"] = _diff(out, compiled_ref)
@@ -85,7 +86,7 @@ def plain_case(*, rank: int = 0, world_size: int = 1, kind: str = "batched", hid
                intermediate: int = 8, num_experts: int = 4, top_k: int = 2, dtype: str = "float32",
                tokens: tuple[int, ...] = (5, 6, 7, 8), routing: str = "router", skew: float = 0.0,
                lowerings: tuple[str, ...] = ("allgather", "all2allv"), inner: str = "eager",
-               module_kw: dict | None = None, seed: int = 0) -> dict:
+               module_kw: dict | None = None, seed: int = 0, config_patch: dict | None = None) -> dict:
     """A plain-PyTorch MoE on this rank's tokens, with the router's routing or a forced one:
     "foreign" (every token to the next rank's experts), "one_expert" (every token to expert 0)."""
     model = build_plain(kind, hidden=hidden, intermediate=intermediate, num_experts=num_experts,
@@ -112,7 +113,8 @@ def plain_case(*, rank: int = 0, world_size: int = 1, kind: str = "batched", hid
     results = {}
     for lowering in lowerings:
         try:
-            out, blocks, misses = _compile_and_run(model, args, lowering=lowering, inner=inner)
+            out, blocks, misses = _compile_and_run(model, args, lowering=lowering, inner=inner,
+                                                   config_patch=config_patch)
         except Exception as exc:  # the test asserts on the message
             results[lowering] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -120,18 +122,21 @@ def plain_case(*, rank: int = 0, world_size: int = 1, kind: str = "batched", hid
     return results
 
 
-def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtype: str, lowering: str) -> str:
+def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtype: str, lowering: str,
+                config_patch: dict | None = None) -> str:
     """The normalized rendering of the first rewritten region (for expecttest snapshots)."""
     model = build_tiny(key, experts_implementation=impl, dtype=getattr(torch, dtype))
     ids = make_input_ids(TOKENS_PER_RANK[rank], seed=100 + rank)
     torch._dynamo.reset()
-    with moe_fx.config.patch(lowering=lowering, inner_backend="eager"), moe_fx.recording() as graphs, torch.no_grad():
+    settings = {"lowering": lowering, "inner_backend": "eager", **(config_patch or {})}
+    with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
         torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids)
     return graphs[0].report.blocks[0].rendering
 
 
 def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int = 16,
-              intermediate: int = 8, num_experts: int = 4, top_k: int = 2, tokens=(6, 9, 4, 7)) -> dict:
+              intermediate: int = 8, num_experts: int = 4, top_k: int = 2, tokens=(6, 9, 4, 7),
+              config_patch: dict | None = None) -> dict:
     """A backward pass through the rewritten graph (training): input and router gradients equal
     eager's on this rank; each local expert's weight gradient equals the sum over ranks of eager's
     (its rows now come from every rank, as data parallelism would all-reduce them); foreign
@@ -152,7 +157,8 @@ def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int 
 
     ref_x, ref = grads(model, model)
     torch._dynamo.reset()
-    with moe_fx.config.patch(lowering=lowering, inner_backend="aot_eager"), moe_fx.recording() as graphs:
+    settings = {"lowering": lowering, "inner_backend": "aot_eager", **(config_patch or {})}
+    with moe_fx.config.patch(**settings), moe_fx.recording() as graphs:
         compiled = torch.compile(twin, backend=moe_fx.backend, fullgraph=True)
         got_x, got = grads(twin, compiled)
     per_rank = num_experts // world_size

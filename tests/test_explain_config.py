@@ -77,12 +77,13 @@ def test_on_unmatched_raise():
             torch.compile(_LeakyActivation(), backend=moe_fx.backend, fullgraph=True)(torch.randn(5, 16))
 
 
-def test_mc2_is_not_available_yet():
+def test_mc2_at_ep1_is_the_local_path():
+    """With no EP group there is nothing to dispatch: forcing mc2 gives the (static) local path."""
     torch._dynamo.reset()
     model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
-    with moe_fx.config.patch(lowering="mc2", inner_backend="eager"):
-        with pytest.raises(Exception, match=r"lowering='mc2' is not available yet"):
-            torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
+    with moe_fx.config.patch(lowering="mc2", inner_backend="eager"), moe_fx.recording() as graphs:
+        torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
+    assert [b.choice.strategy.value for b in graphs[0].report.blocks] == ["local"]
 
 
 def test_unknown_lowering_is_rejected():

@@ -78,3 +78,24 @@ v18 = expert_matmul(v16, v17, v2, layout='in_out')
 v19 = getitem(down_proj_bias, v3)
 v20 = add_(v18, v19)
 v21 = all2allv.combine(v18, v0, topk_weights)""")
+
+    def test_mc2_qwen3_grouped_fp32(self):
+        rendering = get_pool(2).run("tests.ep_jobs:render_case", key="qwen3_moe", impl="grouped_mm",
+                                    dtype="float32", lowering="mc2",
+                                    config_patch={"max_tokens_per_rank": 16})[0]
+        self.assertExpectedInline(rendering, """\
+v0 = mc2.dispatch(hidden, topk_ids, topk_weights)
+v1 = getattr(v0, 'tokens')
+v2 = getattr(v0, 'offsets')
+v3 = getattr(v0, 'row_expert')
+v4 = mc2.local_weights(gate_up_proj)
+v5 = expert_matmul(v1, v4, v2, layout='out_in')
+v6 = chunk(v5, 2, dim=-1)
+v7 = getitem(v6, 0)
+v8 = getitem(v6, 1)
+v9 = silu(v7)
+v10 = mul(v9, v8)
+v11 = to(v10, float32)
+v12 = mc2.local_weights(down_proj)
+v13 = expert_matmul(v11, v12, v2, layout='out_in')
+v14 = mc2.combine(v13, v0, topk_weights)""")

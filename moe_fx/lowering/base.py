@@ -39,6 +39,7 @@ class Strategy(enum.Enum):
 class EPPlan:
     """Where this rank sits in the expert-parallel group, for one MoE block."""
 
+    block: str  # module path of the experts, for messages
     num_experts: int
     ep_size: int = 1
     ep_rank: int = 0
@@ -49,7 +50,7 @@ class EPPlan:
         """This rank's plan for ``block`` in the configured EP group (ep == 1 without one)."""
         group = current_ep_group()
         if group is None or group.size() == 1:
-            return cls(num_experts=num_experts)
+            return cls(block=block, num_experts=num_experts)
         ep = group.size()
         if num_experts % ep:
             raise UnsupportedMoEError(
@@ -57,7 +58,7 @@ class EPPlan:
                 f"expert-parallel group of {ep} ranks ({num_experts} % {ep} = {num_experts % ep}). "
                 f"Use a group whose size divides {num_experts} (moe_fx.config.ep_group)."
             )
-        return cls(num_experts=num_experts, ep_size=ep, ep_rank=group.rank(), group_name=group.group_name)
+        return cls(block=block, num_experts=num_experts, ep_size=ep, ep_rank=group.rank(), group_name=group.group_name)
 
     @property
     def num_local_experts(self) -> int:

@@ -1,13 +1,68 @@
-"""MC2 lowering (fused static-capacity dispatch/combine). Not available yet."""
+"""MC2 lowering off Ascend: one statically shaped dispatch and combine with no host sync.
+
+Every rank sends every rank a buffer of C*K rows (C = ``config.max_tokens_per_rank``, the same on
+every rank), with the routed rows packed at the front and the rest marked as padding. Shapes never
+depend on the routing, so the path can be captured in a CUDA graph; the price is padding traffic,
+which is why it suits few tokens per rank (decode). Router weights are applied on the sending
+rank, in the traced order, as with All2AllV.
+
+On Ascend the same strategy maps to torch_npu's npu_moe_distribute_dispatch_v2/combine_v2 (not
+implemented yet).
+"""
 
 from __future__ import annotations
 
-from moe_fx.errors import LoweringUnavailableError
-from moe_fx.lowering.base import EPPlan
+from dataclasses import dataclass
+
+import torch
+
+import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
+from moe_fx import config
+from moe_fx.errors import UnsupportedMoEError
+from moe_fx.lowering.base import Dispatched, EPPlan, LocalLowering, Strategy, weighted_sum_over_topk
 
 
-def unavailable(block: str, plan: EPPlan) -> LoweringUnavailableError:
-    return LoweringUnavailableError(
-        f"MoE block {block!r}: lowering='mc2' is not available yet in moe_fx "
-        f"(E={plan.num_experts}, ep={plan.ep_size}). Use lowering='auto', 'allgather' or 'all2allv'."
-    )
+@dataclass(frozen=True, kw_only=True)
+class Mc2Dispatched(Dispatched):
+    send_slot: torch.Tensor  # [S] slot of each (t, k) row in the [ep * C * K] send buffer
+    recv_order: torch.Tensor  # [ep * C * K] received row at each expert-sorted position
+
+
+class Mc2Lowering(LocalLowering):
+    strategy = Strategy.MC2
+
+    def __init__(self, plan: EPPlan):
+        super().__init__(plan)
+        bound = config.max_tokens_per_rank
+        if bound is None or bound < 1:
+            raise UnsupportedMoEError(
+                f"MoE block {plan.block!r}: lowering='mc2' sizes its buffers from a token bound, and "
+                f"moe_fx.config.max_tokens_per_rank is {bound!r}. Set it to the largest number of tokens "
+                "any rank feeds this block (the same value on every rank)."
+            )
+        self.capacity_tokens = bound
+
+    def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
+        p = self.plan
+        tokens = hidden_TH.shape[0]
+        message = (
+            f"MoE block {p.block!r}: {tokens} tokens on rank {p.ep_rank} exceed the mc2 capacity "
+            f"moe_fx.config.max_tokens_per_rank={self.capacity_tokens}; raise the bound or use "
+            "lowering='all2allv'"
+        )
+        if isinstance(tokens, int) and tokens > self.capacity_tokens:
+            raise UnsupportedMoEError(message)
+        torch._check(tokens <= self.capacity_tokens, lambda: message)
+        x, row_expert, offsets, send_slot, recv_order = torch.ops.moe_fx.mc2_dispatch(
+            hidden_TH, topk_ids_TK, p.num_experts, self.capacity_tokens, p.group_name
+        )
+        return Mc2Dispatched(
+            tokens=x, offsets=offsets, row_expert=row_expert, send_slot=send_slot, recv_order=recv_order
+        )
+
+    def combine(self, out_RH, dispatched, topk_weights_TK) -> torch.Tensor:
+        assert isinstance(dispatched, Mc2Dispatched)
+        rows_SH = torch.ops.moe_fx.mc2_combine(
+            out_RH, dispatched.send_slot, dispatched.recv_order, self.plan.group_name
+        )
+        return weighted_sum_over_topk(rows_SH, topk_weights_TK)

@@ -37,9 +37,7 @@ def choose_lowering(*, block: str, ep_size: int, top_k: int) -> LoweringChoice:
         raise ValueError(
             f"moe_fx.config.lowering={forced!r} is not one of {sorted(valid)}"
         )
-    if forced == Strategy.MC2.value:
-        choice = LoweringChoice(strategy=Strategy.MC2, reason="forced by config.lowering")
-    elif ep_size == 1:
+    if ep_size == 1:
         choice = LoweringChoice(strategy=Strategy.LOCAL, reason="ep=1: no expert-parallel group")
     elif forced != "auto":
         choice = LoweringChoice(strategy=Strategy(forced), reason="forced by config.lowering")

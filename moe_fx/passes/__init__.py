@@ -13,8 +13,7 @@ from torch._dynamo.utils import counters
 
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, Strategy, choose_lowering
-from moe_fx.lowering.mc2 import unavailable as mc2_unavailable
+from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, choose_lowering
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import render_region, rewrite_region
@@ -59,8 +58,6 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     for decision in analysis.blocks:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
-        if decision.choice.strategy is Strategy.MC2:
-            raise mc2_unavailable(decision.region.block, decision.plan)
         lowering = LOWERINGS[decision.choice.strategy](decision.plan)
         new_nodes = rewrite_region(gm.graph, decision.region, lowering)
         rendering = render_region(decision.region, lowering, new_nodes)
