@@ -59,9 +59,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
     if name == "eager":
         return gm.forward
     if name == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        patches = list_mode_options(config.inner_mode) if config.inner_mode else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
     if name == "moe_fx":
         raise ValueError("moe_fx.config.inner_backend cannot be 'moe_fx' itself")
     return torch._dynamo.lookup_backend(name)(gm, example_inputs)

@@ -23,6 +23,10 @@ lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 # to torch._dynamo.list_backends().
 inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="inductor")
 
+# torch.compile mode for the inner compiler when it is inductor ("reduce-overhead" captures CUDA
+# graphs, "max-autotune", ...): torch.compile(backend=moe_fx.backend) cannot take mode= itself.
+inner_mode: Optional[str] = None
+
 # Name of the c10d process group that holds the experts (``pg.group_name``). None: the default
 # process group when torch.distributed is initialized, else no expert parallelism (ep == 1).
 ep_group: Optional[str] = None
