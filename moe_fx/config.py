@@ -23,6 +23,15 @@ lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 # to torch._dynamo.list_backends().
 inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="inductor")
 
+# What the ranks' inputs to an MoE block hold:
+#   "per_rank"   every rank its own tokens (data parallel)
+#   "replicated" every rank the same tokens (tensor parallel): each computes a slice, all gather
+tokens: str = "per_rank"
+
+# Per-block strategy, before `lowering`: {fnmatch pattern over the experts' module path: strategy},
+# e.g. {"model.layers.0.*": "all2allv"}. The first matching pattern wins.
+lowering_overrides: dict = {}
+
 # torch.compile mode for the inner compiler when it is inductor ("reduce-overhead" captures CUDA
 # graphs, "max-autotune", ...): torch.compile(backend=moe_fx.backend) cannot take mode= itself.
 inner_mode: Optional[str] = None

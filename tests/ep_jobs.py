@@ -199,3 +199,35 @@ def dynamic_case(*, rank: int = 0, world_size: int = 1, lowering: str, inner: st
             ids = make_input_ids(t, seed=t)
             diffs.append((compiled(ids).logits - model(ids).logits).abs().max().item())
     return {"diffs": diffs, "graphs": len(graphs), "blocks": [len(g.report.blocks) for g in graphs]}
+
+
+def two_layer_override_case(*, rank: int = 0, world_size: int = 1) -> dict:
+    model = build_tiny("qwen3_moe", num_hidden_layers=2)
+    ids = make_input_ids(TOKENS_PER_RANK[rank], seed=rank)
+    with torch.no_grad():
+        ref = model(ids).logits
+    zero_foreign_experts(model, 8)
+    torch._dynamo.reset()
+    overrides = {"model.layers.0.*": "mc2", "model.layers.1.*": "all2allv"}
+    with moe_fx.config.patch(lowering_overrides=overrides, max_tokens_per_rank=16, inner_backend="aot_eager"), \
+            moe_fx.recording() as graphs, torch.no_grad():
+        out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids).logits
+    return {"graphs": len(graphs), "diff": (out - ref).abs().max().item(),
+            "blocks": [(b.region.block, b.choice.strategy.value) for g in graphs for b in g.report.blocks]}
+
+
+def replicated_case(*, rank: int = 0, world_size: int = 1, num_tokens: int, lowerings: tuple[str, ...]) -> dict:
+    """tokens="replicated": every rank holds the same tokens and must get eager's full output."""
+    model = build_tiny("mixtral")
+    ids = make_input_ids(num_tokens, seed=7)  # the same on every rank
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    zero_foreign_experts(model, 8)
+    results = {}
+    for lowering in lowerings:
+        out, blocks, misses = _compile_and_run(
+            model, (ids,), lowering=lowering, inner="aot_eager",
+            config_patch={"tokens": "replicated", "max_tokens_per_rank": 16},
+        )
+        results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
+    return results

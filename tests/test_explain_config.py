@@ -135,6 +135,7 @@ def test_recording_gives_original_and_rewritten_graphs():
         (4, {}, "all2allv"),  # ep=4 > top_k=2
         (4, {"max_tokens_per_rank": 64}, "allgather"),  # latency-bound bound given
         (4, {"lowering": "allgather"}, "allgather"),  # forced
+        (4, {"lowering_overrides": {"model.layers.*": "mc2"}}, "mc2"),  # forced per block
     ],
 )
 def test_auto_rule_reported_per_rank(rank_pool, ep, config_patch, expected):
@@ -144,4 +145,4 @@ def test_auto_rule_reported_per_rank(rank_pool, ep, config_patch, expected):
         per_rank = 8 // ep
         assert rows[0][1] == f"{rank * per_rank}..{(rank + 1) * per_rank - 1} (ep {rank}/{ep})"
         assert {r[2] for r in rows} == {expected}, rows
-        assert rows[0][3].startswith("forced" if "lowering" in config_patch else "auto:"), rows[0][3]
+        assert rows[0][3].startswith("forced" if config_patch.keys() & {"lowering", "lowering_overrides"} else "auto:"), rows[0][3]

@@ -60,3 +60,12 @@ def test_mc2_backward(rank_pool):
         assert res.pop("blocks") == ["mc2"]
         for name, diff in res.items():
             assert diff <= 1e-5, f"rank {rank}: gradient of {name} off by {diff:.3g}"
+
+
+def test_two_blocks_two_strategies_one_graph(rank_pool):
+    """Per-block overrides: layer 0 through mc2, layer 1 through all2allv, in one compiled graph."""
+    results = rank_pool(2).run("tests.ep_jobs:two_layer_override_case")
+    for rank, res in enumerate(results):
+        assert res["graphs"] == 1
+        assert res["blocks"] == [("model.layers.0.mlp.experts", "mc2"), ("model.layers.1.mlp.experts", "all2allv")]
+        assert res["diff"] <= 1e-5, (rank, res)

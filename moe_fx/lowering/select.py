@@ -9,12 +9,16 @@ The rule ("auto"), in order:
 | ep <= top_k * auto_allgather_ep_per_topk               | allgather | gathers no more rows than all-to-all   |
 | otherwise                                              | all2allv  | least traffic for large token counts   |
 
+``config.lowering_overrides`` forces a strategy per block: ``{"model.layers.0.*": "all2allv"}``
+(fnmatch patterns over the experts' module path, first match wins), before ``config.lowering``.
+
 Only values that are equal on every rank decide (ep, top-k, the configured token bound): the
 local token count differs between ranks, and ranks that chose differently would deadlock.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -31,20 +35,29 @@ class LoweringChoice:
 
 
 def choose_lowering(*, block: str, ep_size: int, top_k: int) -> LoweringChoice:
-    forced = config.lowering
-    valid = {s.value for s in Strategy if s is not Strategy.LOCAL} | {"auto"}
-    if forced not in valid:
-        raise ValueError(
-            f"moe_fx.config.lowering={forced!r} is not one of {sorted(valid)}"
-        )
+    forced, source = _requested(block)
     if ep_size == 1:
         choice = LoweringChoice(strategy=Strategy.LOCAL, reason="ep=1: no expert-parallel group")
     elif forced != "auto":
-        choice = LoweringChoice(strategy=Strategy(forced), reason="forced by config.lowering")
+        choice = LoweringChoice(strategy=Strategy(forced), reason=f"forced by {source}")
     else:
         choice = _auto(ep_size=ep_size, top_k=top_k)
     log.debug("moe_fx: block %s -> %s (%s)", block, choice.strategy.value, choice.reason)
     return choice
+
+
+def _requested(block: str) -> tuple[str, str]:
+    """The strategy asked for ``block``: the first matching per-block pattern, else config.lowering."""
+    valid = {s.value for s in Strategy if s is not Strategy.LOCAL} | {"auto"}
+    for pattern, value in config.lowering_overrides.items():
+        if fnmatch.fnmatchcase(block, pattern):
+            requested, source = value, f"config.lowering_overrides[{pattern!r}]"
+            break
+    else:
+        requested, source = config.lowering, "config.lowering"
+    if requested not in valid:
+        raise ValueError(f"moe_fx.{source}={requested!r} is not one of {sorted(valid)}")
+    return requested, source
 
 
 def _auto(*, ep_size: int, top_k: int) -> LoweringChoice:

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, choose_lowering
+from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import render_region, rewrite_region
@@ -59,6 +60,8 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
         lowering = LOWERINGS[decision.choice.strategy](decision.plan)
+        if decision.plan.ep_size > 1 and _token_layout() == "replicated":
+            lowering = ReplicatedTokens(lowering)
         new_nodes = rewrite_region(gm.graph, decision.region, lowering)
         rendering = render_region(decision.region, lowering, new_nodes)
         report.blocks.append(
@@ -71,6 +74,12 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         gm.graph.lint()
         gm.recompile()
     return report
+
+
+def _token_layout() -> str:
+    if config.tokens not in ("per_rank", "replicated"):
+        raise ValueError(f"moe_fx.config.tokens={config.tokens!r} is not one of ['per_rank', 'replicated']")
+    return config.tokens
 
 
 def _report_misses(misses: list[NoMatch]) -> None:

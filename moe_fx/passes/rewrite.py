@@ -25,12 +25,13 @@ import torch.fx as fx
 
 from moe_fx.lowering.base import LocalLowering
 from moe_fx.lowering.experts import expert_matmul
+from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.graph_utils import module_path, op_name
 from moe_fx.passes.rowwise import mutates as _mutates
 from moe_fx.passes.region import MoERegion
 
 
-def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> list[fx.Node]:
+def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> list[fx.Node]:
     """Rewrite ``region`` in place; returns the new nodes in order."""
     first_new = region.output.prev
     with graph.inserting_before(region.output):
@@ -108,7 +109,7 @@ def render_region(region: MoERegion, lowering: LocalLowering, new_nodes: list[fx
 
 def _target_name(node: fx.Node, strategy: str) -> str:
     target = node.target
-    if getattr(target, "__self__", None) is not None and isinstance(target.__self__, LocalLowering):
+    if hasattr(getattr(target, "__self__", None), "strategy"):  # a lowering's bound method
         return f"{strategy}.{target.__name__}"
     if target is expert_matmul:
         return "expert_matmul"

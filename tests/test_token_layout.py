@@ -1,0 +1,20 @@
+"""tokens="replicated" (TP-style inputs): every rank holds the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tolerances import within
+
+LOWERINGS = ("allgather", "all2allv", "mc2")
+
+
+@pytest.mark.parametrize("ep,num_tokens", [(2, 7), (4, 10), (4, 3), (2, 1)])
+def test_replicated_tokens_match_eager(rank_pool, ep, num_tokens):
+    """Token counts not divisible by ep, and fewer tokens than ranks."""
+    for rank, res in enumerate(rank_pool(ep).run("tests.ep_jobs:replicated_case", num_tokens=num_tokens,
+                                                   lowerings=LOWERINGS)):
+        for lowering in LOWERINGS:
+            r = res[lowering]
+            assert [s for _, s in r["blocks"]] == [lowering] and not r["misses"]
+            assert within(r, "float32"), f"rank {rank} {lowering}: max |diff| {r['diff']:.3g}"
