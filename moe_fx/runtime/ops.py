@@ -59,7 +59,8 @@ def select_local_rows(
     return rows, row_expert, torch.cumsum(counts, 0).to(torch.int32)
 
 
-def _fake_rows(like: torch.Tensor) -> int:
+def _fake_rows() -> int:
+    """A fresh unbacked size for the data-dependent number of rows routed to this rank."""
     return torch.library.get_ctx().new_dynamic_size()
 
 
@@ -95,7 +96,7 @@ def allgather_dispatch(
 
 @allgather_dispatch.register_fake
 def _(x, topk_ids, topk_weights, expert_start, num_local_experts, group_name):
-    r = _fake_rows(x)
+    r = _fake_rows()
     return (
         x.new_empty((r, x.shape[1])),
         topk_ids.new_empty((r,)),
@@ -170,7 +171,7 @@ def all2allv_dispatch(
 @all2allv_dispatch.register_fake
 def _(x, topk_ids, num_experts, group_name):
     world = dist.get_world_size(resolve_group(group_name))
-    r = _fake_rows(x)
+    r = _fake_rows()
     s = topk_ids.numel()
     i64 = dict(dtype=torch.int64)
     return (
