@@ -110,12 +110,15 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
                 if rank == 0:
                     print(f"reference: torch.compile(backend={args.inner_backend!r}) without moe_fx; "
                           f"its max |difference| to eager on rank 0: {(expected - eager).abs().max().item():.3g}\n")
-        if rank == 0:
-            print(moe_fx.explain(model, input_ids), "\n")
         compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
-        with moe_fx.config.patch(lowering=args.lowering, inner_backend=args.inner_backend), \
-                moe_fx.recording() as graphs, torch.no_grad():
-            actual = _logits(compiled(input_ids)).float()
+        settings = dict(lowering=args.lowering, inner_backend=args.inner_backend)
+        if args.lowering == "mc2":  # mc2 sizes its buffers from the largest rank's token count
+            settings["max_tokens_per_rank"] = args.tokens + 5 * (world - 1)
+        with moe_fx.config.patch(**settings):
+            if rank == 0:
+                print(moe_fx.explain(model, input_ids), "\n")
+            with moe_fx.recording() as graphs, torch.no_grad():
+                actual = _logits(compiled(input_ids)).float()
         blocks = [b for g in graphs for b in g.report.blocks]
         if not blocks:
             print(f"rank {rank}: FAILED: moe_fx rewrote no MoE block (see the reasons above)")
