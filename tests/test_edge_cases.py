@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from tests.ep_jobs import plain_case
 from tests.tolerances import within
 
 LOWERINGS = ("allgather", "all2allv")

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
     arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_shape, same_size, strip_casts,
 )
-from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
+from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 from moe_fx.passes.rowwise import extract_row_fn
 
 GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm", "transformers.grouped_mm_fallback")
