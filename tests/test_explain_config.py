@@ -94,6 +94,14 @@ def test_unknown_lowering_is_rejected():
             torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
 
 
+def test_unknown_on_unmatched_is_rejected():
+    torch._dynamo.reset()
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
+    with moe_fx.config.patch(on_unmatched="ignore", inner_backend="eager"):
+        with pytest.raises(Exception, match=r"on_unmatched='ignore' is not one of"):
+            torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
+
+
 @moe_fx.config.patch(lowering="all2allv")
 def test_config_patch_as_decorator():
     assert moe_fx.config.lowering == "all2allv"

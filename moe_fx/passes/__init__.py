@@ -83,6 +83,8 @@ def _token_layout() -> str:
 
 
 def _report_misses(misses: list[NoMatch]) -> None:
+    if config.on_unmatched not in ("warn", "raise"):
+        raise ValueError(f"moe_fx.config.on_unmatched={config.on_unmatched!r} is not one of ['raise', 'warn']")
     for miss in misses:
         counters["moe_fx"]["near_misses"] += 1
         message = f"moe_fx: MoE block {miss.block!r} ({miss.form}) left as traced: {miss.reason}"
