@@ -86,19 +86,22 @@ def test_mc2_at_ep1_is_the_local_path():
     assert [b.choice.strategy.value for b in graphs[0].report.blocks] == ["local"]
 
 
-def test_unknown_lowering_is_rejected():
+@pytest.mark.parametrize(
+    "setting,value",
+    [("lowering", "alltoall"), ("on_unmatched", "ignore"), ("tokens", "sharded")],
+)
+def test_unknown_config_values_are_rejected(rank_pool, setting, value):
+    """Checked where they are read: lowering and on_unmatched on every compile, tokens under EP."""
+    if setting == "tokens":
+        results = rank_pool(2).run("tests.ep_jobs:plain_case", lowerings=("allgather",),
+                                   config_patch={"tokens": value})
+        for res in results:
+            assert f"tokens={value!r} is not one of" in res["allgather"]["error"]
+        return
     torch._dynamo.reset()
     model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
-    with moe_fx.config.patch(lowering="alltoall", inner_backend="eager"):
-        with pytest.raises(Exception, match=r"lowering='alltoall' is not one of"):
-            torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
-
-
-def test_unknown_on_unmatched_is_rejected():
-    torch._dynamo.reset()
-    model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
-    with moe_fx.config.patch(on_unmatched="ignore", inner_backend="eager"):
-        with pytest.raises(Exception, match=r"on_unmatched='ignore' is not one of"):
+    with moe_fx.config.patch(**{setting: value}, inner_backend="eager"):
+        with pytest.raises(Exception, match=rf"{setting}={value!r} is not one of"):
             torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
 
 
