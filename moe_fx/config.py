@@ -13,7 +13,7 @@ from torch.utils._config_module import Config, install_config_module
 
 # Which EP lowering replaces each MoE experts region:
 #   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
-#   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no host sync)
+#   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no split-size exchange)
 #   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
 #   "mc2"       static-capacity dispatch/combine, no host sync (needs max_tokens_per_rank); never
 #               chosen by "auto" yet
@@ -50,7 +50,7 @@ on_unmatched: str = Config(env_name_default="MOE_FX_ON_UNMATCHED", default="warn
 # "mc2" sizes its buffers from it (a rank with more tokens gets an error, never a dropped token).
 max_tokens_per_rank: Optional[int] = None
 
-# "auto" thresholds. AllGather moves ep*T rows and needs no host sync; All2AllV moves about T*K
+# "auto" thresholds. AllGather moves ep*T rows and exchanges no split sizes; All2AllV moves about T*K
 # rows after a device-to-host sync of the split sizes.
 # Pick AllGather when max_tokens_per_rank is known and at most this (latency-bound sizes):
 auto_allgather_max_tokens: int = 256

@@ -1,8 +1,9 @@
 """AllGather lowering: gather every rank's tokens and routing, compute the local experts on the
 rows routed to them, weight by the router on the expert side, reduce-scatter the partial sums.
 
-No host sync of routing data; one scalar all-gather per block learns the largest token count
-(ranks may hold different counts and the collectives need equal sizes).
+NOTE: two host reads per block: the largest token count (one scalar all-gather: ranks may hold
+different counts and the collectives need equal sizes) and the number of rows routed here (a
+data-dependent size). Unlike All2AllV, no split sizes are exchanged.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The rule ("auto"), in order:
 | condition                                              | strategy  | why                                    |
 |--------------------------------------------------------|-----------|----------------------------------------|
 | ep == 1                                                | local     | nothing to communicate                 |
-| config.max_tokens_per_rank <= auto_allgather_max_tokens| allgather | latency-bound: no host sync            |
+| config.max_tokens_per_rank <= auto_allgather_max_tokens| allgather | latency-bound: no split-size exchange  |
 | ep <= top_k * auto_allgather_ep_per_topk               | allgather | gathers no more rows than all-to-all   |
 | otherwise                                              | all2allv  | least traffic for large token counts   |
 
@@ -66,7 +66,7 @@ def _auto(*, ep_size: int, top_k: int) -> LoweringChoice:
         return LoweringChoice(
             strategy=Strategy.ALLGATHER,
             reason=f"auto: max_tokens_per_rank={bound} <= auto_allgather_max_tokens="
-            f"{config.auto_allgather_max_tokens} (latency-bound, no host sync)",
+            f"{config.auto_allgather_max_tokens} (latency-bound: no split-size exchange)",
         )
     limit = top_k * config.auto_allgather_ep_per_topk
     if ep_size <= limit:
