@@ -8,8 +8,10 @@ from moe_fx import config
 from moe_fx.backend import RecordedGraph, backend, recording
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
+from moe_fx.shard import ExpertShard, shard_experts
 
 __all__ = [
+    "ExpertShard",
     "ExplainReport",
     "MoEFxError",
     "RecordedGraph",
@@ -18,4 +20,5 @@ __all__ = [
     "config",
     "explain",
     "recording",
+    "shard_experts",
 ]

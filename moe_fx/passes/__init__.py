@@ -16,6 +16,7 @@ from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, choose_lowering
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.find import find_moe_regions
+from moe_fx.passes.graph_utils import expert_shard_of, module_path
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import render_region, rewrite_region
 
@@ -46,6 +47,7 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     report = PassReport(misses=misses)
     for region in regions:
         plan = EPPlan.for_block(region.block, region.num_experts)
+        _check_shard(region, plan)
         choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k)
         report.blocks.append(BlockDecision(region=region, plan=plan, choice=choice))
     return report
@@ -56,24 +58,54 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     analysis = analyze_graph(gm.graph)
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
+    new_nodes: set[fx.Node] = set()
     for decision in analysis.blocks:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
         lowering = LOWERINGS[decision.choice.strategy](decision.plan)
         if decision.plan.ep_size > 1 and _token_layout() == "replicated":
             lowering = ReplicatedTokens(lowering)
-        new_nodes = rewrite_region(gm.graph, decision.region, lowering)
-        rendering = render_region(decision.region, lowering, new_nodes)
+        region_nodes = rewrite_region(gm.graph, decision.region, lowering)
+        new_nodes.update(region_nodes)
+        rendering = render_region(decision.region, lowering, region_nodes)
         report.blocks.append(
             BlockDecision(region=decision.region, plan=decision.plan, choice=decision.choice, rendering=rendering)
         )
         counters["moe_fx"]["regions_rewritten"] += 1
         counters["moe_fx"][f"lowering_{decision.choice.strategy.value}"] += 1
         log.info("moe_fx: rewrote %s (%s) with %s", decision.region.block, decision.region.form, lowering)
+    _check_sharded_params_rewritten(gm.graph, report, new_nodes)
     if report.blocks:
         gm.graph.lint()
         gm.recompile()
     return report
+
+
+def _check_shard(region: MoERegion, plan: EPPlan) -> None:
+    """Sharded weights must be exactly the block the compile-time EP group gives this rank."""
+    shard = region.shard
+    if shard is None or (shard.start, shard.num_local) == (plan.expert_start, plan.num_local_experts):
+        return
+    raise UnsupportedMoEError(
+        f"MoE block {region.block!r}: this rank holds {shard.describe()} (moe_fx.shard_experts over "
+        f"{shard.ep_size} ranks), but the expert-parallel group it is compiled with ({plan.ep_size} "
+        f"ranks) assigns it experts {plan.expert_start}..{plan.expert_start + plan.num_local_experts - 1}. "
+        "Compile with the group the model was sharded with (moe_fx.config.ep_group)."
+    )
+
+
+def _check_sharded_params_rewritten(graph: fx.Graph, report: PassReport, new_nodes: set[fx.Node]) -> None:
+    """A sharded parameter read by code left as traced would index experts this rank does not hold."""
+    for node in graph.nodes:
+        shard = expert_shard_of(node) if node.op == "placeholder" else None
+        if shard is None or all(user in new_nodes for user in node.users):
+            continue
+        reasons = "; ".join(m.reason for m in report.misses if m.block == shard.block) or "no experts region was matched"
+        raise UnsupportedMoEError(
+            f"MoE block {shard.block!r}: its parameter {module_path(node)} holds only {shard.describe()} "
+            f"(moe_fx.shard_experts), but moe_fx did not rewrite the code that reads it ({reasons}). "
+            "Without the rewrite it would index experts this rank does not hold; load the full model instead."
+        )
 
 
 def _token_layout() -> str:

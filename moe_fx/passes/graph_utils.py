@@ -11,6 +11,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from moe_fx.shard import ExpertShard, expert_shard
+
 _OPERATOR_NAMES = {
     getattr(operator, n): n
     for n in (
@@ -55,8 +57,28 @@ def fake(node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def real_value(node: fx.Node) -> Any:
+    """The real object dynamo lifted into placeholder ``node`` (a module parameter, an input), or
+    None when the graph kept no reference to it (a graph built by hand, a freed input)."""
+    grapharg = node.meta.get("grapharg") if node.op == "placeholder" else None
+    try:
+        return grapharg.example if grapharg is not None else None
+    except AssertionError:  # the weak reference died
+        return None
+
+
+def expert_shard_of(node: Any) -> ExpertShard | None:
+    """The ``moe_fx.shard_experts`` record of the parameter behind ``node``, if it was sharded."""
+    return expert_shard(real_value(node)) if is_graph_input(node) else None
+
+
 def is_graph_input(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def is_expert_gather(node: Any, row_ids: fx.Node) -> bool:
+    """``param[row_ids]``: a per-expert parameter (a bias) picked per row by the row's expert id."""
+    return is_op(node, "getitem") and node.args[1] is row_ids and is_graph_input(node.args[0])
 
 
 def strip_casts(node: fx.Node) -> fx.Node:

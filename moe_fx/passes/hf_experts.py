@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_shape, same_size, strip_casts,
+    arg, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_shape,
+    same_size, strip_casts,
 )
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 from moe_fx.passes.rowwise import extract_row_fn
@@ -152,6 +153,13 @@ def _region(parts: _Parts, *, form: str, block: str) -> MoERegion | NoMatch:
     if fake(parts.down.weight).shape[0] != e:
         return NoMatch(block, form, f"up and down weights hold {e} and {fake(parts.down.weight).shape[0]} experts")
     nodes = set(parts.nodes) | set(act.nodes) | set(post.nodes)
+    params = [parts.up.weight, parts.down.weight, *act.expert_params(), *post.expert_params()]
+    shards = {expert_shard_of(p) for p in params}
+    if len(shards) > 1:
+        held = ", ".join(f"{module_path(p)}: {s.describe() if s else 'every expert'}"
+                         for p, s in ((p, expert_shard_of(p)) for p in params))
+        return NoMatch(block, form, f"expert parameters are sharded inconsistently ({held})")
+    shard = shards.pop()
     return MoERegion(
         block=block,
         form=form,
@@ -164,11 +172,12 @@ def _region(parts: _Parts, *, form: str, block: str) -> MoERegion | NoMatch:
         post=post if post.nodes else None,
         output=parts.output,
         nodes=frozenset(nodes),
-        num_experts=e,
+        num_experts=shard.num_experts if shard else e,
         top_k=k,
         hidden_size=h_in,
         intermediate_size=i_down,
         dtype=fake(parts.up.weight).dtype,
+        shard=shard,
     )
 
 

@@ -12,6 +12,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from moe_fx.passes.graph_utils import is_expert_gather
+from moe_fx.shard import ExpertShard
+
 
 @dataclass(frozen=True, kw_only=True)
 class RowFn:
@@ -28,12 +31,24 @@ class RowFn:
     nodes: tuple[fx.Node, ...]
     label: str  # human-readable summary, e.g. "silu(gate) * up"
 
-    def replay(self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node) -> fx.Node:
-        """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``."""
+    def replay(
+        self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, block_row_ids: fx.Node | None = None
+    ) -> fx.Node:
+        """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``.
+        With ``block_row_ids`` (the region's parameters hold only this rank's block of experts),
+        ``param[row_ids]`` reads ``param[block_row_ids]`` instead; every other use of the ids
+        still sees the global ids."""
         env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
         for node in self.nodes:
-            env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+            ids = new_row_ids
+            if block_row_ids is not None and is_expert_gather(node, self.row_ids):
+                ids = block_row_ids
+            env[node] = graph.node_copy(node, lambda n: ids if n is self.row_ids else env.get(n, n))
         return env.get(self.output, new_input)
+
+    def expert_params(self) -> list[fx.Node]:
+        """The per-expert parameters the nodes gather by row (biases)."""
+        return [n.args[0] for n in self.nodes if is_expert_gather(n, self.row_ids)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +84,12 @@ class MoERegion:
     hidden_size: int
     intermediate_size: int
     dtype: torch.dtype  # expert weight dtype
+    shard: ExpertShard | None = None  # set when the expert parameters hold only this rank's block
+
+    def expert_params(self) -> list[fx.Node]:
+        """Every per-expert parameter of the region: both weights, then the biases."""
+        params = [self.up.weight, self.down.weight, *self.activation.expert_params()]
+        return params + (self.post.expert_params() if self.post is not None else [])
 
     @property
     def num_tokens(self):

@@ -15,10 +15,15 @@ After::
     y = expert_matmul(a, <strategy>.local_weights(W_down), offsets, layout=...)
     out = <strategy>.combine(y, dispatched, topk_weights)
 
+With weights sharded by ``moe_fx.shard_experts`` (already this rank's block) ``W`` is used as it
+is and biases are read as ``b[row_expert - start]``.
+
 The dead traced experts code is erased; the router and everything else stay as traced.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -42,17 +47,25 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
         offsets = graph.call_function(getattr, (dispatched, "offsets"))
         row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
 
+        # Sharded parameters already are this rank's block: no slicing, and biases are indexed by
+        # the expert id relative to the block (row_expert stays global).
+        block_ids = None
+        if region.shard is not None:
+            block_ids = graph.call_function(operator.sub, (row_expert, region.shard.start))
+
         def project(x: fx.Node, projection) -> fx.Node:
-            weight = graph.call_function(lowering.local_weights, (projection.weight,))
+            weight = projection.weight
+            if region.shard is None:
+                weight = graph.call_function(lowering.local_weights, (weight,))
             return graph.call_function(
                 expert_matmul, (x, weight, offsets), {"layout": projection.layout}
             )
 
         h = project(tokens, region.up)
-        a = region.activation.replay(graph, h, row_expert)
+        a = region.activation.replay(graph, h, row_expert, block_ids)
         y = project(a, region.down)
         if region.post is not None:
-            y = region.post.replay(graph, y, row_expert)
+            y = region.post.replay(graph, y, row_expert, block_ids)
         out = graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
     region.output.replace_all_uses_with(out)
     new_nodes = _nodes_between(first_new, region.output)

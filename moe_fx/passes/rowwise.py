@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, is_graph_input, is_op, op_name
+from moe_fx.passes.graph_utils import arg, fake, is_expert_gather, is_graph_input, is_op, op_name
 from moe_fx.passes.region import NoMatch, RowFn
 
 # Row-independent whatever their arguments (scalars and broadcasts only touch columns).
@@ -74,11 +74,6 @@ def _is_param(node: fx.Node) -> bool:
     return node.op == "placeholder" and ("_parameters" in where or "_buffers" in where)
 
 
-def _is_expert_gather(node: fx.Node, row_ids: fx.Node) -> bool:
-    """``param[row_ids]``: a per-expert parameter picked per row (biases)."""
-    return is_op(node, "getitem") and node.args[1] is row_ids and is_graph_input(node.args[0])
-
-
 def _describe(nodes: list[fx.Node]) -> str:
     names = [op_name(n) for n in nodes]
     acts = sorted({n.rstrip("_") for n in names if n.rstrip("_") in _ACTIVATIONS})
@@ -119,7 +114,7 @@ def extract_row_fn(
             n = stack.pop()
             if n in included or n is start:
                 continue
-            if n in downstream or n in from_rows or _is_expert_gather(n, row_ids):
+            if n in downstream or n in from_rows or is_expert_gather(n, row_ids):
                 included.add(n)
                 stack.extend(a for a in n.all_input_nodes if a is not row_ids)
             elif n is row_ids:
@@ -144,7 +139,7 @@ def extract_row_fn(
     ordered = sorted(included, key=position.__getitem__)
     rows_rank = fake(start).dim() if fake(start) is not None else 2
     for node in ordered:
-        if _is_expert_gather(node, row_ids):
+        if is_expert_gather(node, row_ids):
             continue
         if not _row_safe(node, rows_rank):
             return NoMatch(

@@ -1,0 +1,164 @@
+"""``moe_fx.shard_experts``: keep only this rank's block of every MoE block's expert weights.
+
+    model = build_my_moe_model()
+    moe_fx.shard_experts(model)                       # rank r keeps experts [r*E/ep, (r+1)*E/ep)
+    model = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
+
+Which parameters are expert parameters: a module whose direct parameters include at least two 3-D
+tensors with the same leading size E >= 2 (gate_up [E, 2I, H] and down [E, H, I], in any layout)
+is an experts module; every direct parameter of it whose leading size is E and that has 2 or more
+dimensions (weights [E, N, K], biases [E, N]) is replaced by a new Parameter holding rows
+[start, start + e) of it, e = E / ep, copied out so the full tensor's storage is freed (unless
+something else, e.g. an optimizer, still holds it). Each new Parameter carries an ``ExpertShard``
+record; the backend reads it from the graph's placeholders, uses E from the record (the router
+still produces global ids in [0, E)) and feeds the local block to the grouped matmuls unsliced.
+A sharded parameter that the backend cannot rewrite is an error at compile time, never a guess.
+
+transformers experts modules keep a ``num_experts`` attribute that their traced code uses as the
+number of weight groups (``histc(bins=num_experts)``); it is set to e, as transformers' own expert
+parallelism does, so the traced code still type-checks against the [e, ...] weights.
+
+After sharding the eager model raises ``MoEFxError`` (its experts code would need every expert):
+only the model compiled with ``moe_fx.backend`` runs. Shard before compiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_fx.errors import MoEFxError, UnsupportedMoEError
+
+SHARD_ATTR = "_moe_fx_expert_shard"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertShard:
+    """The block of experts a sharded parameter holds: rows [start, stop) of E."""
+
+    block: str  # module path of the experts module
+    num_experts: int  # E, the router's id range
+    start: int
+    num_local: int  # e = E / ep
+    ep_size: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.num_local
+
+    def describe(self) -> str:
+        return f"experts {self.start}..{self.stop - 1} of {self.num_experts}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardedBlock:
+    block: str
+    shard: ExpertShard
+    params: tuple[str, ...]  # names of the sharded parameters in the experts module
+    bytes_before: int  # expert bytes this rank held before (measured)
+    bytes_after: int  # expert bytes this rank holds now (measured)
+
+
+def expert_shard(tensor: object) -> ExpertShard | None:
+    """The ``ExpertShard`` of a parameter made by ``shard_experts``, else None."""
+    return getattr(tensor, SHARD_ATTR, None)
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``: what they really keep alive (a view of a
+    full tensor counts the full storage)."""
+    seen: dict[tuple, int] = {}
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        seen[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, tuple[str, ...]]]:
+    """(path, module, E, names of its per-expert parameters) of every experts module (rule above)."""
+    found = []
+    for path, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        leading = [p.shape[0] for p in params.values() if p.dim() == 3]
+        candidates = {e for e in leading if leading.count(e) >= 2 and e >= 2}
+        if len(candidates) != 1:
+            continue
+        e = candidates.pop()
+        names = tuple(n for n, p in params.items() if p.dim() >= 2 and p.shape[0] == e)
+        found.append((path or "<root module>", module, e, names))
+    return found
+
+
+def _group_rank_and_size(ep_group: dist.ProcessGroup | str | None) -> tuple[int, int]:
+    if isinstance(ep_group, str):
+        from moe_fx.runtime.comm import resolve_group
+
+        ep_group = resolve_group(ep_group)
+    if ep_group is None:
+        from moe_fx.runtime.comm import current_ep_group
+
+        ep_group = current_ep_group()
+    if ep_group is None:
+        return 0, 1
+    return ep_group.rank(), ep_group.size()
+
+
+def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = None) -> list[ShardedBlock]:
+    """Keep only this rank's block of experts in every experts module of ``model`` (in place).
+
+    ``ep_group``: a process group or its name; None means ``moe_fx.config.ep_group``, else the
+    default group. It must be the group the model is compiled with. Without one (ep == 1) nothing
+    changes. Works on meta-device models too (``moe_fx.load_sharded`` shards before it loads).
+    Returns one ``ShardedBlock`` per experts module.
+    """
+    rank, ep = _group_rank_and_size(ep_group)
+    if ep == 1:
+        return []
+    done = []
+    for path, module, e, names in experts_modules(model):
+        if any(expert_shard(getattr(module, n)) is not None for n in names):
+            raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")
+        if e % ep:
+            raise UnsupportedMoEError(
+                f"MoE block {path!r}: {e} experts cannot be split evenly over an expert-parallel group of "
+                f"{ep} ranks ({e} % {ep} = {e % ep}). Use a group whose size divides {e}."
+            )
+        local = e // ep
+        shard = ExpertShard(block=path, num_experts=e, start=rank * local, num_local=local, ep_size=ep)
+        before = held_bytes(getattr(module, n) for n in names)
+        for name in names:
+            full = getattr(module, name)
+            with torch.no_grad():
+                block = full.detach()[shard.start : shard.stop].clone()  # a copy: the full storage is freed
+            param = nn.Parameter(block, requires_grad=full.requires_grad)
+            setattr(param, SHARD_ATTR, shard)
+            module._parameters[name] = param
+        if isinstance(getattr(module, "num_experts", None), int) and module.num_experts == e:
+            module.num_experts = local
+        module.register_forward_pre_hook(_EagerGuard(shard))
+        done.append(ShardedBlock(block=path, shard=shard, params=names, bytes_before=before,
+                                 bytes_after=held_bytes(getattr(module, n) for n in names)))
+    return done
+
+
+class _EagerGuard:
+    """Forward pre-hook of a sharded experts module: the eager forward would index experts this
+    rank no longer holds. Under dynamo (the moe_fx backend rewrites the block) it does nothing."""
+
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        s = self.shard
+        raise MoEFxError(
+            f"MoE block {s.block!r} holds only {s.describe()} on this rank (moe_fx.shard_experts, ep "
+            f"{s.ep_size}); its eager forward needs every expert. Run the model compiled: "
+            "torch.compile(model, backend=moe_fx.backend)"
+        )
