@@ -6,6 +6,7 @@ torch.compile pass.
 
 from moe_fx import config
 from moe_fx.backend import RecordedGraph, backend, recording
+from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
 from moe_fx.shard import ExpertShard, shard_experts
@@ -15,10 +16,13 @@ __all__ = [
     "ExplainReport",
     "MoEFxError",
     "RecordedGraph",
+    "ShardedLoad",
+    "TensorRead",
     "UnsupportedMoEError",
     "backend",
     "config",
     "explain",
+    "load_sharded",
     "recording",
     "shard_experts",
 ]

@@ -135,15 +135,23 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
             full = getattr(module, name)
             with torch.no_grad():
                 block = full.detach()[shard.start : shard.stop].clone()  # a copy: the full storage is freed
-            param = nn.Parameter(block, requires_grad=full.requires_grad)
-            setattr(param, SHARD_ATTR, shard)
-            module._parameters[name] = param
+            replace_param(module, name, block, shard)
         if isinstance(getattr(module, "num_experts", None), int) and module.num_experts == e:
             module.num_experts = local
         module.register_forward_pre_hook(_EagerGuard(shard))
         done.append(ShardedBlock(block=path, shard=shard, params=names, bytes_before=before,
                                  bytes_after=held_bytes(getattr(module, n) for n in names)))
     return done
+
+
+def replace_param(module: nn.Module, name: str, value: torch.Tensor, shard: ExpertShard | None) -> None:
+    """Replace parameter ``name`` of ``module`` by a new Parameter holding ``value`` (and the shard
+    record, if any), keeping its requires_grad."""
+    old = module._parameters[name]
+    param = nn.Parameter(value, requires_grad=old.requires_grad)
+    if shard is not None:
+        setattr(param, SHARD_ATTR, shard)
+    module._parameters[name] = param
 
 
 class _EagerGuard:

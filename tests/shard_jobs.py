@@ -64,3 +64,23 @@ def uneven_split_error(*, rank: int = 0, world_size: int = 1, num_experts: int) 
     except moe_fx.UnsupportedMoEError as exc:
         return str(exc)
     return ""
+
+
+def load_case(*, rank: int = 0, world_size: int = 1, checkpoints: dict, lowering: str, inner: str) -> dict:
+    """moe_fx.load_sharded on this rank for each saved tiny model: what was read, the expert bytes
+    held, and the compiled model against the full model's eager output (the full model is built
+    here only as the reference)."""
+    torch.set_num_threads(1)
+    results = {}
+    for key, path in checkpoints.items():
+        ids = make_input_ids(TOKENS_PER_RANK[rank], seed=100 + rank)
+        with torch.no_grad():
+            ref = build_tiny(key)(ids).logits.float()
+        loaded = moe_fx.load_sharded(path, experts_implementation="grouped_mm")
+        out, blocks, misses = _compile_and_run(loaded.model, (ids,), lowering=lowering, inner=inner)
+        results[key] = {
+            **_diff(out, ref), "blocks": blocks, "misses": misses,
+            "reads": [(r.key, r.rows) for r in loaded.reads],
+            "expert_bytes": _storage_bytes(_expert_params(loaded.model)),
+        }
+    return results

@@ -1,0 +1,90 @@
+"""Holding only the local experts: moe_fx.shard_experts and moe_fx.load_sharded over gloo ranks.
+
+Expert memory is measured from the storages the parameters keep alive; outputs are compared with
+the unsharded model's eager output on each rank's own tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from safetensors import safe_open
+
+from tests.tiny_models import build_tiny
+from tests.tolerances import within
+
+# (model, experts implementation, dtype, lowering): biases and the grouped form through AOTAutograd
+# at ep=2; the batched form in bf16 at ep=4 (test_load_sharded adds Mixtral's grouped form).
+SHARD_CASES = {
+    2: (("gpt_oss", "grouped_mm", "float32", "allgather"),),
+    4: (("qwen3_moe", "batched_mm", "bfloat16", "all2allv"),),
+}
+
+
+@pytest.mark.parametrize("ep", (2, 4))
+def test_sharded_experts_hold_one_ep_th_and_match_eager(rank_pool, ep):
+    inner = "aot_eager" if ep == 2 else "eager"
+    results = rank_pool(ep).run("tests.shard_jobs:sharded_case", cases=SHARD_CASES[ep], inner=inner)
+    for rank, per_case in enumerate(results):
+        for r in per_case:
+            key, _, dtype, lowering = r["case"]
+            assert r["blocks"] == [("model.layers.0.mlp.experts", lowering)] and not r["misses"], r
+            assert r["after"] * ep == r["before"], f"rank {rank} {key}: {r['after']} of {r['before']} bytes held"
+            assert r["all_after"] == r["others"] + r["after"], f"rank {rank} {key}: other parameters changed"
+            (block, start, local, params), = r["sharded"]
+            assert (start, local) == (rank * 8 // ep, 8 // ep)
+            if key == "gpt_oss":
+                assert {"gate_up_proj_bias", "down_proj_bias"} <= set(params)
+            assert within(r, dtype), f"rank {rank} {key}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
+            assert re.search(rf"'{block}' holds only experts {start}\.\.{start + local - 1} of 8 .*torch\.compile",
+                             r["eager_error"]), r["eager_error"]
+    if ep == 4:
+        errors = rank_pool(4).run("tests.shard_jobs:uneven_split_error", num_experts=6)
+        assert all(re.search(r"MoE block '<root module>': 6 experts cannot be split evenly over .* 4 ranks", e)
+                   for e in errors), errors
+
+
+def _expert_keys(path: str) -> dict[str, int | None]:
+    """Checkpoint keys of routed experts: key -> expert index (per-expert tensors) or None (fused [E, ...])."""
+    out = {}
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        for key in f.keys():
+            per_expert = re.search(r"\.experts\.(\d+)\.", key)
+            if per_expert:
+                out[key] = int(per_expert.group(1))
+            elif ".experts." in key and f.get_slice(key).get_shape()[0] == 8:
+                out[key] = None
+    return out
+
+
+def test_load_sharded_reads_only_local_experts(rank_pool, tmp_path):
+    # Mixtral is saved one tensor per expert (w1/w2/w3, renamed); GPT-OSS as fused [E, ...] tensors with biases.
+    checkpoints = {}
+    for key in ("mixtral", "gpt_oss"):
+        checkpoints[key] = str(tmp_path / key)
+        build_tiny(key).save_pretrained(checkpoints[key])
+    results = rank_pool(2).run("tests.shard_jobs:load_case", checkpoints=checkpoints, lowering="all2allv",
+                               inner="eager")
+    for key, path in checkpoints.items():
+        experts = _expert_keys(path)
+        with safe_open(f"{path}/model.safetensors", "pt") as f:
+            shared = set(f.keys()) - set(experts)
+            expert_bytes = sum(f.get_tensor(k).nbytes for k in experts)
+        assert {i for i in experts.values() if i is not None} == (set(range(8)) if key == "mixtral" else set())
+        for rank, res in enumerate(results):
+            r = res[key]
+            local = range(4 * rank, 4 * rank + 4)
+            read_keys = [k for k, _ in r["reads"]]
+            assert len(read_keys) == len(set(read_keys)), f"{key} rank {rank}: a tensor was read twice"
+            assert {k for k, rows in r["reads"] if rows is None and k not in experts} == shared
+            for k, rows in r["reads"]:
+                if k in experts and experts[k] is not None:
+                    assert experts[k] in local and rows is None, f"{key} rank {rank} read {k}"
+                elif k in experts:
+                    assert rows == (local.start, local.stop), f"{key} rank {rank} read rows {rows} of {k}"
+            per_expert_read = {k for k, _ in r["reads"] if experts.get(k) is not None}
+            assert per_expert_read == {k for k, i in experts.items() if i in local}
+            assert r["expert_bytes"] * 2 == expert_bytes
+            assert r["blocks"] == [("model.layers.0.mlp.experts", "all2allv")] and not r["misses"]
+            assert within(r, "float32"), f"{key} rank {rank}: max |diff| {r['diff']:.3g}"
