@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_fx.errors import MoEFxError
 from moe_fx.passes import PassReport, analyze_graph
+from moe_fx.passes.graph_utils import fake, module_path, real_value
+from moe_fx.passes.region import MoERegion
+from moe_fx.shard import expert_shard, held_bytes
 
 _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "specialized integer", "unbacked")
 
@@ -38,6 +42,9 @@ class BlockRow:
     local_experts: str
     lowering: str
     reason: str
+    ep_size: int = 1
+    expert_bytes_held: int = 0  # this rank's expert weights and biases now (measured storages)
+    expert_bytes_sharded: int = 0  # what this rank holds after moe_fx.shard_experts: 1/ep of all E
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +73,13 @@ class ExplainReport:
             widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
             for r in [header, tuple("-" * w for w in widths), *rows]:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if self.blocks:
+            held = sum(b.expert_bytes_held for b in self.blocks)
+            sharded = sum(b.expert_bytes_sharded for b in self.blocks)
+            lines.append(
+                f"expert weights on this rank: {_format_bytes(held)} held, {_format_bytes(sharded)} after "
+                f"moe_fx.shard_experts (ep {self.blocks[0].ep_size})"
+            )
         for miss in self.near_misses:
             lines.append(f"not rewritten: {miss.block} ({miss.form}): {miss.reason}")
         for reason in self.graph_breaks:
@@ -77,14 +91,23 @@ class ExplainReport:
 
 def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     """Report every MoE block of ``model_or_fn(*args, **kwargs)`` and every near-miss."""
+    if isinstance(model_or_fn, torch.nn.Module):
+        sharded = next((s for p in model_or_fn.parameters() if (s := expert_shard(p)) is not None), None)
+        if sharded is not None:
+            raise MoEFxError(
+                f"explain() runs the model eagerly, and MoE block {sharded.block!r} holds only "
+                f"{sharded.describe()} (moe_fx.shard_experts). Call explain before sharding: its report "
+                "gives the expert bytes held before and after."
+            )
     torch._dynamo.reset()
     flags = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
     with torch._dynamo.config.patch(**flags):
         captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
+    params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
     for gm in captured.graphs:
-        _add_graph(report, analyze_graph(gm.graph))
+        _add_graph(report, analyze_graph(gm.graph), params)
     for brk in captured.break_reasons:
         where = _where(brk)
         text = f"{where}: {brk.reason.strip().splitlines()[0]}"
@@ -94,10 +117,26 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     return report
 
 
-def _add_graph(report: ExplainReport, analysis: PassReport) -> None:
+def _held_bytes(region: MoERegion, params: dict[str, torch.Tensor]) -> int:
+    """Bytes this rank's expert parameters of ``region`` keep alive: measured on the model's own
+    parameters (found by module path: dynamo drops its references once a graph is compiled), from
+    the traced shapes only when ``explain`` got a function rather than a module."""
+    tensors, computed = [], 0
+    for node in region.expert_params():
+        value = real_value(node) if real_value(node) is not None else params.get(module_path(node))
+        if value is not None:
+            tensors.append(value)
+        else:
+            computed += fake(node).numel() * fake(node).element_size()
+    return held_bytes(tensors) + computed
+
+
+def _add_graph(report: ExplainReport, analysis: PassReport, params: dict[str, torch.Tensor]) -> None:
     for decision in analysis.blocks:
         region, plan = decision.region, decision.plan
         local = plan.local_experts
+        held = _held_bytes(region, params)
+        every_expert = held * region.num_experts // region.shard.num_local if region.shard else held
         report.blocks.append(
             BlockRow(
                 block=region.block,
@@ -111,10 +150,21 @@ def _add_graph(report: ExplainReport, analysis: PassReport) -> None:
                 local_experts=f"{local.start}..{local.stop - 1} (ep {plan.ep_rank}/{plan.ep_size})",
                 lowering=decision.choice.strategy.value,
                 reason=decision.choice.reason,
+                ep_size=plan.ep_size,
+                expert_bytes_held=held,
+                expert_bytes_sharded=every_expert // plan.ep_size,
             )
         )
     for miss in analysis.misses:
         report.near_misses.append(NearMissRow(block=miss.block, form=miss.form, reason=miss.reason))
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _where(brk) -> str:

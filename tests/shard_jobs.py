@@ -27,9 +27,10 @@ def _expert_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for _, m in modules for p in m.parameters(recurse=False) if p.dim() >= 2]
 
 
-def sharded_case(*, rank: int = 0, world_size: int = 1, cases: tuple, inner: str) -> list[dict]:
-    """For each (key, impl, dtype, lowering): eager reference, shard_experts, measured bytes, the
-    compiled model against the reference, and the eager model's error after sharding."""
+def sharded_case(*, rank: int = 0, world_size: int = 1, cases: tuple, inner: str, explain: bool = False) -> list[dict]:
+    """For each (key, impl, dtype, lowering): eager reference, (explain,) shard_experts, measured
+    bytes, the compiled model against the reference, and the errors of the sharded eager model and
+    of explain on it."""
     torch.set_num_threads(1)
     results = []
     for key, impl, dtype, lowering in cases:
@@ -37,33 +38,79 @@ def sharded_case(*, rank: int = 0, world_size: int = 1, cases: tuple, inner: str
         ids = make_input_ids(TOKENS_PER_RANK[rank], seed=100 + rank)
         with torch.no_grad():
             ref = model(ids).logits.float()
+        report = moe_fx.explain(model, ids) if explain else None
         before = _storage_bytes(_expert_params(model))
         others = _storage_bytes(p for p in model.parameters() if all(p is not q for q in _expert_params(model)))
         blocks = moe_fx.shard_experts(model)
         after = _storage_bytes(_expert_params(model))
         out, rewritten, misses = _compile_and_run(model, (ids,), lowering=lowering, inner=inner)
-        try:
-            with torch.no_grad():
-                model(ids)
-            eager_error = ""
-        except moe_fx.MoEFxError as exc:
-            eager_error = str(exc)
+        with torch.no_grad():
+            eager_error = _error(model, ids)
+        explained = {}
+        if report is not None:
+            explained = {"explain_held": sum(b.expert_bytes_held for b in report.blocks),
+                         "explain_sharded": sum(b.expert_bytes_sharded for b in report.blocks),
+                         "explain_table": str(report), "explain_sharded_error": _error(moe_fx.explain, model, ids)}
         results.append({
             "case": (key, impl, dtype, lowering), **_diff(out, ref), "blocks": rewritten, "misses": misses,
             "before": before, "after": after, "all_after": _storage_bytes(model.parameters()), "others": others,
             "sharded": [(b.block, b.shard.start, b.shard.num_local, b.params) for b in blocks],
-            "eager_error": eager_error,
+            "eager_error": eager_error, **explained,
         })
     return results
 
 
+def _error(fn, *args) -> str:
+    """The error ``fn(*args)`` raises, as "Type: message" (dynamo wraps the backend's errors)."""
+    try:
+        fn(*args)
+    except Exception as exc:  # the test asserts on the text
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+class _ScaledActivationMoE(torch.nn.Module):
+    """Not rewritable: the activation is scaled by a per-token value computed outside the experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
+
+    def forward(self, x):
+        m = self.moe
+        ids, w = m.router(x)
+        t, k = ids.shape
+        ids_s, x_rows = ids.reshape(-1), x.repeat_interleave(k, dim=0)
+        h = torch.bmm(m.w_up[ids_s], x_rows.unsqueeze(-1)).squeeze(-1)
+        gate, up = h.chunk(2, dim=-1)
+        a = torch.nn.functional.silu(gate) * up * x_rows.sum(-1, keepdim=True)
+        y = torch.bmm(m.w_down[ids_s], a.unsqueeze(-1)).squeeze(-1)
+        return (y * w.reshape(-1).unsqueeze(-1)).view(t, k, -1).sum(dim=1)
+
+
+def compile_errors(*, rank: int = 0, world_size: int = 1) -> dict:
+    """Sharded models the backend must refuse: a block it cannot rewrite, and a compile-time EP
+    group other than the one the model was sharded over."""
+    x = torch.randn(5, 16)
+
+    def compiled(model, **settings):
+        torch._dynamo.reset()
+        with moe_fx.config.patch(inner_backend="eager", **settings), torch.no_grad():
+            return _error(lambda: torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x))
+
+    unrewritable = _ScaledActivationMoE()
+    moe_fx.shard_experts(unrewritable)
+    plain = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
+    moe_fx.shard_experts(plain)
+    halves = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    half = halves[rank // 2]
+    return {"unrewritable": compiled(unrewritable), "other_group": compiled(plain, ep_group=half.group_name)}
+
+
 def uneven_split_error(*, rank: int = 0, world_size: int = 1, num_experts: int) -> str:
     model = build_plain("batched", hidden=16, intermediate=8, num_experts=num_experts, top_k=2, dtype="float32")
-    try:
-        moe_fx.shard_experts(model)
-    except moe_fx.UnsupportedMoEError as exc:
-        return str(exc)
-    return ""
+    return _error(moe_fx.shard_experts, model)
+
 
 
 def load_case(*, rank: int = 0, world_size: int = 1, checkpoints: dict, lowering: str, inner: str) -> dict:

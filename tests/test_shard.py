@@ -25,7 +25,7 @@ SHARD_CASES = {
 @pytest.mark.parametrize("ep", (2, 4))
 def test_sharded_experts_hold_one_ep_th_and_match_eager(rank_pool, ep):
     inner = "aot_eager" if ep == 2 else "eager"
-    results = rank_pool(ep).run("tests.shard_jobs:sharded_case", cases=SHARD_CASES[ep], inner=inner)
+    results = rank_pool(ep).run("tests.shard_jobs:sharded_case", cases=SHARD_CASES[ep], inner=inner, explain=ep == 2)
     for rank, per_case in enumerate(results):
         for r in per_case:
             key, _, dtype, lowering = r["case"]
@@ -37,12 +37,23 @@ def test_sharded_experts_hold_one_ep_th_and_match_eager(rank_pool, ep):
             if key == "gpt_oss":
                 assert {"gate_up_proj_bias", "down_proj_bias"} <= set(params)
             assert within(r, dtype), f"rank {rank} {key}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
-            assert re.search(rf"'{block}' holds only experts {start}\.\.{start + local - 1} of 8 .*torch\.compile",
-                             r["eager_error"]), r["eager_error"]
+            assert re.search(rf"MoEFxError: .*'{block}' holds only experts {start}\.\.{start + local - 1} of 8 "
+                             r".*torch\.compile", r["eager_error"]), r["eager_error"]
+            if ep == 2:  # explain, called before sharding, reports what was then measured
+                assert (r["explain_held"], r["explain_sharded"]) == (r["before"], r["after"]), r["explain_table"]
+                assert re.search(r"expert weights on this rank: 196\.0 KiB held, 98\.0 KiB after "
+                                 r"moe_fx.shard_experts \(ep 2\)", r["explain_table"]), r["explain_table"]
+                assert "Call explain before sharding" in r["explain_sharded_error"]
     if ep == 4:
         errors = rank_pool(4).run("tests.shard_jobs:uneven_split_error", num_experts=6)
         assert all(re.search(r"MoE block '<root module>': 6 experts cannot be split evenly over .* 4 ranks", e)
                    for e in errors), errors
+        for rank, err in enumerate(rank_pool(4).run("tests.shard_jobs:compile_errors")):
+            first = 2 * rank
+            assert re.search(rf"UnsupportedMoEError: MoE block 'moe': its parameter moe\.w_\w+ holds only experts "
+                             rf"{first}\.\.{first + 1} of 8 .*did not rewrite .*activation: reads", err["unrewritable"], re.S), err
+            assert re.search(rf"holds experts {first}\.\.{first + 1} of 8 .*over 4 ranks.*compiled with \(2 ranks\) "
+                             rf"assigns it experts {rank % 2 * 4}\.\.{rank % 2 * 4 + 3}", err["other_group"], re.S), err
 
 
 def _expert_keys(path: str) -> dict[str, int | None]:
