@@ -10,6 +10,7 @@ import torch
 
 import moe_fx
 from tests.ep_jobs import TOKENS_PER_RANK, _compile_and_run, _diff, build_plain
+from tests.test_explain_config import _LeakyActivation
 from tests.tiny_models import build_tiny, experts_modules, make_input_ids
 
 
@@ -69,25 +70,6 @@ def _error(fn, *args) -> str:
     return ""
 
 
-class _ScaledActivationMoE(torch.nn.Module):
-    """Not rewritable: the activation is scaled by a per-token value computed outside the experts."""
-
-    def __init__(self):
-        super().__init__()
-        self.moe = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
-
-    def forward(self, x):
-        m = self.moe
-        ids, w = m.router(x)
-        t, k = ids.shape
-        ids_s, x_rows = ids.reshape(-1), x.repeat_interleave(k, dim=0)
-        h = torch.bmm(m.w_up[ids_s], x_rows.unsqueeze(-1)).squeeze(-1)
-        gate, up = h.chunk(2, dim=-1)
-        a = torch.nn.functional.silu(gate) * up * x_rows.sum(-1, keepdim=True)
-        y = torch.bmm(m.w_down[ids_s], a.unsqueeze(-1)).squeeze(-1)
-        return (y * w.reshape(-1).unsqueeze(-1)).view(t, k, -1).sum(dim=1)
-
-
 def compile_errors(*, rank: int = 0, world_size: int = 1) -> dict:
     """Sharded models the backend must refuse: a block it cannot rewrite, and a compile-time EP
     group other than the one the model was sharded over."""
@@ -98,7 +80,7 @@ def compile_errors(*, rank: int = 0, world_size: int = 1) -> dict:
         with moe_fx.config.patch(inner_backend="eager", **settings), torch.no_grad():
             return _error(lambda: torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x))
 
-    unrewritable = _ScaledActivationMoE()
+    unrewritable = _LeakyActivation()  # its activation reads a per-token scale: not rewritable
     moe_fx.shard_experts(unrewritable)
     plain = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
     moe_fx.shard_experts(plain)
