@@ -11,7 +11,10 @@ import re
 import pytest
 from safetensors import safe_open
 
-from tests.tiny_models import build_tiny
+import torch
+
+import moe_fx
+from tests.tiny_models import build_tiny, make_input_ids
 from tests.tolerances import within
 
 # (model, experts implementation, dtype, lowering): biases and the grouped form through AOTAutograd
@@ -99,3 +102,20 @@ def test_load_sharded_reads_only_local_experts(rank_pool, tmp_path):
             assert r["expert_bytes"] * 2 == expert_bytes
             assert r["blocks"] == [("model.layers.0.mlp.experts", "all2allv")] and not r["misses"]
             assert within(r, "float32"), f"{key} rank {rank}: max |diff| {r['diff']:.3g}"
+
+
+# One family per checkpoint layout: renamed w1/w3/w2 per expert, per expert plus a shared expert, per
+# expert plus a persistent buffer, fused with biases, fused under other names (qwen3_moe and olmoe
+# share qwen2_moe's mapping).
+@pytest.mark.parametrize("key", ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe"))
+def test_load_sharded_ep1_rebuilds_each_layout(tmp_path, key):
+    """Without a group nothing is sharded: the checkpoint key mapping (renamings, per-expert stacking,
+    gate|up joining, fused tensors) must rebuild the model exactly."""
+    model = build_tiny(key)
+    model.save_pretrained(tmp_path)
+    loaded = moe_fx.load_sharded(str(tmp_path), experts_implementation="grouped_mm")
+    ids = make_input_ids(6, seed=0)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    assert not loaded.sharded and all(r.rows is None for r in loaded.reads)
+    assert sum(r.nbytes for r in loaded.reads) == sum(t.nbytes for t in model.state_dict().values())
