@@ -122,11 +122,11 @@ class LocalLowering:
         self, out_RH: torch.Tensor, dispatched: Dispatched, topk_weights_TK: torch.Tensor
     ) -> torch.Tensor:
         assert isinstance(dispatched, LocalDispatched)
-        # Unsort by gathering through the inverse permutation (a scatter of S indices, not of S
-        # rows): the compiler fuses the row gather into the weighted sum.
+        # Unsort through the inverse permutation (a scatter of S indices, not of S rows), fused
+        # with the weighted sum over top-k (moe_fx/runtime/unsort.py).
         order = dispatched.order
         position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
-        return weighted_sum_over_topk(out_RH[position], topk_weights_TK)
+        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, topk_weights_TK)
 
 
 def _narrow_sort_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
