@@ -110,20 +110,31 @@ class LocalLowering:
         self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
     ) -> Dispatched:
         top_k = topk_ids_TK.shape[1]
-        row_expert, order = torch.sort(topk_ids_TK.reshape(-1), stable=True)
+        sorted_ids, order = torch.sort(_narrow_sort_keys(topk_ids_TK.reshape(-1), self.plan.num_experts), stable=True)
         # offsets[j] = number of rows routed to experts <= j (static shape, no host sync)
-        bounds = torch.arange(self.plan.num_experts, device=row_expert.device, dtype=row_expert.dtype)
-        offsets = torch.searchsorted(row_expert, bounds, right=True).to(torch.int32)
+        bounds = torch.arange(self.plan.num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+        offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
         return LocalDispatched(
-            tokens=hidden_TH[order // top_k], offsets=offsets, row_expert=row_expert, order=order
+            tokens=hidden_TH[order // top_k], offsets=offsets, row_expert=sorted_ids.long(), order=order
         )
 
     def combine(
         self, out_RH: torch.Tensor, dispatched: Dispatched, topk_weights_TK: torch.Tensor
     ) -> torch.Tensor:
         assert isinstance(dispatched, LocalDispatched)
-        rows_SH = torch.empty_like(out_RH).index_copy(0, dispatched.order, out_RH)
-        return weighted_sum_over_topk(rows_SH, topk_weights_TK)
+        # Unsort through the inverse permutation (a scatter of S indices, not of S rows), fused
+        # with the weighted sum over top-k (moe_fx/runtime/unsort.py).
+        order = dispatched.order
+        position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
+        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, topk_weights_TK)
+
+
+def _narrow_sort_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids as the narrowest integer type that holds them: a radix sort's passes grow with
+    the key width (int16 takes a quarter of int64's)."""
+    if num_experts <= torch.iinfo(torch.int16).max:
+        return expert_ids.to(torch.int16)
+    return expert_ids
 
 
 def weighted_sum_over_topk(rows_SH: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
