@@ -6,6 +6,7 @@ the unsharded model's eager output on each rank's own tokens.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -59,32 +60,42 @@ def test_sharded_experts_hold_one_ep_th_and_match_eager(rank_pool, ep):
                              rf"assigns it experts {rank % 2 * 4}\.\.{rank % 2 * 4 + 3}", err["other_group"], re.S), err
 
 
-def _expert_keys(path: str) -> dict[str, int | None]:
+def _checkpoint(path: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def _expert_keys(tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
     """Checkpoint keys of routed experts: key -> expert index (per-expert tensors) or None (fused [E, ...])."""
     out = {}
-    with safe_open(f"{path}/model.safetensors", "pt") as f:
-        for key in f.keys():
-            per_expert = re.search(r"\.experts\.(\d+)\.", key)
-            if per_expert:
-                out[key] = int(per_expert.group(1))
-            elif ".experts." in key and f.get_slice(key).get_shape()[0] == 8:
-                out[key] = None
+    for key, t in tensors.items():
+        per_expert = re.search(r"\.experts\.(\d+)\.", key)
+        if per_expert:
+            out[key] = int(per_expert.group(1))
+        elif ".experts." in key and t.shape[0] == 8:
+            out[key] = None
     return out
 
 
 def test_load_sharded_reads_only_local_experts(rank_pool, tmp_path):
-    # Mixtral is saved one tensor per expert (w1/w2/w3, renamed); GPT-OSS as fused [E, ...] tensors with biases.
+    # Mixtral is saved one tensor per expert (w1/w2/w3, renamed), split over several files with an
+    # index; GPT-OSS as fused [E, ...] tensors with biases.
     checkpoints = {}
-    for key in ("mixtral", "gpt_oss"):
+    for key, max_shard in (("mixtral", "100KB"), ("gpt_oss", "5GB")):
         checkpoints[key] = str(tmp_path / key)
-        build_tiny(key).save_pretrained(checkpoints[key])
+        build_tiny(key).save_pretrained(checkpoints[key], max_shard_size=max_shard)
+    assert os.path.exists(tmp_path / "mixtral" / "model.safetensors.index.json")
     results = rank_pool(2).run("tests.shard_jobs:load_case", checkpoints=checkpoints, lowering="all2allv",
                                inner="eager")
     for key, path in checkpoints.items():
-        experts = _expert_keys(path)
-        with safe_open(f"{path}/model.safetensors", "pt") as f:
-            shared = set(f.keys()) - set(experts)
-            expert_bytes = sum(f.get_tensor(k).nbytes for k in experts)
+        tensors = _checkpoint(path)
+        experts = _expert_keys(tensors)
+        shared = set(tensors) - set(experts)
+        expert_bytes = sum(tensors[k].nbytes for k in experts)
         assert {i for i in experts.values() if i is not None} == (set(range(8)) if key == "mixtral" else set())
         for rank, res in enumerate(results):
             r = res[key]
