@@ -205,13 +205,16 @@ def _read_per_expert(reader: _Reader, name: str, source: _PerExpert, shard: Expe
             f"{name}: the checkpoint stores it per expert with conversion {ops!r}; moe_fx reads only "
             "MergeModulelist(dim=0) optionally followed by Concatenate(dim>0). Load the full model instead."
         )
+    num_experts = shard.num_experts if shard is not None else size
     experts = range(shard.start, shard.stop) if shard is not None else range(size)
     parts = []
     for pattern in source.converter.source_patterns:
         by_expert = source.keys.get(pattern, {})
-        missing = [e for e in experts if e not in by_expert]
-        if missing:
-            raise MoEFxError(f"{name}: the checkpoint has no {pattern!r} tensor for experts {missing}")
+        if sorted(by_expert) != list(range(num_experts)):
+            raise MoEFxError(
+                f"{name}: the checkpoint has {pattern!r} tensors for experts {sorted(by_expert)}, expected "
+                f"0..{num_experts - 1}"
+            )
         parts.append(torch.stack([reader.whole(by_expert[e]) for e in experts]))
     return torch.cat(parts, dim=concat.dim) if concat is not None else parts[0]
 

@@ -79,7 +79,7 @@ def held_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, tuple[str, ...]]]:
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, tuple[str, ...]]]:
     """(path, module, E, names of its per-expert parameters) of every experts module (rule above)."""
     found = []
     for path, module in model.named_modules():
@@ -120,7 +120,7 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     if ep == 1:
         return []
     done = []
-    for path, module, e, names in experts_modules(model):
+    for path, module, e, names in find_experts_modules(model):
         if any(expert_shard(getattr(module, n)) is not None for n in names):
             raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")
         if e % ep:
