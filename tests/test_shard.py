@@ -130,3 +130,11 @@ def test_load_sharded_ep1_rebuilds_each_layout(tmp_path, key):
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)
     assert not loaded.sharded and all(r.rows is None for r in loaded.reads)
     assert sum(r.nbytes for r in loaded.reads) == sum(t.nbytes for t in model.state_dict().values())
+
+
+def test_sharded_backward(rank_pool):
+    """Training a sharded model: the local block's weight and bias gradients are the sum over ranks
+    of eager's rows for those experts; input and router gradients equal eager's."""
+    for rank, diffs in enumerate(rank_pool(2).run("tests.shard_jobs:sharded_grad_case", lowering="all2allv")):
+        assert set(diffs) == {"x", "w_up", "w_down", "b_up", "b_down", "router.weight"}
+        assert all(d <= 1e-5 for d in diffs.values()), f"rank {rank}: {diffs}"
