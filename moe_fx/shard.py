@@ -119,8 +119,8 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     rank, ep = _group_rank_and_size(ep_group)
     if ep == 1:
         return []
-    done = []
-    for path, module, e, names in find_experts_modules(model):
+    found = find_experts_modules(model)
+    for path, module, e, names in found:  # every block is checked before any is changed
         if any(expert_shard(getattr(module, n)) is not None for n in names):
             raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")
         if e % ep:
@@ -128,6 +128,8 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
                 f"MoE block {path!r}: {e} experts cannot be split evenly over an expert-parallel group of "
                 f"{ep} ranks ({e} % {ep} = {e % ep}). Use a group whose size divides {e}."
             )
+    done = []
+    for path, module, e, names in found:
         local = e // ep
         shard = ExpertShard(block=path, num_experts=e, start=rank * local, num_local=local, ep_size=ep)
         before = held_bytes(getattr(module, n) for n in names)
