@@ -63,7 +63,14 @@ class BatchedMoE(nn.Module):
 
 
 class GroupedMoE(BatchedMoE):
-    """The same experts, computed the transformers grouped_mm way (sort, histc, grouped matmul)."""
+    """The same experts, computed the transformers grouped_mm way (sort, histc, grouped matmul).
+
+    ``mask_rows_from=c`` zeroes the rows of experts >= c after the down projection, as
+    transformers 5.17 did with c = E to guard its own EP's sentinel ids."""
+
+    def __init__(self, *args, mask_rows_from: int | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.mask_rows_from = mask_rows_from
 
     def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
         x_TH = x.reshape(-1, x.shape[-1])
@@ -76,6 +83,8 @@ class GroupedMoE(BatchedMoE):
         h = torch._grouped_mm(xs, self.w_up.transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         y = torch._grouped_mm((F.silu(gate) * up).to(xs.dtype), self.w_down.transpose(-2, -1), offs=offs)
+        if self.mask_rows_from is not None:
+            y = y.masked_fill((sorted_ids >= self.mask_rows_from).unsqueeze(-1), 0.0)
         weighted = y * w_TK.reshape(-1)[perm].unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.shape[0], device=perm.device)

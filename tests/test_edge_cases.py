@@ -67,3 +67,26 @@ def test_changing_token_counts_compile_once_more(rank_pool, lowering):
     for rank, res in enumerate(rank_pool(2).run("tests.ep_jobs:dynamic_case", lowering=lowering)):
         assert max(res["diffs"]) <= 1e-5, (rank, res)
         assert res["graphs"] == 2 and res["blocks"] == [1, 1], (rank, res)
+
+
+@pytest.mark.parametrize("mask_from,kept", [(8, False), (7, True)])
+def test_row_mask_on_expert_ids(mask_from, kept):
+    """transformers 5.17 zeroes rows of ids >= E after the down projection: an identity on a
+    router's ids, dropped (it would cost a pass over every row). A threshold below E does mask
+    real experts' rows and must survive the rewrite."""
+    import torch
+
+    import moe_fx
+    from tests.moe_modules import GroupedMoE
+
+    torch.manual_seed(0)
+    model = GroupedMoE(16, 8, 8, 2, mask_rows_from=mask_from).to(torch.bfloat16)
+    x = torch.randn(11, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        want = model(x).float()
+        torch._dynamo.reset()
+        with moe_fx.config.patch(inner_backend="aot_eager"), moe_fx.recording() as graphs:
+            got = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x).float()
+    (decision,) = graphs[0].report.blocks
+    assert ("masked_fill" in decision.rendering) == kept, decision.rendering
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()

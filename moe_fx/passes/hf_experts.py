@@ -49,21 +49,48 @@ def _expect(cond: bool, reason: str) -> None:
         raise _Miss(reason)
 
 
-def _strip_sentinel_handling(node: fx.Node) -> fx.Node:
-    """transformers (5.17) guards ids >= E, which only its own EP produces: ``ids.clamp(0, E-1)``
-    and ``weights.masked_fill(ids >= E, 0)``. Both are identities on a router's output."""
+def _strip_sentinel_handling(node: fx.Node, num_experts: int) -> fx.Node:
+    """transformers (5.17) guards ids >= E, which only its own EP produces: ``ids.clamp(0, E-1)``,
+    ``weights.masked_fill(ids >= E, 0)`` and ``rows.masked_fill((ids >= E).unsqueeze(-1), 0)``.
+    All are identities on a router's output; the same ops with a threshold below E are not, and
+    are kept."""
     while True:
-        if is_op(node, "clamp") and arg(node, 1, "min") == 0:
+        if is_op(node, "clamp") and arg(node, 1, "min") == 0 and _at_least(arg(node, 2, "max"), num_experts - 1):
             node = node.args[0]
-        elif is_op(node, "masked_fill") and is_op(node.args[1], "ge") and arg(node, 2, "value") == 0:
+        elif is_op(node, "masked_fill") and _is_sentinel_mask(node.args[1], num_experts) and arg(node, 2, "value") == 0:
             node = node.args[0]
         else:
             return node
 
 
-def _flat_source(node: fx.Node, what: str) -> fx.Node:
+def _is_sentinel_mask(mask: fx.Node, num_experts: int) -> bool:
+    """``ids >= c`` (optionally unsqueezed) with c >= E: false for every id a router produces."""
+    while is_op(mask, "unsqueeze"):
+        mask = mask.args[0]
+    return is_op(mask, "ge") and _at_least(mask.args[1], num_experts)
+
+
+def _at_least(value, bound: int) -> bool:
+    number = int_value(value)
+    return number is not None and number >= bound
+
+
+def _sentinel_chain(node: fx.Node, stripped: fx.Node) -> set[fx.Node]:
+    """The guard nodes ``_strip_sentinel_handling`` looked through from ``node`` to ``stripped``."""
+    chain = set()
+    while node is not stripped:
+        chain.add(node)
+        mask = node.args[1] if is_op(node, "masked_fill") else None
+        while isinstance(mask, fx.Node) and is_op(mask, "unsqueeze", "ge"):
+            chain.add(mask)
+            mask = mask.args[0]
+        node = node.args[0]
+    return chain
+
+
+def _flat_source(node: fx.Node, what: str, num_experts: int) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
-    node = _strip_sentinel_handling(node)
+    node = _strip_sentinel_handling(node, num_experts)
     _expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
     src = node.args[0]
     _expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
@@ -209,7 +236,8 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         sort = perm.args[0]
         _expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
         flat_ids = sort.args[0]
-        topk_ids = _flat_source(flat_ids, "sorted expert ids")
+        e = fake(up.weight).shape[0]
+        topk_ids = _flat_source(flat_ids, "sorted expert ids", e)
         row_ids = next((u for u in sort.users if is_op(u, "getitem") and u.args[1] == 0), None)
         _expect(row_ids is not None, "sorted expert ids are unused")
         t, kk = fake(topk_ids).shape
@@ -218,7 +246,6 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         # offsets = cumsum(histc(sorted_ids, bins=E, min=0, max=E-1), int32)
         _expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
         hist = offs.args[0]
-        e = fake(up.weight).shape[0]
         if is_op(hist, "histc"):
             _expect(strip_casts(hist.args[0]) is row_ids, "histogram is not over the sorted expert ids")
             bins, lo, hi = (arg(hist, 1, "bins"), arg(hist, 2, "min", 0), arg(hist, 3, "max", 0))
@@ -229,9 +256,10 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         def is_sorted_weights(n):
             return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
 
-        weighted, y_post = _weighting(down_mm, is_sorted_weights, "down projection")
+        weighted, masked_y = _weighting(down_mm, is_sorted_weights, "down projection")
+        y_post = _strip_sentinel_handling(masked_y, e)
         ws_sorted = next(a for a in weighted.args if is_op(a, "unsqueeze")).args[0]
-        topk_weights = _flat_source(ws_sorted.args[0], "router weights")
+        topk_weights = _flat_source(ws_sorted.args[0], "router weights", e)
         _expect(len(weighted.users) == 1, "weighted rows have several users")
         unperm = next(iter(weighted.users))
         _expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
@@ -242,7 +270,8 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         output = _sum_over_topk(unperm, t, kk, fake(down_mm).shape[1])
         nodes = {flat_ids, sort, perm, row_ids, index, x_sel, offs, hist, up_mm, down_mm, weighted,
                  ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
-                 next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0]}
+                 next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0],
+                 *_sentinel_chain(masked_y, y_post)}
         nodes |= {n for n in (hist.args[0], up_mm.args[0], up_mm.args[1], down_mm.args[0], down_mm.args[1]) if isinstance(n, fx.Node) and not is_graph_input(n)}
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
@@ -289,7 +318,8 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         _expect(down_layout == layout, "gate_up and down weights use different layouts")
         up = ExpertProjection(weight=w_gather.args[0], layout=layout)
         down = ExpertProjection(weight=down_gather.args[0], layout=down_layout)
-        topk_ids = _flat_source(ids, "gathered expert ids")
+        e = fake(up.weight).shape[0]
+        topk_ids = _flat_source(ids, "gathered expert ids", e)
         t, k = fake(topk_ids).shape
         x_rep = strip_casts(x_unsq.args[0])
         _expect(is_op(x_rep, "repeat_interleave"), "bmm input is not hidden.repeat_interleave(K)")
@@ -301,15 +331,16 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         down_in = down_unsq.args[0]
 
         def is_flat_weights(n):
-            n = _strip_sentinel_handling(n)
+            n = _strip_sentinel_handling(n, e)
             return is_op(n, "reshape", "view") and fake(n) is not None and fake(n).dim() == 1 and n is not ids
 
-        weighted, y_post = _weighting(down_out, is_flat_weights, "down projection")
+        weighted, masked_y = _weighting(down_out, is_flat_weights, "down projection")
+        y_post = _strip_sentinel_handling(masked_y, e)
         ws = next(a for a in weighted.args if is_op(a, "unsqueeze"))
-        topk_weights = _flat_source(ws.args[0], "router weights")
+        topk_weights = _flat_source(ws.args[0], "router weights", e)
         output = _sum_over_topk(weighted, t, k, fake(down_out).shape[1])
         nodes = {ids, w_gather, x_unsq, x_rep, up_bmm, up_out, down_gather, down_unsq, down_bmm, down_out,
-                 weighted, ws, ws.args[0], output, *output.all_input_nodes}
+                 weighted, ws, ws.args[0], output, *output.all_input_nodes, *_sentinel_chain(masked_y, y_post)}
         if x_unsq.args[0] is not x_rep:
             nodes.add(x_unsq.args[0])
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=ids,

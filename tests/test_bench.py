@@ -1,0 +1,36 @@
+"""moe_fx.bench's arithmetic and report (the timing itself needs a GPU: see the README)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_fx import bench
+
+H100 = bench.Hardware(hbm_bytes_per_s=3.35e12, bf16_flops_per_s=989e12)
+
+
+def test_roofline_is_weight_bound_at_decode_and_flop_bound_at_prefill():
+    mixtral = bench.SHAPES["mixtral"]
+    # 2 experts hit by one token: 2 * 3*4096*14336 bf16 weights + the router.
+    weight_bytes = 2 * 3 * 4096 * 14336 * 2 + 4096 * 8 * 2
+    assert H100.roofline_us(mixtral, 1, 2) == pytest.approx(1e6 * weight_bytes / 3.35e12)
+    flops = 2 * 8192 * 2 * 3 * 4096 * 14336 + 2 * 8192 * 4096 * 8
+    assert H100.roofline_us(mixtral, 8192, 8) == pytest.approx(1e6 * flops / 989e12)
+
+
+def test_table_ratios_use_the_fastest_of_each_side():
+    times = {"hf_eager": 900.0, "hf_batched_mm": None, "hf_grouped_mm": 300.0, "hf_grouped_mm_cudagraphs": 120.0,
+             "moe_fx": 250.0, "moe_fx_cudagraphs": 100.0}
+    row = bench.Row(shape=bench.SHAPES["qwen3"], tokens=16, routing="random", touched_experts=86,
+                    busiest_share=0.05, roofline_us=50.0, times_us=times)
+    line = bench.table([row]).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-3:] == ["3.00", "1.20", "0.50"]  # 300/100, 120/100, 50/100
+    assert cells[6] == "-"  # batched_mm skipped
+
+
+def test_needs_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "qwen3"])
+    assert "needs a CUDA device" in capsys.readouterr().err
