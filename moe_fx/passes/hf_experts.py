@@ -88,6 +88,13 @@ def _sentinel_chain(node: fx.Node, stripped: fx.Node) -> set[fx.Node]:
     return chain
 
 
+def _router_experts(weight: fx.Node) -> int:
+    """E as the router sees it: the weight's leading size, or the full count when the weight holds
+    only this rank's block (moe_fx.shard_experts)."""
+    shard = expert_shard_of(weight)
+    return shard.num_experts if shard is not None else fake(weight).shape[0]
+
+
 def _flat_source(node: fx.Node, what: str, num_experts: int) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
     node = _strip_sentinel_handling(node, num_experts)
@@ -236,8 +243,9 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         sort = perm.args[0]
         _expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
         flat_ids = sort.args[0]
-        e = fake(up.weight).shape[0]
-        topk_ids = _flat_source(flat_ids, "sorted expert ids", e)
+        e = fake(up.weight).shape[0]  # weight groups: the local block when sharded
+        e_ids = _router_experts(up.weight)  # the router's id range, what the sentinel guards compare with
+        topk_ids = _flat_source(flat_ids, "sorted expert ids", e_ids)
         row_ids = next((u for u in sort.users if is_op(u, "getitem") and u.args[1] == 0), None)
         _expect(row_ids is not None, "sorted expert ids are unused")
         t, kk = fake(topk_ids).shape
@@ -257,9 +265,9 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
             return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
 
         weighted, masked_y = _weighting(down_mm, is_sorted_weights, "down projection")
-        y_post = _strip_sentinel_handling(masked_y, e)
+        y_post = _strip_sentinel_handling(masked_y, e_ids)
         ws_sorted = next(a for a in weighted.args if is_op(a, "unsqueeze")).args[0]
-        topk_weights = _flat_source(ws_sorted.args[0], "router weights", e)
+        topk_weights = _flat_source(ws_sorted.args[0], "router weights", e_ids)
         _expect(len(weighted.users) == 1, "weighted rows have several users")
         unperm = next(iter(weighted.users))
         _expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
@@ -318,7 +326,7 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         _expect(down_layout == layout, "gate_up and down weights use different layouts")
         up = ExpertProjection(weight=w_gather.args[0], layout=layout)
         down = ExpertProjection(weight=down_gather.args[0], layout=down_layout)
-        e = fake(up.weight).shape[0]
+        e = _router_experts(up.weight)
         topk_ids = _flat_source(ids, "gathered expert ids", e)
         t, k = fake(topk_ids).shape
         x_rep = strip_casts(x_unsq.args[0])
