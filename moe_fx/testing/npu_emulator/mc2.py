@@ -102,7 +102,7 @@ def _dispatch(op, x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert
     # Every rank's tokens, routing and mask, rank-major: entry g = (src*BS + t)*K + k.
     x_all = all_gather_rows(x, group)
     ids_all = all_gather_rows(expert_ids.to(torch.int64), group).reshape(-1)
-    active_all = all_gather_rows(mask, group).repeat_interleave(k)
+    active_all = all_gather_rows(mask.to(torch.uint8), group).bool().repeat_interleave(k)
     owner = torch.where(active_all, ids_all // local, -1)
     mine = (owner == ep_rank_id).nonzero().squeeze(1)
     local_ids, order = torch.sort(ids_all[mine] - ep_rank_id * local, stable=True)
