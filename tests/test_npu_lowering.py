@@ -44,6 +44,15 @@ def test_npu_models_match_eager_ep2(key):
     _assert_matches_eager(_run(2, key, MODELS_EP2[key]), MODELS_EP2[key])
 
 
+def test_npu_local_ep1_matches_eager():
+    """No process group: init_routing_v2 over every expert, grouped matmuls, unpermute."""
+    from tests.npu_jobs import npu_model_case
+
+    res = npu_model_case(key="mixtral", dtype="float32", lowerings=("auto",))["auto"]
+    assert res["strategies"] == ["local"] and within(res, "float32"), res
+    assert "npu.npu_moe_init_routing_v2" in res["rendering"] and "npu.npu_swiglu" in res["rendering"]
+
+
 def test_npu_qwen3_matches_eager_ep4():
     _assert_matches_eager(_run(4, "qwen3_moe", "float32"), "float32")
 

@@ -130,7 +130,7 @@ class NpuLocalLowering(LocalLowering):
         """[N, H]: sum_k weight * out[row of (n, k)], foreign entries contributing 0.
 
         The unpermute kernel wants indices in range (vllm-ascend passes abs(row_idx) with the
-        foreign weights zeroed): -1 becomes row 0, whose weight is 0. Rows past the local total are
+        foreign weights zeroed): -1 becomes row 0, read with weight 0. Rows past the local total are
         undefined and 0 * NaN is NaN, so they are zeroed first (vllm-ascend PR #10579's NaN).
         With ep == 1 every entry has a row and every row is routed: nothing to mask."""
         if self.plan.ep_size == 1:
