@@ -64,6 +64,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
 
         patches = list_mode_options(config.inner_mode) if config.inner_mode else None
         return compile_fx(gm, example_inputs, config_patches=patches)
+    if name == "torchair":
+        from moe_fx.torchair_backend import torchair_compile
+
+        return torchair_compile(gm, example_inputs)
     if name == "moe_fx":
         raise ValueError("moe_fx.config.inner_backend cannot be 'moe_fx' itself")
     return torch._dynamo.lookup_backend(name)(gm, example_inputs)

@@ -19,8 +19,8 @@ from torch.utils._config_module import Config, install_config_module
 #               chosen by "auto" yet
 lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 
-# Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", or any name known
-# to torch._dynamo.list_backends().
+# Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", "torchair" (Ascend:
+# torchair.get_npu_backend with npu.compiler_config), or any name known to torch._dynamo.list_backends().
 inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="inductor")
 
 # What the ranks' inputs to an MoE block hold:
@@ -59,5 +59,20 @@ auto_allgather_ep_per_topk: float = 1.0
 
 # Rewrite with ep == 1 too (one sorted grouped matmul instead of the traced experts code).
 rewrite_without_ep: bool = True
+
+
+
+# The Ascend (torch_npu) lowering, moe_fx/lowering/npu/ and the README's Ascend section.
+class npu:
+    # Emit torch_npu ops even when the graph's tensors are not on an "npu" device (tests: on CPU
+    # against moe_fx.testing.npu_emulator). Blocks on "npu" tensors always get the Ascend lowering.
+    force: bool = False
+    # Ascend SoC family for "auto" and the MC2 limits: "A2" (910B) or "A3" (910_93). None: ask torch_npu.
+    soc: Optional[str] = None
+    # MC2 ops: "auto" (npu_moe_distribute_dispatch_v2/combine_v2 when torch_npu has them, else v1), "v2", "v1".
+    mc2_version: str = "auto"
+    # torchair.CompilerConfig for inner_backend="torchair"; None: torchair.CompilerConfig().
+    compiler_config: Optional[object] = None
+
 
 install_config_module(sys.modules[__name__])

@@ -91,9 +91,17 @@ class LocalLowering:
     """ep == 1: one sort by expert, grouped matmuls, one unsort. No communication."""
 
     strategy = Strategy.LOCAL
+    # How the rewrite places the stages: False, one graph call per stage (run as Python); True,
+    # the stages' ops traced into the graph (moe_fx/lowering/npu/base.py says what that asks).
+    inline_stages = False
 
     def __init__(self, plan: EPPlan):
         self.plan = plan
+
+    @property
+    def render_name(self) -> str:
+        """The strategy's name in render_region's output."""
+        return self.strategy.value
 
     def __repr__(self) -> str:
         p = self.plan

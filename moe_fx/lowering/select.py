@@ -34,12 +34,19 @@ class LoweringChoice:
     reason: str
 
 
-def choose_lowering(*, block: str, ep_size: int, top_k: int) -> LoweringChoice:
+def choose_lowering(*, block: str, ep_size: int, top_k: int, device_type: str = "cpu", num_experts: int = 0,
+                    hidden_size: int = 0) -> LoweringChoice:
     forced, source = _requested(block)
     if ep_size == 1:
         choice = LoweringChoice(strategy=Strategy.LOCAL, reason="ep=1: no expert-parallel group")
     elif forced != "auto":
         choice = LoweringChoice(strategy=Strategy(forced), reason=f"forced by {source}")
+    elif device_type == "npu":  # Ascend hook: vllm-ascend's rules, moe_fx/lowering/npu/select.py
+        from moe_fx.lowering.npu.select import choose_npu_strategy, npu_soc
+
+        strategy, reason = choose_npu_strategy(soc=npu_soc(), ep_size=ep_size, num_experts=num_experts, top_k=top_k,
+                                               hidden_size=hidden_size, max_tokens_per_rank=config.max_tokens_per_rank)
+        choice = LoweringChoice(strategy=strategy, reason=reason)
     else:
         choice = _auto(ep_size=ep_size, top_k=top_k)
     log.debug("moe_fx: block %s -> %s (%s)", block, choice.strategy.value, choice.reason)

@@ -18,10 +18,13 @@ from moe_fx.lowering.base import Dispatched, LocalLowering
 class ReplicatedTokens:
     """Wraps a strategy: prepare = this rank's slice, finalize = gather every rank's slice."""
 
+    inline_stages = False
+
     def __init__(self, inner: LocalLowering):
         self.inner = inner
         self.plan = inner.plan
         self.strategy = inner.strategy
+        self.render_name = inner.render_name
 
     def __repr__(self) -> str:
         return f"replicated({self.inner!r})"

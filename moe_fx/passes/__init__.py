@@ -8,15 +8,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, choose_lowering
+from moe_fx.lowering import LOWERINGS, EPPlan, LocalLowering, LoweringChoice, choose_lowering
+from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.find import find_moe_regions
-from moe_fx.passes.graph_utils import expert_shard_of, module_path
+from moe_fx.passes.graph_utils import expert_shard_of, fake, module_path
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import render_region, rewrite_region
 
@@ -48,7 +50,9 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     for region in regions:
         plan = EPPlan.for_block(region.block, region.num_experts)
         _check_shard(region, plan)
-        choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k)
+        choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k,
+                                 device_type="npu" if is_npu_target(_device(region)) else _device(region).type,
+                                 num_experts=region.num_experts, hidden_size=region.hidden_size)
         report.blocks.append(BlockDecision(region=region, plan=plan, choice=choice))
     return report
 
@@ -62,7 +66,7 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     for decision in analysis.blocks:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
-        lowering = LOWERINGS[decision.choice.strategy](decision.plan)
+        lowering = _make_lowering(decision)
         if decision.plan.ep_size > 1 and _token_layout() == "replicated":
             lowering = ReplicatedTokens(lowering)
         region_nodes = rewrite_region(gm.graph, decision.region, lowering)
@@ -106,6 +110,18 @@ def _check_sharded_params_rewritten(graph: fx.Graph, report: PassReport, new_nod
             f"(moe_fx.shard_experts), but moe_fx did not rewrite the code that reads it ({reasons}). "
             "Without the rewrite it would index experts this rank does not hold; load the full model instead."
         )
+
+
+def _device(region: MoERegion) -> torch.device:
+    return fake(region.hidden).device
+
+
+def _make_lowering(decision: BlockDecision) -> LocalLowering:
+    region, strategy = decision.region, decision.choice.strategy
+    if is_npu_target(_device(region)):
+        shape = BlockShape(top_k=region.top_k, hidden_size=region.hidden_size, dtype=region.dtype)
+        return make_npu_lowering(strategy, decision.plan, shape, _device(region))
+    return LOWERINGS[strategy](decision.plan)
 
 
 def _token_layout() -> str:

@@ -30,6 +30,7 @@ class RowFn:
     row_ids: fx.Node
     nodes: tuple[fx.Node, ...]
     label: str  # human-readable summary, e.g. "silu(gate) * up"
+    plain_swiglu: bool = False  # silu(x[:, :N/2]) * x[:, N/2:] and nothing else: a fused kernel may replace it
 
     def replay(
         self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, block_row_ids: fx.Node | None = None

@@ -28,49 +28,97 @@ import operator
 import torch
 import torch.fx as fx
 
+from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import LocalLowering
 from moe_fx.lowering.experts import expert_matmul
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.graph_utils import module_path, op_name
 from moe_fx.passes.rowwise import mutates as _mutates
-from moe_fx.passes.region import MoERegion
+from moe_fx.passes.region import MoERegion, RowFn
 
 
 def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> list[fx.Node]:
     """Rewrite ``region`` in place; returns the new nodes in order."""
     first_new = region.output.prev
     with graph.inserting_before(region.output):
-        dispatched = graph.call_function(
-            lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
-        )
-        tokens = graph.call_function(getattr, (dispatched, "tokens"))
-        offsets = graph.call_function(getattr, (dispatched, "offsets"))
-        row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
-
-        # Sharded parameters already are this rank's block: no slicing, and biases are indexed by
-        # the expert id relative to the block (row_expert stays global).
-        block_ids = None
-        if region.shard is not None:
-            block_ids = graph.call_function(operator.sub, (row_expert, region.shard.start))
-
-        def project(x: fx.Node, projection) -> fx.Node:
-            weight = projection.weight
-            if region.shard is None:
-                weight = graph.call_function(lowering.local_weights, (weight,))
-            return graph.call_function(
-                expert_matmul, (x, weight, offsets), {"layout": projection.layout}
+        if region.shard is not None and lowering.inline_stages:
+            raise UnsupportedMoEError(
+                f"MoE block {region.block!r}: weights sharded by moe_fx.shard_experts are not supported "
+                "by the Ascend (NPU) lowering yet; load the full model"
             )
-
-        h = project(tokens, region.up)
-        a = region.activation.replay(graph, h, row_expert, block_ids)
-        y = project(a, region.down)
-        if region.post is not None:
-            y = region.post.replay(graph, y, row_expert, block_ids)
-        out = graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
+        emit = _emit_traced if lowering.inline_stages else _emit_calls
+        out = emit(graph, region, lowering)
     region.output.replace_all_uses_with(out)
     new_nodes = _nodes_between(first_new, region.output)
     _erase_dead(region.nodes | {region.output})
     return new_nodes
+
+
+def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> fx.Node:
+    """Each stage is one call of the lowering's method, run as Python when the graph runs."""
+    dispatched = graph.call_function(
+        lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
+    )
+    tokens = graph.call_function(getattr, (dispatched, "tokens"))
+    offsets = graph.call_function(getattr, (dispatched, "offsets"))
+    row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
+
+    # Sharded parameters already are this rank's block: no slicing, and biases are indexed by
+    # the expert id relative to the block (row_expert stays global).
+    block_ids = None
+    if region.shard is not None:
+        block_ids = graph.call_function(operator.sub, (row_expert, region.shard.start))
+
+    def project(x: fx.Node, projection) -> fx.Node:
+        weight = projection.weight
+        if region.shard is None:
+            weight = graph.call_function(lowering.local_weights, (weight,))
+        return graph.call_function(
+            expert_matmul, (x, weight, offsets), {"layout": projection.layout}
+        )
+
+    h = project(tokens, region.up)
+    a = region.activation.replay(graph, h, row_expert, block_ids)
+    y = project(a, region.down)
+    if region.post is not None:
+        y = region.post.replay(graph, y, row_expert, block_ids)
+    return graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
+
+
+def _emit_traced(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> fx.Node:
+    """The stages' own ops traced into the graph (the Ascend lowering: torch.ops.npu calls), with
+    the lowering's grouped matmul, and its fused SwiGLU when the traced activation is plain SwiGLU.
+
+    After::
+
+        dispatched = <strategy>.dispatch(hidden, topk_ids, topk_weights)     # traced ops
+        h = <strategy>.expert_matmul(dispatched.tokens, W_up, dispatched)
+        a = <strategy>.swiglu(h)   or   <the traced activation, replayed on h>
+        y = <strategy>.expert_matmul(a, W_down, dispatched)
+        out = <strategy>.combine(y, dispatched, topk_weights)
+    """
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+
+    def proxy(node: fx.Node) -> fx.Proxy:
+        return fx.Proxy(node, tracer)
+
+    dispatched = lowering.dispatch(proxy(region.hidden), proxy(region.topk_ids), proxy(region.topk_weights))
+    row_expert: list[fx.Node] = []  # computed once, and only when a replayed piece reads it
+
+    def replay(fn: RowFn, x: fx.Proxy) -> fx.Proxy:
+        if not row_expert and any(u in fn.nodes for u in fn.row_ids.users):
+            row_expert.append(lowering.row_expert(dispatched).node)
+        return proxy(fn.replay(graph, x.node, row_expert[0] if row_expert else fn.row_ids))
+
+    def project(x: fx.Proxy, projection) -> fx.Proxy:
+        return lowering.expert_matmul(x, proxy(projection.weight), dispatched, layout=projection.layout)
+
+    h = project(dispatched.tokens, region.up)
+    a = lowering.swiglu(h) if region.activation.plain_swiglu else replay(region.activation, h)
+    y = project(a, region.down)
+    if region.post is not None:
+        y = replay(region.post, y)
+    return lowering.combine(y, dispatched, proxy(region.topk_weights)).node
 
 
 def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
@@ -112,7 +160,7 @@ def render_region(region: MoERegion, lowering: LocalLowering, new_nodes: list[fx
         region.topk_ids: "topk_ids",
         region.topk_weights: "topk_weights",
     }
-    strategy = lowering.strategy.value
+    strategy = lowering.render_name
     lines = []
     for i, node in enumerate(new_nodes):
         names[node] = f"v{i}"

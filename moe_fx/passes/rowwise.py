@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, is_expert_gather, is_graph_input, is_op, op_name
+from moe_fx.passes.graph_utils import arg, fake, is_expert_gather, is_graph_input, is_op, op_name, strip_casts
 from moe_fx.passes.region import NoMatch, RowFn
 
 # Row-independent whatever their arguments (scalars and broadcasts only touch columns).
@@ -154,5 +154,23 @@ def extract_row_fn(
                 lambda node=node, outside=outside: f"{part}: {node.name} is also used by {outside[0].name}, outside the experts",
             )
     return RowFn(
-        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered)
+        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered),
+        plain_swiglu=_is_plain_swiglu(start, strip_casts(end), ordered),
     )
+
+
+def _is_plain_swiglu(start: fx.Node, end: fx.Node, nodes: list[fx.Node]) -> bool:
+    """``a, b = x.chunk(2, -1); silu(a) * b`` and dtype-preserving casts, nothing else: what a
+    fused SwiGLU kernel (torch_npu's npu_swiglu) computes."""
+    if not is_op(end, "mul") or len(end.args) != 2 or fake(end) is None or fake(start) is None:
+        return False
+    gate_act, up = end.args if is_op(end.args[0], "silu") else end.args[::-1]
+    if not is_op(gate_act, "silu") or not all(is_op(n, "getitem") for n in (gate_act.args[0], up)):
+        return False
+    gate = gate_act.args[0]
+    split = gate.args[0]
+    halves = is_op(split, "chunk") and split.args[0] is start and arg(split, 1, "chunks") == 2
+    last_dim = arg(split, 2, "dim", 0) in (-1, fake(start).dim() - 1)
+    casts_only = all(n in (split, gate, up, gate_act, end) or strip_casts(n) is end for n in nodes)
+    return (halves and last_dim and up.args[0] is split and (gate.args[1], up.args[1]) == (0, 1)
+            and casts_only and fake(nodes[-1]).dtype == fake(start).dtype)

@@ -6,4 +6,6 @@ and a training step stays expert-parallel. One module per strategy; importing th
 registers them all.
 """
 
-from moe_fx.runtime import all2allv, allgather, gather, grouped_mm, mc2, unsort  # noqa: F401  (registers torch.ops.moe_fx.*)
+from moe_fx.runtime import (  # noqa: F401  (registers torch.ops.moe_fx.*)
+    all2allv, allgather, gather, grouped_mm, mc2, row_collectives, unsort,
+)

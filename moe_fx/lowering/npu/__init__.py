@@ -1,0 +1,43 @@
+"""The Ascend lowering: the same strategies, emitted as torch_npu ops (torch.ops.npu.*).
+
+Chosen for a block whose tensors are on an "npu" device, or everywhere with
+``moe_fx.config.npu.force`` (tests run it on CPU against moe_fx.testing.npu_emulator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_fx import config
+from moe_fx.errors import UnsupportedMoEError
+from moe_fx.lowering.base import EPPlan, Strategy
+from moe_fx.lowering.npu.all2allv import NpuAll2AllVLowering
+from moe_fx.lowering.npu.allgather import NpuAllGatherLowering
+from moe_fx.lowering.npu.base import BlockShape, NpuLocalLowering
+from moe_fx.lowering.npu.mc2 import NpuMc2Lowering
+from moe_fx.lowering.npu.select import choose_npu_strategy, npu_soc
+
+NPU_LOWERINGS: dict[Strategy, type[NpuLocalLowering]] = {
+    Strategy.LOCAL: NpuLocalLowering,
+    Strategy.ALLGATHER: NpuAllGatherLowering,
+    Strategy.ALL2ALLV: NpuAll2AllVLowering,
+    Strategy.MC2: NpuMc2Lowering,
+}
+
+
+def is_npu_target(device: torch.device) -> bool:
+    return device.type == "npu" or bool(config.npu.force)
+
+
+def make_npu_lowering(strategy: Strategy, plan: EPPlan, shape: BlockShape, device: torch.device) -> NpuLocalLowering:
+    if config.tokens != "per_rank":
+        raise UnsupportedMoEError(
+            f"MoE block {plan.block!r}: the Ascend lowering supports tokens='per_rank' only, "
+            f"not moe_fx.config.tokens={config.tokens!r}"
+        )
+    if strategy is Strategy.MC2:
+        return NpuMc2Lowering(plan, shape, soc=npu_soc(), device=device)
+    return NPU_LOWERINGS[strategy](plan, shape)
+
+
+__all__ = ["BlockShape", "NPU_LOWERINGS", "choose_npu_strategy", "is_npu_target", "make_npu_lowering", "npu_soc"]
