@@ -231,3 +231,32 @@ def replicated_case(*, rank: int = 0, world_size: int = 1, num_tokens: int, lowe
         )
         results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
     return results
+
+
+def token_sweep_case(*, rank: int = 0, world_size: int = 1, sweep: tuple[int, ...], capacity: int,
+                     inner: str = "aot_eager") -> dict:
+    """torch.compile(dynamic=True) of a top-1 MoE (ep > top_k and no token bound: "auto" emits the
+    mc2|all2allv switch), fed max(1, t - rank) tokens for each t of ``sweep``. Per call: the
+    difference to eager and the branch that ran (counters["moe_fx"]["ran_*"])."""
+    from torch._dynamo.utils import counters
+
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=1, dtype="float32")
+    gen = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(max(1, t - rank), 16, generator=gen) for t in sweep]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+    zero_foreign_experts(model, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    steps = []
+    with moe_fx.config.patch(inner_backend=inner, auto_mc2_max_tokens=capacity), moe_fx.recording() as graphs, \
+            torch.no_grad():
+        compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True, dynamic=True)
+        for x, ref in zip(inputs, refs):
+            before = {k: counters["moe_fx"][k] for k in ("ran_mc2", "ran_all2allv")}
+            diff = (compiled(x) - ref).abs().max().item()
+            ran = [k.removeprefix("ran_") for k, n in before.items() if counters["moe_fx"][k] > n]
+            steps.append({"tokens": x.shape[0], "ran": ran, "diff": diff})
+    return {"steps": steps, "graphs": len(graphs), "unique_graphs": counters["stats"]["unique_graphs"],
+            "blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
+            "reason": graphs[0].report.blocks[0].choice.reason}

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering import LOWERINGS, EPPlan, LoweringChoice, choose_lowering
+from moe_fx.lowering import BlockFacts, EPPlan, LoweringChoice, build_lowering, choose_lowering
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -21,7 +21,7 @@ from moe_fx.passes.rewrite import render_region, rewrite_region
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockDecision", "PassReport", "analyze_graph", "moe_ep_pass"]
+__all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_ep_pass"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     report = PassReport(misses=misses)
     for region in regions:
         plan = EPPlan.for_block(region.block, region.num_experts)
-        choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k)
+        choice = choose_lowering(block_facts(region, plan))
         report.blocks.append(BlockDecision(region=region, plan=plan, choice=choice))
     return report
 
@@ -59,7 +59,7 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     for decision in analysis.blocks:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
-        lowering = LOWERINGS[decision.choice.strategy](decision.plan)
+        lowering = build_lowering(decision.plan, decision.choice)
         if decision.plan.ep_size > 1 and _token_layout() == "replicated":
             lowering = ReplicatedTokens(lowering)
         new_nodes = rewrite_region(gm.graph, decision.region, lowering)
@@ -74,6 +74,45 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         gm.graph.lint()
         gm.recompile()
     return report
+
+
+def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
+    """The rank-invariant facts the lowering choice reads for ``region``."""
+    device_type = region.hidden.meta["example_value"].device.type
+    bound, source = _token_bound(region, plan)
+    return BlockFacts(
+        block=region.block,
+        ep_size=plan.ep_size,
+        num_experts=region.num_experts,
+        top_k=region.top_k,
+        hidden_size=region.hidden_size,
+        dtype=region.dtype,
+        device_type=device_type,
+        soc=_soc_version(device_type),
+        token_bound=bound,
+        token_bound_source=source,
+    )
+
+
+def _token_bound(region: MoERegion, plan: EPPlan) -> tuple[int | None, str]:
+    """Most tokens any rank feeds the block's dispatch, if known on every rank alike: the configured
+    bound, or ceil(T/ep) for replicated tokens with a static T (every rank holds the same T)."""
+    bound, source = config.max_tokens_per_rank, "config.max_tokens_per_rank"
+    tokens = region.num_tokens
+    if plan.ep_size > 1 and _token_layout() == "replicated" and isinstance(tokens, int):
+        per_rank = -(-tokens // plan.ep_size)
+        if bound is None or per_rank < bound:
+            bound, source = per_rank, f"tokens='replicated': ceil({tokens}/{plan.ep_size})"
+    return bound, source
+
+
+def _soc_version(device_type: str) -> str | None:
+    """The Ascend SoC version (A2, A3 and A5 take different rules); None on other devices."""
+    if device_type != "npu":
+        return None
+    import torch_npu
+
+    return str(torch_npu.npu.get_soc_version())
 
 
 def _token_layout() -> str:

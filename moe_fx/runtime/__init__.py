@@ -6,4 +6,4 @@ and a training step stays expert-parallel. One module per strategy; importing th
 registers them all.
 """
 
-from moe_fx.runtime import all2allv, allgather, gather, grouped_mm, mc2  # noqa: F401  (registers torch.ops.moe_fx.*)
+from moe_fx.runtime import all2allv, allgather, gather, grouped_mm, mc2, switch  # noqa: F401  (registers torch.ops.moe_fx.*)
