@@ -29,6 +29,10 @@ inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="in
 #   "replicated" every rank the same tokens (tensor parallel): each computes a slice, all gather
 tokens: str = "per_rank"
 
+# With tokens="replicated": name of the c10d group whose ranks hold the same tokens (tensor
+# parallel; ``pg.group_name``). None: the EP group. Tokens are split over it, experts over ep_group.
+tp_group: Optional[str] = None
+
 # Per-block strategy, before `lowering`: {fnmatch pattern over the experts' module path: strategy},
 # e.g. {"model.layers.0.*": "all2allv"}. The first matching pattern wins.
 lowering_overrides: dict = {}

@@ -20,9 +20,10 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def zero_foreign_experts(model: torch.nn.Module, num_experts: int) -> int:
-    """Zero every expert weight this rank does not own; returns how many tensors were touched."""
-    rank, world = rank_and_size()
+def zero_foreign_experts(model: torch.nn.Module, num_experts: int, ep: tuple[int, int] | None = None) -> int:
+    """Zero every expert weight this rank does not own (``ep`` = (EP rank, EP size), default: the
+    world); returns how many tensors were touched."""
+    rank, world = ep or rank_and_size()
     per_rank = num_experts // world
     touched = 0
     with torch.no_grad():
@@ -260,3 +261,29 @@ def token_sweep_case(*, rank: int = 0, world_size: int = 1, sweep: tuple[int, ..
     return {"steps": steps, "graphs": len(graphs), "unique_graphs": counters["stats"]["unique_graphs"],
             "blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
             "reason": graphs[0].report.blocks[0].choice.reason}
+
+
+def tp_ep_case(*, rank: int = 0, world_size: int = 4, experts_over: str, lowerings: tuple[str, ...],
+               num_tokens: int = 7) -> dict:
+    """4 ranks, tokens replicated within the TP pairs {0, 1} and {2, 3} (each pair its own tokens),
+    experts split over all 4 ranks (``experts_over="world"``) or over the EP pairs {0, 2} and {1, 3}
+    (``"pairs"``). Each rank must get eager's output on its pair's tokens."""
+    tp_pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ep_pairs = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    try:
+        tp = tp_pairs[rank // 2]
+        ep_group, ep = (None, (rank, 4)) if experts_over == "world" else (ep_pairs[rank % 2].group_name, (rank // 2, 2))
+        model = build_tiny("mixtral")
+        ids = make_input_ids(num_tokens + rank // 2, seed=7 + rank // 2)  # the same within a TP pair
+        with torch.no_grad():
+            ref = model(ids).logits.float()
+        zero_foreign_experts(model, 8, ep)
+        patch = {"tokens": "replicated", "tp_group": tp.group_name, "ep_group": ep_group, "max_tokens_per_rank": 16}
+        results = {}
+        for lowering in lowerings:
+            out, blocks, misses = _compile_and_run(model, (ids,), lowering=lowering, inner="eager", config_patch=patch)
+            results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
+        return results
+    finally:
+        for group in tp_pairs + ep_pairs:
+            dist.destroy_process_group(group)

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import BlockFacts, EPPlan, LoweringChoice, build_lowering, choose_lowering
-from moe_fx.lowering.token_layout import ReplicatedTokens
+from moe_fx.lowering.token_layout import ReplicatedTokens, token_group
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import render_region, rewrite_region
@@ -96,13 +96,14 @@ def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
 
 def _token_bound(region: MoERegion, plan: EPPlan) -> tuple[int | None, str]:
     """Most tokens any rank feeds the block's dispatch, if known on every rank alike: the configured
-    bound, or ceil(T/ep) for replicated tokens with a static T (every rank holds the same T)."""
+    bound, or ceil(T/tp) for replicated tokens with a static T (every rank holds the same T)."""
     bound, source = config.max_tokens_per_rank, "config.max_tokens_per_rank"
     tokens = region.num_tokens
     if plan.ep_size > 1 and _token_layout() == "replicated" and isinstance(tokens, int):
-        per_rank = -(-tokens // plan.ep_size)
+        tp = token_group(plan).size
+        per_rank = -(-tokens // tp)
         if bound is None or per_rank < bound:
-            bound, source = per_rank, f"tokens='replicated': ceil({tokens}/{plan.ep_size})"
+            bound, source = per_rank, f"tokens='replicated': ceil({tokens}/{tp})"
     return bound, source
 
 
@@ -118,6 +119,9 @@ def _soc_version(device_type: str) -> str | None:
 def _token_layout() -> str:
     if config.tokens not in ("per_rank", "replicated"):
         raise ValueError(f"moe_fx.config.tokens={config.tokens!r} is not one of ['per_rank', 'replicated']")
+    if config.tp_group is not None and config.tokens != "replicated":
+        raise ValueError(f"moe_fx.config.tp_group={config.tp_group!r} names the ranks that hold the same tokens; "
+                         "it needs moe_fx.config.tokens='replicated'")
     return config.tokens
 
 
