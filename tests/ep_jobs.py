@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 import moe_fx
 from tests.moe_modules import BatchedMoE, GroupedMoE
@@ -158,6 +159,7 @@ def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int 
 
     ref_x, ref = grads(model, model)
     torch._dynamo.reset()
+    counters.clear()
     settings = {"lowering": lowering, "inner_backend": "aot_eager", **(config_patch or {})}
     with moe_fx.config.patch(**settings), moe_fx.recording() as graphs:
         compiled = torch.compile(twin, backend=moe_fx.backend, fullgraph=True)
@@ -166,6 +168,8 @@ def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int 
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     out = {"blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
            "x": (got_x - ref_x).abs().max().item()}
+    if lowering == "mc2|all2allv":  # which branch the run-time switch took
+        out["ran"] = sorted(k.removeprefix("ran_") for k, n in counters["moe_fx"].items() if k.startswith("ran_") and n)
     for name, g_ref in ref.items():
         if g_ref.shape[0] == num_experts and not name.startswith("router"):
             summed = g_ref.clone()

@@ -21,3 +21,15 @@ def test_sweep_follows_the_largest_token_count(rank_pool, ep):
             # rank 0 holds the most tokens (t): the ranks agree on it, whatever their own count
             assert step["ran"] == ["mc2" if t <= CAPACITY else "all2allv"], (rank, t, step)
             assert step["diff"] <= 1e-5, (rank, t, step)
+
+
+@pytest.mark.parametrize("capacity,branch", [(16, "mc2"), (4, "all2allv")])
+def test_switch_backward(rank_pool, capacity, branch):
+    """Gradients through each branch (ranks hold 6 and 9 tokens) equal eager's."""
+    results = rank_pool(2).run("tests.ep_jobs:grad_case", lowering="mc2|all2allv",
+                               config_patch={"auto_mc2_max_tokens": capacity})
+    for rank, res in enumerate(results):
+        assert res.pop("blocks") == ["mc2|all2allv"]
+        assert res.pop("ran") == [branch], rank
+        for name, diff in res.items():
+            assert diff <= 1e-5, f"rank {rank}: gradient of {name} off by {diff:.3g}"
