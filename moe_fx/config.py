@@ -15,7 +15,7 @@ from torch.utils._config_module import Config, install_config_module
 #   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
 #   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no split-size exchange)
 #   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
-#   "mc2"       static-capacity dispatch/combine, no host sync (needs max_tokens_per_rank)
+#   "mc2"       static-capacity dispatch/combine, no host sync (needs a token bound: see max_tokens_per_rank)
 #   "mc2|all2allv" a run-time switch: mc2 while the largest rank's token count is at most
 #               auto_mc2_max_tokens, else all2allv (one all-reduce of the token count per block)
 lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
