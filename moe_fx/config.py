@@ -15,8 +15,9 @@ from torch.utils._config_module import Config, install_config_module
 #   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
 #   "allgather" all-gather tokens + routing, compute local experts, reduce-scatter (no split-size exchange)
 #   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
-#   "mc2"       static-capacity dispatch/combine, no host sync (needs max_tokens_per_rank); never
-#               chosen by "auto" yet
+#   "mc2"       static-capacity dispatch/combine, no host sync (needs a token bound: see max_tokens_per_rank)
+#   "mc2|all2allv" a run-time switch: mc2 while the largest rank's token count is at most
+#               auto_mc2_max_tokens, else all2allv (one all-reduce of the token count per block)
 lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 
 # Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", "torchair" (Ascend:
@@ -27,6 +28,10 @@ inner_backend: str = Config(env_name_default="MOE_FX_INNER_BACKEND", default="in
 #   "per_rank"   every rank its own tokens (data parallel)
 #   "replicated" every rank the same tokens (tensor parallel): each computes a slice, all gather
 tokens: str = "per_rank"
+
+# With tokens="replicated": name of the c10d group whose ranks hold the same tokens (tensor
+# parallel; ``pg.group_name``). None: the EP group. Tokens are split over it, experts over ep_group.
+tp_group: Optional[str] = None
 
 # Per-block strategy, before `lowering`: {fnmatch pattern over the experts' module path: strategy},
 # e.g. {"model.layers.0.*": "all2allv"}. The first matching pattern wins.
@@ -51,11 +56,16 @@ on_unmatched: str = Config(env_name_default="MOE_FX_ON_UNMATCHED", default="warn
 max_tokens_per_rank: Optional[int] = None
 
 # "auto" thresholds. AllGather moves ep*T rows and exchanges no split sizes; All2AllV moves about T*K
-# rows after a device-to-host sync of the split sizes.
-# Pick AllGather when max_tokens_per_rank is known and at most this (latency-bound sizes):
-auto_allgather_max_tokens: int = 256
+# rows after a device-to-host sync of the split sizes; MC2 moves ep*C*K rows (C its capacity), no sync.
+# Pick MC2 when every rank is known to feed at most this many tokens (max_tokens_per_rank, or
+# tokens="replicated" with a static count); it is also the capacity of the run-time switch:
+auto_mc2_max_tokens: int = 256
 # Otherwise pick AllGather while ep <= top_k * this factor (its volume is not yet larger):
 auto_allgather_ep_per_topk: float = 1.0
+
+# With no known token bound (and ep > top_k * auto_allgather_ep_per_topk), let "auto" emit the
+# run-time switch "mc2|all2allv" rather than always all2allv.
+auto_runtime_switch: bool = True
 
 # Rewrite with ep == 1 too (one sorted grouped matmul instead of the traced experts code).
 rewrite_without_ep: bool = True

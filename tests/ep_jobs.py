@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 import moe_fx
 from tests.moe_modules import BatchedMoE, GroupedMoE
@@ -20,9 +21,10 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def zero_foreign_experts(model: torch.nn.Module, num_experts: int) -> int:
-    """Zero every expert weight this rank does not own; returns how many tensors were touched."""
-    rank, world = rank_and_size()
+def zero_foreign_experts(model: torch.nn.Module, num_experts: int, ep: tuple[int, int] | None = None) -> int:
+    """Zero every expert weight this rank does not own (``ep`` = (EP rank, EP size), default: the
+    world); returns how many tensors were touched."""
+    rank, world = ep or rank_and_size()
     per_rank = num_experts // world
     touched = 0
     with torch.no_grad():
@@ -157,6 +159,7 @@ def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int 
 
     ref_x, ref = grads(model, model)
     torch._dynamo.reset()
+    counters.clear()
     settings = {"lowering": lowering, "inner_backend": "aot_eager", **(config_patch or {})}
     with moe_fx.config.patch(**settings), moe_fx.recording() as graphs:
         compiled = torch.compile(twin, backend=moe_fx.backend, fullgraph=True)
@@ -165,6 +168,8 @@ def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int 
     local = slice(rank * per_rank, (rank + 1) * per_rank)
     out = {"blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
            "x": (got_x - ref_x).abs().max().item()}
+    if lowering == "mc2|all2allv":  # which branch the run-time switch took
+        out["ran"] = sorted(k.removeprefix("ran_") for k, n in counters["moe_fx"].items() if k.startswith("ran_") and n)
     for name, g_ref in ref.items():
         if g_ref.shape[0] == num_experts and not name.startswith("router"):
             summed = g_ref.clone()
@@ -231,3 +236,58 @@ def replicated_case(*, rank: int = 0, world_size: int = 1, num_tokens: int, lowe
         )
         results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
     return results
+
+
+def token_sweep_case(*, rank: int = 0, world_size: int = 1, sweep: tuple[int, ...], capacity: int,
+                     inner: str = "aot_eager") -> dict:
+    """torch.compile(dynamic=True) of a top-1 MoE (ep > top_k and no token bound: "auto" emits the
+    mc2|all2allv switch), fed max(1, t - rank) tokens for each t of ``sweep``. Per call: the
+    difference to eager and the branch that ran (counters["moe_fx"]["ran_*"])."""
+    from torch._dynamo.utils import counters
+
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=1, dtype="float32")
+    gen = torch.Generator().manual_seed(rank)
+    inputs = [torch.randn(max(1, t - rank), 16, generator=gen) for t in sweep]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+    zero_foreign_experts(model, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    steps = []
+    with moe_fx.config.patch(inner_backend=inner, auto_mc2_max_tokens=capacity), moe_fx.recording() as graphs, \
+            torch.no_grad():
+        compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True, dynamic=True)
+        for x, ref in zip(inputs, refs):
+            before = {k: counters["moe_fx"][k] for k in ("ran_mc2", "ran_all2allv")}
+            diff = (compiled(x) - ref).abs().max().item()
+            ran = [k.removeprefix("ran_") for k, n in before.items() if counters["moe_fx"][k] > n]
+            steps.append({"tokens": x.shape[0], "ran": ran, "diff": diff})
+    return {"steps": steps, "graphs": len(graphs), "unique_graphs": counters["stats"]["unique_graphs"],
+            "blocks": [b.choice.strategy.value for g in graphs for b in g.report.blocks],
+            "reason": graphs[0].report.blocks[0].choice.reason}
+
+
+def tp_ep_case(*, rank: int = 0, world_size: int = 4, experts_over: str, lowerings: tuple[str, ...],
+               num_tokens: int = 7) -> dict:
+    """4 ranks, tokens replicated within the TP pairs {0, 1} and {2, 3} (each pair its own tokens),
+    experts split over all 4 ranks (``experts_over="world"``) or over the EP pairs {0, 2} and {1, 3}
+    (``"pairs"``). Each rank must get eager's output on its pair's tokens."""
+    tp_pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    ep_pairs = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    try:
+        tp = tp_pairs[rank // 2]
+        ep_group, ep = (None, (rank, 4)) if experts_over == "world" else (ep_pairs[rank % 2].group_name, (rank // 2, 2))
+        model = build_tiny("mixtral")
+        ids = make_input_ids(num_tokens + rank // 2, seed=7 + rank // 2)  # the same within a TP pair
+        with torch.no_grad():
+            ref = model(ids).logits.float()
+        zero_foreign_experts(model, 8, ep)
+        patch = {"tokens": "replicated", "tp_group": tp.group_name, "ep_group": ep_group, "max_tokens_per_rank": 16}
+        results = {}
+        for lowering in lowerings:
+            out, blocks, misses = _compile_and_run(model, (ids,), lowering=lowering, inner="eager", config_patch=patch)
+            results[lowering] = {**_diff(out, ref), "blocks": blocks, "misses": misses}
+        return results
+    finally:
+        for group in tp_pairs + ep_pairs:
+            dist.destroy_process_group(group)

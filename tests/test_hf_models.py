@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ep_jobs import hf_model_case
+from tests.ep_jobs import TOKENS_PER_RANK, hf_model_case
 from tests.tiny_models import MODEL_KEYS
 from tests.tolerances import within
 
@@ -45,13 +45,16 @@ def test_ep1_matches_eager(key, impl, dtype):
 @pytest.mark.parametrize("ep", (2, 4))
 def test_ep_matches_eager(rank_pool, ep, key, impl, dtype):
     # ep=2 goes through AOTAutograd (the custom ops' fake implementations); ep=4 runs the
-    # rewritten graph directly to keep the 4-process matrix affordable on 2 cores.
+    # rewritten graph directly to keep the 4-process matrix affordable on 2 cores. MC2 runs at
+    # ep=4 only (test_mc2.py runs it at ep=2 through AOTAutograd and inductor on three models).
     inner = "aot_eager" if ep == 2 else "eager"
+    lowerings = EP_LOWERINGS + (("mc2",) if ep == 4 else ())
     results = rank_pool(ep).run(
-        "tests.ep_jobs:hf_model_case", key=key, impl=impl, dtype=dtype, lowerings=EP_LOWERINGS, inner=inner
+        "tests.ep_jobs:hf_model_case", key=key, impl=impl, dtype=dtype, lowerings=lowerings, inner=inner,
+        config_patch={"max_tokens_per_rank": max(TOKENS_PER_RANK)},  # mc2's capacity; unused by the others
     )
     assert all(r["touched"] >= 2 for r in results), "foreign experts were not zeroed"
-    _check(results, dtype, EP_LOWERINGS)
+    _check(results, dtype, lowerings)
 
 
 @pytest.mark.parametrize(

@@ -102,10 +102,16 @@ def test_auto_on_npu_follows_vllm_ascend(soc, ep, experts, hidden, tokens, expec
 
 
 def test_select_hook_uses_the_npu_rules():
-    with moe_fx.config.patch({"npu.soc": "A3", "max_tokens_per_rank": 16}):
-        choice = choose_lowering(block="b", ep_size=2, top_k=2, device_type="npu", num_experts=8, hidden_size=64)
-        assert choice.strategy is Strategy.ALL2ALLV and "hidden size 64 not in 1024..8192 on A3" in choice.reason
-        assert choose_lowering(block="b", ep_size=2, top_k=2).strategy is Strategy.ALLGATHER  # cpu: unchanged
+    import dataclasses
+
+    from moe_fx.lowering.select import BlockFacts
+
+    facts = BlockFacts(block="b", ep_size=2, num_experts=8, top_k=2, hidden_size=64, dtype=torch.float32,
+                       device_type="npu", soc="A3", token_bound=16)
+    choice = choose_lowering(facts)
+    assert choice.strategy is Strategy.ALL2ALLV and "hidden size 64 not in 1024..8192 on A3" in choice.reason
+    # The same block on CPU follows the generic rule (ep <= top_k: allgather).
+    assert choose_lowering(dataclasses.replace(facts, device_type="cpu", soc=None)).strategy is not Strategy.ALL2ALLV
 
 
 def test_torchair_without_torch_npu_is_a_clear_error():

@@ -18,3 +18,14 @@ def test_replicated_tokens_match_eager(rank_pool, ep, num_tokens):
             r = res[lowering]
             assert [s for _, s in r["blocks"]] == [lowering] and not r["misses"]
             assert within(r, "float32"), f"rank {rank} {lowering}: max |diff| {r['diff']:.3g}"
+
+
+@pytest.mark.parametrize("experts_over", ("world", "pairs"))
+def test_separate_tp_and_ep_groups(rank_pool, experts_over):
+    """4 ranks as 2 TP pairs; experts over all 4 ranks, or over 2 EP pairs across the TP pairs."""
+    for rank, res in enumerate(rank_pool(4).run("tests.ep_jobs:tp_ep_case", experts_over=experts_over,
+                                                  lowerings=LOWERINGS)):
+        for lowering in LOWERINGS:
+            r = res[lowering]
+            assert [s for _, s in r["blocks"]] == [lowering] and not r["misses"]
+            assert within(r, "float32"), f"rank {rank} {lowering}: max |diff| {r['diff']:.3g}"

@@ -33,6 +33,7 @@ class Strategy(enum.Enum):
     ALLGATHER = "allgather"
     ALL2ALLV = "all2allv"
     MC2 = "mc2"
+    TOKEN_SWITCH = "mc2|all2allv"  # decided on every call from the largest rank's token count
 
 
 @dataclass(frozen=True, kw_only=True)

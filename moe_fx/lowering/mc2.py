@@ -1,7 +1,7 @@
 """MC2 lowering off Ascend: one statically shaped dispatch and combine with no host sync.
 
-Every rank sends every rank a buffer of C*K rows (C = ``config.max_tokens_per_rank``, the same on
-every rank), with the routed rows packed at the front and the rest marked as padding. Shapes never
+Every rank sends every rank a buffer of C*K rows (C = the capacity the lowering choice gives it:
+``config.max_tokens_per_rank``, or ceil(T/ep) for static replicated tokens; the same on every rank), with the routed rows packed at the front and the rest marked as padding. Shapes never
 depend on the routing, so the path can be captured in a CUDA graph; the price is padding traffic,
 which is why it suits few tokens per rank (decode). Router weights are applied on the sending
 rank, in the traced order, as with All2AllV.
@@ -31,16 +31,15 @@ class Mc2Dispatched(Dispatched):
 class Mc2Lowering(LocalLowering):
     strategy = Strategy.MC2
 
-    def __init__(self, plan: EPPlan):
+    def __init__(self, plan: EPPlan, *, capacity_tokens: int | None):
         super().__init__(plan)
-        bound = config.max_tokens_per_rank
-        if bound is None or bound < 1:
+        if capacity_tokens is None or capacity_tokens < 1:
             raise UnsupportedMoEError(
                 f"MoE block {plan.block!r}: lowering='mc2' sizes its buffers from a token bound, and "
-                f"moe_fx.config.max_tokens_per_rank is {bound!r}. Set it to the largest number of tokens "
-                "any rank feeds this block (the same value on every rank)."
+                f"moe_fx.config.max_tokens_per_rank is {config.max_tokens_per_rank!r}. Set it to the largest "
+                "number of tokens any rank feeds this block (the same value on every rank)."
             )
-        self.capacity_tokens = bound
+        self.capacity_tokens = capacity_tokens
 
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
         p = self.plan

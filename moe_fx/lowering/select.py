@@ -1,26 +1,33 @@
 """Choosing the lowering for one MoE block.
 
-The rule ("auto"), in order:
+``choose_lowering(facts)`` reads one ``BlockFacts`` record and returns the strategy and the reason
+explain() prints. ``config.lowering_overrides`` forces a strategy per block
+(``{"model.layers.0.*": "all2allv"}``: fnmatch patterns over the experts' module path, first match
+wins), before ``config.lowering``. Otherwise "auto" applies the rule of the block's device type
+(``DEVICE_RULES``, e.g. "npu"), or the generic rule, in order:
 
-| condition                                              | strategy  | why                                    |
-|--------------------------------------------------------|-----------|----------------------------------------|
-| ep == 1                                                | local     | nothing to communicate                 |
-| config.max_tokens_per_rank <= auto_allgather_max_tokens| allgather | latency-bound: no split-size exchange  |
-| ep <= top_k * auto_allgather_ep_per_topk               | allgather | gathers no more rows than all-to-all   |
-| otherwise                                              | all2allv  | least traffic for large token counts   |
+| condition                                               | strategy     | why                                 |
+|---------------------------------------------------------|--------------|-------------------------------------|
+| ep == 1                                                 | local        | nothing to communicate              |
+| token bound known and <= auto_mc2_max_tokens            | mc2          | fixed shapes: no host sync, CUDA-graph capturable |
+| ep <= top_k * auto_allgather_ep_per_topk                | allgather    | moves no more rows than all-to-all, at any token count |
+| token bound unknown (and auto_runtime_switch)           | mc2|all2allv | decided per call from the largest rank's count |
+| otherwise                                               | all2allv     | least traffic for large token counts |
 
-``config.lowering_overrides`` forces a strategy per block: ``{"model.layers.0.*": "all2allv"}``
-(fnmatch patterns over the experts' module path, first match wins), before ``config.lowering``.
-
-Only values that are equal on every rank decide (ep, top-k, the configured token bound): the
-local token count differs between ranks, and ranks that chose differently would deadlock.
+Only values that are equal on every rank decide (ep, top-k, the token bound, config): each rank
+compiles its own graph, and ranks that chose differently would issue mismatched collectives and
+deadlock. The local token count, and whether it is symbolic, differ between ranks, so neither
+decides; the run-time switch agrees on the largest count with one all-reduce instead.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from moe_fx import config
 from moe_fx.lowering.base import Strategy
@@ -29,27 +36,47 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlockFacts:
+    """What the choice may read for one MoE block; every field is the same on every rank."""
+
+    block: str  # module path of the experts, for overrides and messages
+    ep_size: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    dtype: torch.dtype  # expert weight dtype
+    device_type: str  # of the block's hidden states: "cpu", "cuda", "npu", ...
+    soc: str | None  # the accelerator's SoC version where rules depend on it (Ascend); else None
+    token_bound: int | None  # most tokens any rank feeds the block's dispatch; None: unknown
+    token_bound_source: str = ""  # where token_bound comes from, for the reason
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.ep_size
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoweringChoice:
     strategy: Strategy
     reason: str
+    capacity_tokens: int | None = None  # mc2: its buffer size in tokens; mc2|all2allv: the switch point
 
 
-def choose_lowering(*, block: str, ep_size: int, top_k: int, device_type: str = "cpu", num_experts: int = 0,
-                    hidden_size: int = 0) -> LoweringChoice:
-    forced, source = _requested(block)
-    if ep_size == 1:
+# Device-specific "auto" rules, by device type. A device without an entry uses _generic_rule.
+DEVICE_RULES: dict[str, Callable[[BlockFacts], LoweringChoice]] = {}
+
+
+def choose_lowering(facts: BlockFacts) -> LoweringChoice:
+    forced, source = _requested(facts.block)
+    if facts.ep_size == 1:
         choice = LoweringChoice(strategy=Strategy.LOCAL, reason="ep=1: no expert-parallel group")
     elif forced != "auto":
-        choice = LoweringChoice(strategy=Strategy(forced), reason=f"forced by {source}")
-    elif device_type == "npu":  # Ascend hook: vllm-ascend's rules, moe_fx/lowering/npu/select.py
-        from moe_fx.lowering.npu.select import choose_npu_strategy, npu_soc
-
-        strategy, reason = choose_npu_strategy(soc=npu_soc(), ep_size=ep_size, num_experts=num_experts, top_k=top_k,
-                                               hidden_size=hidden_size, max_tokens_per_rank=config.max_tokens_per_rank)
-        choice = LoweringChoice(strategy=strategy, reason=reason)
+        strategy = Strategy(forced)
+        choice = LoweringChoice(strategy=strategy, reason=f"forced by {source}",
+                                capacity_tokens=_forced_capacity(strategy, facts))
     else:
-        choice = _auto(ep_size=ep_size, top_k=top_k)
-    log.debug("moe_fx: block %s -> %s (%s)", block, choice.strategy.value, choice.reason)
+        choice = DEVICE_RULES.get(facts.device_type, _generic_rule)(facts)
+    log.debug("moe_fx: block %s -> %s (%s)", facts.block, choice.strategy.value, choice.reason)
     return choice
 
 
@@ -67,23 +94,40 @@ def _requested(block: str) -> tuple[str, str]:
     return requested, source
 
 
-def _auto(*, ep_size: int, top_k: int) -> LoweringChoice:
-    bound = config.max_tokens_per_rank
-    if bound is not None and bound <= config.auto_allgather_max_tokens:
+def _forced_capacity(strategy: Strategy, facts: BlockFacts) -> int | None:
+    if strategy is Strategy.MC2:
+        return facts.token_bound  # None: Mc2Lowering raises and says what to set
+    if strategy is Strategy.TOKEN_SWITCH:
+        return config.auto_mc2_max_tokens
+    return None
+
+
+def _generic_rule(f: BlockFacts) -> LoweringChoice:
+    small = config.auto_mc2_max_tokens
+    if f.token_bound is not None and f.token_bound <= small:
+        return LoweringChoice(
+            strategy=Strategy.MC2,
+            capacity_tokens=f.token_bound,
+            reason=f"auto: at most {f.token_bound} tokens per rank ({f.token_bound_source}) <= "
+            f"auto_mc2_max_tokens={small} (fixed-size buffers: no host sync, CUDA-graph capturable)",
+        )
+    factor = config.auto_allgather_ep_per_topk
+    limit = f.top_k * factor
+    if f.ep_size <= limit:
         return LoweringChoice(
             strategy=Strategy.ALLGATHER,
-            reason=f"auto: max_tokens_per_rank={bound} <= auto_allgather_max_tokens="
-            f"{config.auto_allgather_max_tokens} (latency-bound: no split-size exchange)",
+            reason=f"auto: ep={f.ep_size} <= top_k*{factor:g}={limit:g} (gathering all tokens moves no "
+            "more rows than the all-to-all)",
         )
-    limit = top_k * config.auto_allgather_ep_per_topk
-    if ep_size <= limit:
+    if f.token_bound is None and config.auto_runtime_switch:
         return LoweringChoice(
-            strategy=Strategy.ALLGATHER,
-            reason=f"auto: ep={ep_size} <= top_k*{config.auto_allgather_ep_per_topk:g}={limit:g} "
-            "(gathering all tokens moves no more rows than the all-to-all)",
+            strategy=Strategy.TOKEN_SWITCH,
+            capacity_tokens=small,
+            reason=f"auto: ep={f.ep_size} > top_k*{factor:g}={limit:g} and no token bound: per call, mc2 while "
+            f"the largest rank's token count (one all-reduce) <= auto_mc2_max_tokens={small}, else all2allv",
         )
+    bound = "no token bound" if f.token_bound is None else f"bound {f.token_bound} > auto_mc2_max_tokens={small}"
     return LoweringChoice(
         strategy=Strategy.ALL2ALLV,
-        reason=f"auto: ep={ep_size} > top_k*{config.auto_allgather_ep_per_topk:g}={limit:g} "
-        "(all-to-all moves fewer rows)",
+        reason=f"auto: ep={f.ep_size} > top_k*{factor:g}={limit:g}, {bound} (all-to-all moves fewer rows)",
     )

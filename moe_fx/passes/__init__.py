@@ -14,9 +14,9 @@ from torch._dynamo.utils import counters
 
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering import LOWERINGS, EPPlan, LocalLowering, LoweringChoice, choose_lowering
-from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering
-from moe_fx.lowering.token_layout import ReplicatedTokens
+from moe_fx.lowering import BlockFacts, EPPlan, LocalLowering, LoweringChoice, build_lowering, choose_lowering
+from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering, npu_soc
+from moe_fx.lowering.token_layout import ReplicatedTokens, token_group
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.graph_utils import expert_shard_of, fake, module_path
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -24,7 +24,7 @@ from moe_fx.passes.rewrite import render_region, rewrite_region
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockDecision", "PassReport", "analyze_graph", "moe_ep_pass"]
+__all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_ep_pass"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,9 +50,7 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     for region in regions:
         plan = EPPlan.for_block(region.block, region.num_experts)
         _check_shard(region, plan)
-        choice = choose_lowering(block=region.block, ep_size=plan.ep_size, top_k=region.top_k,
-                                 device_type="npu" if is_npu_target(_device(region)) else _device(region).type,
-                                 num_experts=region.num_experts, hidden_size=region.hidden_size)
+        choice = choose_lowering(block_facts(region, plan))
         report.blocks.append(BlockDecision(region=region, plan=plan, choice=choice))
     return report
 
@@ -121,12 +119,46 @@ def _make_lowering(decision: BlockDecision) -> LocalLowering:
     if is_npu_target(_device(region)):
         shape = BlockShape(top_k=region.top_k, hidden_size=region.hidden_size, dtype=region.dtype)
         return make_npu_lowering(strategy, decision.plan, shape, _device(region))
-    return LOWERINGS[strategy](decision.plan)
+    return build_lowering(decision.plan, decision.choice)
+
+
+def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
+    """The rank-invariant facts the lowering choice reads for ``region``."""
+    device_type = "npu" if is_npu_target(_device(region)) else _device(region).type
+    bound, source = _token_bound(region, plan)
+    return BlockFacts(
+        block=region.block,
+        ep_size=plan.ep_size,
+        num_experts=region.num_experts,
+        top_k=region.top_k,
+        hidden_size=region.hidden_size,
+        dtype=region.dtype,
+        device_type=device_type,
+        soc=npu_soc() if device_type == "npu" else None,
+        token_bound=bound,
+        token_bound_source=source,
+    )
+
+
+def _token_bound(region: MoERegion, plan: EPPlan) -> tuple[int | None, str]:
+    """Most tokens any rank feeds the block's dispatch, if known on every rank alike: the configured
+    bound, or ceil(T/tp) for replicated tokens with a static T (every rank holds the same T)."""
+    bound, source = config.max_tokens_per_rank, "config.max_tokens_per_rank"
+    tokens = region.num_tokens
+    if plan.ep_size > 1 and _token_layout() == "replicated" and isinstance(tokens, int):
+        tp = token_group(plan).size
+        per_rank = -(-tokens // tp)
+        if bound is None or per_rank < bound:
+            bound, source = per_rank, f"tokens='replicated': ceil({tokens}/{tp})"
+    return bound, source
 
 
 def _token_layout() -> str:
     if config.tokens not in ("per_rank", "replicated"):
         raise ValueError(f"moe_fx.config.tokens={config.tokens!r} is not one of ['per_rank', 'replicated']")
+    if config.tp_group is not None and config.tokens != "replicated":
+        raise ValueError(f"moe_fx.config.tp_group={config.tp_group!r} names the ranks that hold the same tokens; "
+                         "it needs moe_fx.config.tokens='replicated'")
     return config.tokens
 
 

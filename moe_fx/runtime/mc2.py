@@ -26,19 +26,30 @@ def _mc2_slots(topk_ids: torch.Tensor, num_experts: int, world: int, rows_per_ra
     return torch.empty_like(slots_sorted).index_copy_(0, order, slots_sorted)
 
 
-def _mc2_move(rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group) -> torch.Tensor:
-    """(t, k)-ordered rows -> the receiving ranks' expert-sorted rows (dispatch direction)."""
-    send = rows.new_zeros((recv_order.shape[0], *rows.shape[1:])).index_copy_(0, send_slot, rows)
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)  # equal splits: no host sync
+Splits = tuple[list[int], list[int]]  # (rows sent to each rank, rows received from each rank)
+
+
+def send_rows_to_experts(
+    rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group, splits: Splits | None = None
+) -> torch.Tensor:
+    """(t, k)-ordered rows -> the receiving ranks' expert-sorted rows (dispatch direction).
+    ``splits`` None: equal splits (MC2's fixed buffers), no host read."""
+    sent = recv_order.shape[0] if splits is None else sum(splits[0])
+    send = rows.new_zeros((sent, *rows.shape[1:])).index_copy_(0, send_slot, rows)
+    received = rows.new_empty((recv_order.shape[0], *rows.shape[1:]))
+    out_splits, in_splits = (None, None) if splits is None else (splits[1], splits[0])
+    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
     return received[recv_order]
 
 
-def _mc2_move_back(rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group) -> torch.Tensor:
+def return_rows_from_experts(
+    rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group, splits: Splits | None = None
+) -> torch.Tensor:
     """Expert-sorted rows -> (t, k)-ordered rows on the sending rank (combine direction)."""
     back = torch.empty_like(rows).index_copy_(0, recv_order, rows)
-    returned = torch.empty_like(back)
-    dist.all_to_all_single(returned, back, group=group)
+    returned = rows.new_empty((back.shape[0] if splits is None else sum(splits[0]), *rows.shape[1:]))
+    out_splits, in_splits = (None, None) if splits is None else (splits[0], splits[1])
+    dist.all_to_all_single(returned, back, out_splits, in_splits, group=group)
     return returned[send_slot]
 
 
@@ -62,7 +73,7 @@ def mc2_dispatch(
     sorted_ids, recv_order = torch.sort(sort_key, stable=True)
     local = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=x.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, local, right=True).to(torch.int32)
-    tokens = _mc2_move(x.repeat_interleave(k, dim=0), send_slot, recv_order, group)
+    tokens = send_rows_to_experts(x.repeat_interleave(k, dim=0), send_slot, recv_order, group)
     row_expert = sorted_ids.clamp(max=rank * per_rank + per_rank - 1)  # padding reads a valid bias
     return tokens, row_expert, offsets, send_slot, recv_order
 
@@ -85,7 +96,7 @@ def mc2_combine(
     y: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group_name: str
 ) -> torch.Tensor:
     """y [ep*C*K, H] expert-sorted -> [S, H] in (t, k) order on the rank that sent the rows."""
-    return _mc2_move_back(y, send_slot, recv_order, resolve_group(group_name))
+    return return_rows_from_experts(y, send_slot, recv_order, resolve_group(group_name))
 
 
 @mc2_combine.register_fake
@@ -98,7 +109,7 @@ def mc2_return_grad(
     grad_rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group_name: str
 ) -> torch.Tensor:
     """Gradient of mc2_combine: (t, k)-ordered row gradients back to the expert ranks."""
-    return _mc2_move(grad_rows, send_slot, recv_order, resolve_group(group_name))
+    return send_rows_to_experts(grad_rows, send_slot, recv_order, resolve_group(group_name))
 
 
 @mc2_return_grad.register_fake

@@ -16,6 +16,7 @@ from moe_fx.lowering.npu.allgather import NpuAllGatherLowering
 from moe_fx.lowering.npu.base import BlockShape, NpuLocalLowering
 from moe_fx.lowering.npu.mc2 import NpuMc2Lowering
 from moe_fx.lowering.npu.select import choose_npu_strategy, npu_soc
+from moe_fx.lowering.select import DEVICE_RULES, BlockFacts, LoweringChoice
 
 NPU_LOWERINGS: dict[Strategy, type[NpuLocalLowering]] = {
     Strategy.LOCAL: NpuLocalLowering,
@@ -35,9 +36,26 @@ def make_npu_lowering(strategy: Strategy, plan: EPPlan, shape: BlockShape, devic
             f"MoE block {plan.block!r}: the Ascend lowering supports tokens='per_rank' only, "
             f"not moe_fx.config.tokens={config.tokens!r}"
         )
+    if strategy not in NPU_LOWERINGS:
+        raise UnsupportedMoEError(
+            f"MoE block {plan.block!r}: lowering {strategy.value!r} has no Ascend form; use one of "
+            f"{sorted(s.value for s in NPU_LOWERINGS if s is not Strategy.LOCAL)}"
+        )
     if strategy is Strategy.MC2:
         return NpuMc2Lowering(plan, shape, soc=npu_soc(), device=device)
     return NPU_LOWERINGS[strategy](plan, shape)
 
 
 __all__ = ["BlockShape", "NPU_LOWERINGS", "choose_npu_strategy", "is_npu_target", "make_npu_lowering", "npu_soc"]
+
+
+def _npu_rule(facts: BlockFacts) -> LoweringChoice:
+    """"auto" for blocks on Ascend: vllm-ascend's rules (moe_fx/lowering/npu/select.py)."""
+    strategy, reason = choose_npu_strategy(soc=facts.soc, ep_size=facts.ep_size, num_experts=facts.num_experts,
+                                           top_k=facts.top_k, hidden_size=facts.hidden_size,
+                                           max_tokens_per_rank=facts.token_bound)
+    return LoweringChoice(strategy=strategy, reason=reason,
+                          capacity_tokens=facts.token_bound if strategy is Strategy.MC2 else None)
+
+
+DEVICE_RULES["npu"] = _npu_rule

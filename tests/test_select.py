@@ -1,0 +1,73 @@
+"""The lowering choice as a function of one BlockFacts record (no graph, no ranks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moe_fx
+from moe_fx.lowering import DEVICE_RULES, BlockFacts, LoweringChoice, Strategy, choose_lowering
+
+FACTS = BlockFacts(block="model.layers.0.mlp.experts", ep_size=4, num_experts=8, top_k=2, hidden_size=64,
+                   dtype=torch.bfloat16, device_type="cuda", soc=None, token_bound=None)
+
+
+def _choose(**changes) -> LoweringChoice:
+    return choose_lowering(dataclasses.replace(FACTS, **changes))
+
+
+@pytest.mark.parametrize(
+    "changes,strategy,capacity,reason",
+    [
+        ({"ep_size": 1}, "local", None, "ep=1"),
+        ({"token_bound": 16, "token_bound_source": "config.max_tokens_per_rank"}, "mc2", 16,
+         "at most 16 tokens per rank (config.max_tokens_per_rank) <= auto_mc2_max_tokens=256"),
+        ({"token_bound": 256}, "mc2", 256, "CUDA-graph capturable"),
+        ({"token_bound": 16, "ep_size": 2}, "mc2", 16, "no host sync"),  # a small bound beats allgather
+        ({"ep_size": 2}, "allgather", None, "ep=2 <= top_k*1=2"),
+        ({"token_bound": 4096, "ep_size": 2}, "allgather", None, "ep=2 <= top_k*1=2"),
+        ({}, "mc2|all2allv", 256, "no token bound: per call, mc2 while the largest rank's token count"),
+        ({"token_bound": 257}, "all2allv", None, "bound 257 > auto_mc2_max_tokens=256"),
+        ({"top_k": 8, "ep_size": 8, "num_experts": 64}, "allgather", None, "ep=8 <= top_k*1=8"),
+    ],
+)
+def test_auto_rule(changes, strategy, capacity, reason):
+    choice = _choose(**changes)
+    assert (choice.strategy.value, choice.capacity_tokens) == (strategy, capacity), choice
+    assert reason in choice.reason
+
+
+def test_thresholds_come_from_config():
+    with moe_fx.config.patch(auto_mc2_max_tokens=8):
+        assert _choose(token_bound=9).strategy is Strategy.ALL2ALLV
+        assert _choose().capacity_tokens == 8
+    with moe_fx.config.patch(auto_runtime_switch=False):
+        choice = _choose()
+        assert choice.strategy is Strategy.ALL2ALLV and "no token bound" in choice.reason
+    with moe_fx.config.patch(auto_allgather_ep_per_topk=2.0):
+        assert _choose().strategy is Strategy.ALLGATHER
+
+
+def test_forced_strategies_carry_their_capacity():
+    with moe_fx.config.patch(lowering="mc2"):
+        assert _choose(token_bound=12).capacity_tokens == 12
+        assert _choose().capacity_tokens is None  # Mc2Lowering then raises and names the setting
+    with moe_fx.config.patch(lowering="mc2|all2allv", auto_mc2_max_tokens=32):
+        choice = _choose(token_bound=4096)
+        assert (choice.strategy, choice.capacity_tokens, choice.reason) == (
+            Strategy.TOKEN_SWITCH, 32, "forced by config.lowering")
+
+
+def test_device_rules_take_over_their_device_only():
+    """The seam for device-specific rules (the Ascend rules register "npu")."""
+    DEVICE_RULES["npu"] = lambda f: LoweringChoice(strategy=Strategy.ALL2ALLV, reason=f"npu rule, soc {f.soc}")
+    try:
+        assert _choose(device_type="npu", soc="250").reason == "npu rule, soc 250"
+        assert _choose(device_type="npu", ep_size=1).strategy is Strategy.LOCAL
+        with moe_fx.config.patch(lowering="allgather"):
+            assert _choose(device_type="npu").strategy is Strategy.ALLGATHER
+        assert _choose().strategy is Strategy.TOKEN_SWITCH
+    finally:
+        del DEVICE_RULES["npu"]
