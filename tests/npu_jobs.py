@@ -21,7 +21,8 @@ def npu_model_case(*, rank: int = 0, world_size: int = 1, key: str, dtype: str, 
     from tests.tiny_models import build_tiny, make_input_ids
 
     npu_emulator.install()
-    torch.set_num_threads(1)
+    if world_size > 1:  # pool ranks share 2 cores; the pytest process keeps its threads
+        torch.set_num_threads(1)
     model = build_tiny(key, experts_implementation=impl, dtype=getattr(torch, dtype))
     ids = make_input_ids(ep_jobs.TOKENS_PER_RANK[rank], seed=100 + rank)
     with torch.no_grad():

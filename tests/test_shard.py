@@ -126,8 +126,10 @@ def test_load_sharded_ep1_rebuilds_each_layout(tmp_path, key):
     model.save_pretrained(tmp_path)
     loaded = moe_fx.load_sharded(str(tmp_path), experts_implementation="grouped_mm")
     ids = make_input_ids(6, seed=0)
-    with torch.no_grad():
-        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    want, got = model.state_dict(), loaded.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():  # equal weights may sit in other layouts: fp32 rounding may differ
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert not loaded.sharded and all(r.rows is None for r in loaded.reads)
     assert sum(r.nbytes for r in loaded.reads) == sum(t.nbytes for t in model.state_dict().values())
 
