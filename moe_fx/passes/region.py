@@ -27,10 +27,14 @@ class RowFn:
     row_ids: fx.Node
     nodes: tuple[fx.Node, ...]
     label: str  # human-readable summary, e.g. "silu(gate) * up"
+    side_inputs: tuple[fx.Node, ...] = ()  # further matmul outputs it reads (separate w1 / w3)
 
-    def replay(self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node) -> fx.Node:
+    def replay(
+        self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, new_side_inputs: tuple[fx.Node, ...] = ()
+    ) -> fx.Node:
         """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``."""
         env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
+        env.update(zip(self.side_inputs, new_side_inputs, strict=True))
         for node in self.nodes:
             env[node] = graph.node_copy(node, lambda n: env.get(n, n))
         return env.get(self.output, new_input)
@@ -38,15 +42,34 @@ class RowFn:
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertProjection:
-    """One per-expert weight: [E, N, K] ("out_in", nn.Linear style) or [E, K, N] ("in_out")."""
+    """One per-expert weight: [E, N, K] ("out_in", nn.Linear style) or [E, K, N] ("in_out").
 
-    weight: fx.Node
+    ``weight`` is one stacked parameter, or one 2-D parameter per expert (a ModuleList of
+    nn.Linear), which the lowering stacks for its local experts. ``bias`` likewise: [E, N] or
+    one [N] per expert; the rewrite adds ``bias[row_expert]`` to the matmul's rows.
+    """
+
+    weight: fx.Node | tuple[fx.Node, ...]
     layout: str
+    bias: fx.Node | tuple[fx.Node, ...] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.weight) if isinstance(self.weight, tuple) else self._shape()[0]
+
+    def _shape(self) -> tuple[int, ...]:
+        first = self.weight[0] if isinstance(self.weight, tuple) else self.weight
+        return tuple(first.meta["example_value"].shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        first = self.weight[0] if isinstance(self.weight, tuple) else self.weight
+        return first.meta["example_value"].dtype
 
     def features(self) -> tuple[int, int]:
         """(in, out) features."""
-        shape = self.weight.meta["example_value"].shape
-        return (shape[2], shape[1]) if self.layout == "out_in" else (shape[1], shape[2])
+        shape = self._shape()[-2:]
+        return (shape[1], shape[0]) if self.layout == "out_in" else (shape[0], shape[1])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +92,17 @@ class MoERegion:
     hidden_size: int
     intermediate_size: int
     dtype: torch.dtype  # expert weight dtype
+    # Further projections of the same dispatched rows that the activation reads (separate w1 and
+    # w3 instead of a fused gate_up), in the order of ``activation.side_inputs``.
+    side_up: tuple[ExpertProjection, ...] = ()
+    # The traced experts code accumulated into ``base`` (a shared expert's output): the rewrite
+    # returns ``base + combined``. None: it accumulated into zeros.
+    base: fx.Node | None = None
+    # Last node of the traced experts code when ``output`` is an accumulator updated in place
+    # (``out.index_add_`` in a loop): the rewrite goes after it and replaces only later uses.
+    last_update: fx.Node | None = None
+    # What dynamo must be told to capture this form as one graph (shown by explain()).
+    requires: str = ""
 
     @property
     def num_tokens(self):

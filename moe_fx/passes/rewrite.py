@@ -20,11 +20,13 @@ The dead traced experts code is erased; the router and everything else stay as t
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from moe_fx.lowering.base import LocalLowering
-from moe_fx.lowering.experts import expert_matmul
+from moe_fx.lowering.experts import add_expert_bias, expert_matmul
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.graph_utils import module_path, op_name
 from moe_fx.passes.rowwise import mutates as _mutates
@@ -33,8 +35,10 @@ from moe_fx.passes.region import MoERegion
 
 def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> list[fx.Node]:
     """Rewrite ``region`` in place; returns the new nodes in order."""
-    first_new = region.output.prev
-    with graph.inserting_before(region.output):
+    # An accumulator updated in place is replaced after its last update, the rest before the output.
+    insert_before = region.last_update.next if region.last_update is not None else region.output
+    first_new = insert_before.prev
+    with graph.inserting_before(insert_before):
         dispatched = graph.call_function(
             lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
         )
@@ -44,20 +48,45 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
 
         def project(x: fx.Node, projection) -> fx.Node:
             weight = graph.call_function(lowering.local_weights, (projection.weight,))
-            return graph.call_function(
+            rows = graph.call_function(
                 expert_matmul, (x, weight, offsets), {"layout": projection.layout}
             )
+            if projection.bias is None:
+                return rows
+            return graph.call_function(add_expert_bias, (rows, projection.bias, row_expert))
 
         h = project(tokens, region.up)
-        a = region.activation.replay(graph, h, row_expert)
+        sides = tuple(project(tokens, p) for p in region.side_up)
+        a = region.activation.replay(graph, h, row_expert, sides)
         y = project(a, region.down)
         if region.post is not None:
             y = region.post.replay(graph, y, row_expert)
         out = graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
-    region.output.replace_all_uses_with(out)
-    new_nodes = _nodes_between(first_new, region.output)
+        if region.base is not None:
+            out = graph.call_function(operator.add, (region.base, out))
+        dtype = _dtype(region.output)
+        if dtype is not None and dtype != _dtype_of_combine(region):
+            out = graph.call_method("to", (out, dtype))
+    new_nodes = _nodes_between(first_new, insert_before)
+    created = set(new_nodes)
+    region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
     _erase_dead(region.nodes | {region.output})
     return new_nodes
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("example_value")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _dtype_of_combine(region: MoERegion) -> torch.dtype | None:
+    """The dtype ``combine`` returns: expert rows (weight dtype) times router weights, promoted."""
+    weights = _dtype(region.topk_weights)
+    if weights is None:
+        return None
+    out = torch.promote_types(region.dtype, weights)
+    base = _dtype(region.base) if region.base is not None else None
+    return torch.promote_types(out, base) if base is not None else out
 
 
 def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
@@ -111,8 +140,8 @@ def _target_name(node: fx.Node, strategy: str) -> str:
     target = node.target
     if hasattr(getattr(target, "__self__", None), "strategy"):  # a lowering's bound method
         return f"{strategy}.{target.__name__}"
-    if target is expert_matmul:
-        return "expert_matmul"
+    if target in (expert_matmul, add_expert_bias):
+        return target.__name__
     return op_name(node)
 
 

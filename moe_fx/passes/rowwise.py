@@ -79,10 +79,10 @@ def _is_expert_gather(node: fx.Node, row_ids: fx.Node) -> bool:
     return is_op(node, "getitem") and node.args[1] is row_ids and is_graph_input(node.args[0])
 
 
-def _describe(nodes: list[fx.Node]) -> str:
+def _describe(nodes: list[fx.Node], two_inputs: bool = False) -> str:
     names = [op_name(n) for n in nodes]
     acts = sorted({n.rstrip("_") for n in names if n.rstrip("_") in _ACTIVATIONS})
-    gated = any(n in ("chunk", "split") for n in names) or any(
+    gated = two_inputs or any(n in ("chunk", "split") for n in names) or any(
         is_op(n, "getitem") and fake(n.args[0]) is not None for n in nodes
     )
     biased = any(is_op(n, "add_", "add") and any(is_op(a, "getitem") and is_graph_input(a.args[0]) for a in n.all_input_nodes) for n in nodes)
@@ -91,16 +91,20 @@ def _describe(nodes: list[fx.Node]) -> str:
 
 
 def extract_row_fn(
-    start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str
+    start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str,
+    side_starts: tuple[fx.Node, ...] = (),
 ) -> RowFn | NoMatch:
     """The row-wise nodes computing ``end`` from ``start`` (``end is start``: only in-place
-    updates), as read by ``consumer``: mutations of those values up to ``consumer`` count."""
+    updates), as read by ``consumer``: mutations of those values up to ``consumer`` count.
+    ``side_starts`` are further inputs of the same rows (a separate w3 matmul beside w1)."""
     graph_nodes = list(start.graph.nodes)
     position = {n: i for i, n in enumerate(graph_nodes)}
     stop = position[consumer]
+    starts = {start, *side_starts}
+    first = min(position[n] for n in starts)
     # Everything computed from `start` before `end`.
-    downstream = {start}
-    for node in graph_nodes[position[start] + 1 : stop]:
+    downstream = set(starts)
+    for node in graph_nodes[first + 1 : stop]:
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
     # Per-row values computed from the expert ids alone (transformers' EP sentinel masks).
@@ -117,7 +121,7 @@ def extract_row_fn(
         stack = [node]
         while stack:
             n = stack.pop()
-            if n in included or n is start:
+            if n in included or n in starts:
                 continue
             if n in downstream or n in from_rows or _is_expert_gather(n, row_ids):
                 included.add(n)
@@ -136,8 +140,8 @@ def extract_row_fn(
         if (miss := include(end)) is not None:
             return miss
     # In-place updates of included values (``out.add_(bias)``) are part of the computation.
-    for node in graph_nodes[position[start] + 1 : stop]:
-        if node not in included and mutates(node) and (node.args[0] in included or node.args[0] is start):
+    for node in graph_nodes[first + 1 : stop]:
+        if node not in included and mutates(node) and (node.args[0] in included or node.args[0] in starts):
             if (miss := include(node)) is not None:
                 return miss
 
@@ -159,5 +163,6 @@ def extract_row_fn(
                 lambda node=node, outside=outside: f"{part}: {node.name} is also used by {outside[0].name}, outside the experts",
             )
     return RowFn(
-        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered)
+        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered, bool(side_starts)),
+        side_inputs=tuple(side_starts),
     )

@@ -1,0 +1,122 @@
+"""Plain-PyTorch MoE modules in the other shapes MoE code takes (moe_fx/passes/expert_loop.py,
+titan_experts.py, weight_gather.py): static expert loops, torchtitan's grouped experts, gpt-fast's
+weight gather. Each takes an optional explicit routing (``route_ids``, ``route_weights``) like
+tests/moe_modules.py, and exposes ``num_experts`` and ``expert_parameters()`` (the per-expert
+tensors, for the "zero the experts this rank does not own" check).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.moe_modules import _Router
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu}
+
+
+class ExpertMLP(nn.Module):
+    """One expert: w2(act(w1 x) * w3 x) when gated, else w2(act(w1 x)); nn.Linear, optional bias."""
+
+    def __init__(self, hidden: int, intermediate: int, *, gated: bool, bias: bool, act: str):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=bias)
+        self.w2 = nn.Linear(intermediate, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, intermediate, bias=bias) if gated else None
+        self.act = _ACTS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.w3 is not None else h)
+
+
+class LoopMoE(nn.Module):
+    """The static ``for e in range(E)`` loop of Mixtral in transformers 4.x, mistral-inference and
+    research code.
+
+    experts: "modulelist" (an nn.ModuleList of ExpertMLP) or "params" (3-D w1/w3 [E, I, H], w2 [E, H, I]);
+    select: "one_hot" (``where(one_hot(ids, E).permute(2, 1, 0)[e])``) or "eq" (``where(ids == e)``);
+    accumulate: "index_add" (``out.index_add_``), "setitem" (``out[t] += ...``) or
+    "index_put" (``out.index_put_((t,), ..., accumulate=True)``);
+    shared: a shared expert whose output the routed experts are added into.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, experts: str = "modulelist",
+                 gated: bool = True, bias: bool = False, act: str = "silu", select: str = "one_hot",
+                 accumulate: str = "index_add", shared: bool = False, skew: float = 0.0):
+        super().__init__()
+        self.num_experts, self.select, self.accumulate, self.act = num_experts, select, accumulate, _ACTS[act]
+        self.router = _Router(hidden, num_experts, top_k, skew)
+        if experts == "modulelist":
+            self.experts = nn.ModuleList(
+                ExpertMLP(hidden, intermediate, gated=gated, bias=bias, act=act) for _ in range(num_experts)
+            )
+        else:
+            self.experts = None
+            self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+            self.w3 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5) if gated else None
+            self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+        self.shared = ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu") if shared else None
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        """Per expert, its tensors."""
+        if self.experts is not None:
+            return [list(e.parameters()) for e in self.experts]
+        params = [p for p in (self.w1, self.w3, self.w2) if p is not None]
+        return [[p[e] for p in params] for e in range(self.num_experts)]
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            return self.experts[e](x)
+        h = self.act(x @ self.w1[e].T)
+        if self.w3 is not None:
+            h = h * (x @ self.w3[e].T)
+        return h @ self.w2[e].T
+
+    def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
+        x_TH = x.reshape(-1, x.shape[-1])
+        ids_TK, w_TK = self.router(x_TH) if route_ids is None else (route_ids, route_weights)
+        w_TK = w_TK.to(x.dtype)
+        out = self.shared(x_TH) if self.shared is not None else torch.zeros_like(x_TH)
+        if self.select == "one_hot":
+            mask_EKT = F.one_hot(ids_TK, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            if self.select == "one_hot":
+                slot, tok = torch.where(mask_EKT[e])
+            else:
+                tok, slot = torch.where(ids_TK == e)
+            y = self._expert(e, x_TH[None, tok].reshape(-1, x_TH.shape[-1])) * w_TK[tok, slot, None]
+            if self.accumulate == "index_add":
+                out.index_add_(0, tok, y.to(x.dtype))
+            elif self.accumulate == "setitem":
+                out[tok] += y
+            else:
+                out.index_put_((tok,), y, accumulate=True)
+        return out.view_as(x)
+
+
+class BranchyLoopMoE(LoopMoE):
+    """Almost a static loop: it skips experts no token picked, a data-dependent Python branch."""
+
+    def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
+        ids_TK, w_TK = self.router(x)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            tok, slot = torch.where(ids_TK == e)
+            if tok.numel() == 0:
+                continue
+            out.index_add_(0, tok, self._expert(e, x[tok]) * w_TK[tok, slot, None])
+        return out
+
+
+class PartialLoopMoE(LoopMoE):
+    """Almost a static loop: the loop skips the last expert (its tokens would be lost)."""
+
+    def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
+        ids_TK, w_TK = self.router(x)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts - 1):
+            tok, slot = torch.where(ids_TK == e)
+            out.index_add_(0, tok, self._expert(e, x[tok]) * w_TK[tok, slot, None])
+        return out
