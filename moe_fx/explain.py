@@ -18,6 +18,13 @@ from moe_fx.passes import PassReport, analyze_graph
 
 _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "specialized integer", "unbacked")
 
+_DATA_DEPENDENT_BRANCH = ("Could not guard on data-dependent expression", "data-dependent branching")
+
+_FIX_BRANCH = (
+    "expert loop contains a data-dependent Python branch ({where}); every expert must run "
+    "unconditionally for the loop to be one graph (an expert with no tokens costs nothing): remove the branch"
+)
+
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
     "graph; for transformers models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
@@ -53,6 +60,7 @@ class ExplainReport:
     near_misses: list[NearMissRow] = field(default_factory=list)
     graph_count: int = 0
     graph_breaks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         header = ("block", "form", "E", "K", "H", "I", "dtype", "activation", "local experts", "lowering", "why")
@@ -70,6 +78,8 @@ class ExplainReport:
             lines.append(f"not rewritten: {miss.block} ({miss.form}): {miss.reason}")
         for reason in self.graph_breaks:
             lines.append(f"graph break: {reason}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
         return "\n".join(lines)
 
     __str__ = table
@@ -83,6 +93,8 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
         captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
+    if captured.graph_break_count > len(captured.break_reasons):
+        _add_silent_break(report, model_or_fn, args, kwargs, flags)
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph))
     for brk in captured.break_reasons:
@@ -94,9 +106,34 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     return report
 
 
+def _add_silent_break(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:
+    """Breaks on data-dependent guards (``if tok.numel() == 0``) restart the frame and are not in
+    dynamo's break reasons: capture once more with fullgraph=True to read the error."""
+    def ignore(gm, example_inputs):
+        return gm.forward
+
+    try:
+        with torch._dynamo.config.patch(**flags):
+            torch.compile(model_or_fn, backend=ignore, fullgraph=True)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (any capture error is what the report shows)
+        text = str(exc)
+        # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
+        caused = next((line.split("Caused by:", 1)[1] for line in text.splitlines() if "Caused by:" in line), "")
+        code, _, location = caused.partition("#")
+        location = location.split(" (")[0].strip().rsplit("/", 1)[-1] or "<unknown>"
+        report.graph_breaks.append(f"{location}: {type(exc).__name__}: {text.strip().splitlines()[0]}")
+        if any(marker in text for marker in _DATA_DEPENDENT_BRANCH):
+            report.near_misses.append(NearMissRow(block=location, form="graph break",
+                                                  reason=_FIX_BRANCH.format(where=code.strip() or "see the graph break")))
+    finally:
+        torch._dynamo.reset()
+
+
 def _add_graph(report: ExplainReport, analysis: PassReport) -> None:
     for decision in analysis.blocks:
         region, plan = decision.region, decision.plan
+        if region.requires:
+            report.notes.append(f"{region.block} ({region.form}) needs {region.requires}")
         local = plan.local_experts
         report.blocks.append(
             BlockRow(
