@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+import moe_fx
 from tests import form_modules
 from tests.ep_jobs import _compile_and_run, _diff, rank_and_size
 
@@ -49,7 +50,9 @@ def forms_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerin
         touched = zero_foreign_form_experts(model) if world_size > 1 else 0
         result = {"touched": touched}
         for lowering in lowerings:
-            got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner=inner)
-            result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses}
+            with moe_fx.recording() as graphs:
+                got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner=inner)
+            forms = [b.region.form for g in graphs for b in g.report.blocks]
+            result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses, "forms": forms}
         out.append(result)
     return out

@@ -120,3 +120,101 @@ class PartialLoopMoE(LoopMoE):
             tok, slot = torch.where(ids_TK == e)
             out.index_add_(0, tok, self._expert(e, x[tok]) * w_TK[tok, slot, None])
         return out
+
+
+class TitanMoE(nn.Module):
+    """torchtitan's GroupedExperts: stable argsort by expert, histc counts, gather, three
+    torch._grouped_mm (w1, w3, w2 [E, out, in]), scatter_add. ``score_before_experts`` scales
+    the routed rows instead of the expert outputs. bf16: what torch 2.13 compiles."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
+                 score_before_experts: bool = False, shared: bool = False, skew: float = 0.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.score_before_experts = num_experts, top_k, score_before_experts
+        self.router = _Router(hidden, num_experts, top_k, skew)
+        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+        self.shared = ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu") if shared else None
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        return [[self.w1[e], self.w2[e], self.w3[e]] for e in range(self.num_experts)]
+
+    def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
+        x_TH = x.reshape(-1, x.shape[-1])
+        ids_TK, scores_TK = self.router(x_TH) if route_ids is None else (route_ids, route_weights)
+        e, dim = self.num_experts, x_TH.shape[-1]
+        counts = torch.histc(ids_TK.view(-1).float(), bins=e, min=0, max=e)
+        order = torch.argsort(ids_TK.view(-1), stable=True)
+        scores_sorted = scores_TK.view(-1)[order]
+        token_idx = (order // self.top_k).reshape(-1, 1).expand(-1, dim)
+        routed_in = torch.gather(x_TH, dim=0, index=token_idx)
+        if self.score_before_experts:
+            routed_in = (routed_in.to(torch.float32) * scores_sorted.reshape(-1, 1)).to(x.dtype)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(routed_in.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offs))
+        h = h * torch._grouped_mm(routed_in.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offs)
+        rows = torch._grouped_mm(h, self.w2.bfloat16().transpose(-2, -1), offs=offs).type_as(x)
+        if not self.score_before_experts:
+            rows = (rows.to(torch.float32) * scores_sorted.reshape(-1, 1)).to(x.dtype)
+        out = self.shared(x_TH) if self.shared is not None else torch.zeros_like(x_TH)
+        return out.scatter_add(dim=0, index=token_idx, src=rows).view_as(x)
+
+
+class WeightGatherMoE(nn.Module):
+    """gpt-fast's MOEFeedForward: every token gathers its experts' weights, einsums do the rest."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, skew: float = 0.0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = _Router(hidden, num_experts, top_k, skew)
+        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        return [[self.w1[e], self.w2[e], self.w3[e]] for e in range(self.num_experts)]
+
+    def forward(self, x: torch.Tensor, route_ids=None, route_weights=None) -> torch.Tensor:
+        x_TH = x.reshape(-1, x.shape[-1])
+        ids_TK, w_TK = self.router(x_TH) if route_ids is None else (route_ids, route_weights)
+        w_TK = w_TK.to(x.dtype)
+        x1 = F.silu(torch.einsum("ti,taoi -> tao", x_TH, self.w1[ids_TK]))
+        x3 = torch.einsum("ti, taoi -> tao", x_TH, self.w3[ids_TK])
+        y = torch.einsum("tao, taio -> tai", x1 * x3, self.w2[ids_TK])
+        return torch.einsum("tai,ta -> ti", y, w_TK).view_as(x)
+
+
+class DenseMoE(nn.Module):
+    """Every expert on every token (bmm over [E, T, H]); a [T, E] score matrix, zero outside each
+    token's top-k, weights the input (Llama 4: sigmoid of the top logits scattered into -inf) or
+    the output (masked dense: softmax weights scattered into zeros). Weights [E, in, out]."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
+                 scores_on_input: bool = True, skew: float = 0.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.scores_on_input = num_experts, top_k, scores_on_input
+        self.router = _Router(hidden, num_experts, top_k, skew)
+        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, hidden, 2 * intermediate) * hidden**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * intermediate**-0.5)
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        return [[self.gate_up_proj[e], self.down_proj[e]] for e in range(self.num_experts)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TH = x.reshape(-1, x.shape[-1])
+        e, dim = self.num_experts, x_TH.shape[-1]
+        logits = F.linear(x_TH, self.router.weight)
+        if self.scores_on_input:
+            top, ids = torch.topk(logits, self.top_k, dim=1)
+            scores_TE = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter_(1, ids, top).float()).to(x.dtype)
+            rows = x_TH.repeat(e, 1) * scores_TE.transpose(0, 1).reshape(-1, 1)
+        else:
+            ids, w = self.router(x_TH)
+            scores_TE = torch.zeros_like(logits).scatter(1, ids, w.to(logits.dtype))
+            rows = x_TH.repeat(e, 1)
+        gate, up = torch.bmm(rows.view(e, -1, dim), self.gate_up_proj).chunk(2, dim=-1)
+        y_ETH = torch.bmm(up * F.silu(gate), self.down_proj)
+        if self.scores_on_input:
+            return y_ETH.view(-1, dim).reshape(e, -1, dim).sum(dim=0).view_as(x)
+        return (y_ETH * scores_TE.transpose(0, 1).unsqueeze(-1)).sum(dim=0).view_as(x)

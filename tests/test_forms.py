@@ -22,7 +22,15 @@ LOOP_CASES = [
     dict(cls="LoopMoE", experts="params", gated=False, act="gelu", dtype="bfloat16"),
     dict(cls="LoopMoE", bias=True, dtype="bfloat16"),
 ]
-FORM_OF = {"LoopMoE": "expert_loop"}
+TITAN_CASES = [
+    dict(cls="TitanMoE", dtype="bfloat16"),
+    dict(cls="TitanMoE", dtype="bfloat16", score_before_experts=True, shared=True),
+]
+ALL_CASES = LOOP_CASES + TITAN_CASES
+FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm"}
+
+# Each variant runs at ep 1 and at one of ep 2 / ep 4 (the pool matrix is what costs CI time).
+EP_CASES = {2: [LOOP_CASES[i] for i in (1, 3, 5)] + TITAN_CASES, 4: [LOOP_CASES[i] for i in (0, 2, 4)] + TITAN_CASES}
 
 
 def _check(results: list[list[dict]], cases: list[dict], lowerings) -> None:
@@ -32,19 +40,19 @@ def _check(results: list[list[dict]], cases: list[dict], lowerings) -> None:
                 r = res[lowering]
                 assert not r["misses"], f"rank {rank} {case}: near-misses {r['misses']}"
                 assert len(r["blocks"]) == 1, f"rank {rank} {case}: rewrote {r['blocks']}"
+                assert r["forms"] == [FORMS[case["cls"]]], (case, r["forms"])
                 assert r["blocks"][0][1] == ("local" if lowering == "auto" else lowering), (case, r["blocks"])
                 assert within(r, case.get("dtype", "float32")), (
                     f"rank {rank} {case} {lowering}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}")
 
 
-@pytest.mark.parametrize("cases", [LOOP_CASES], ids=["loops"])
-def test_ep1(cases):
-    _check([forms_case(cases=cases)], cases, ("auto",))
+def test_ep1():
+    _check([forms_case(cases=ALL_CASES)], ALL_CASES, ("auto",))
 
 
-@pytest.mark.parametrize("cases", [LOOP_CASES], ids=["loops"])
 @pytest.mark.parametrize("ep", (2, 4))
-def test_ep(rank_pool, ep, cases):
+def test_ep(rank_pool, ep):
+    cases = EP_CASES[ep]
     results = rank_pool(ep).run("tests.form_jobs:forms_case", cases=cases, lowerings=EP_LOWERINGS)
     assert all(res["touched"] > 0 for per_case in results for res in per_case), "foreign experts were not zeroed"
     _check(results, cases, EP_LOWERINGS)

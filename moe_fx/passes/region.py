@@ -103,6 +103,12 @@ class MoERegion:
     last_update: fx.Node | None = None
     # What dynamo must be told to capture this form as one graph (shown by explain()).
     requires: str = ""
+    # The router weights scale the experts' input rows (torchtitan's score_before_experts, Llama 4)
+    # instead of their outputs: each (token, slot) row is then dispatched as a token of its own.
+    weights_on_input: bool = False
+    # ``topk_weights`` is a [T, E] score matrix, zero outside ``topk_ids`` (dense all-experts
+    # forms): the rewrite reads it at ``topk_ids``.
+    dense_scores: bool = False
 
     @property
     def num_tokens(self):

@@ -39,9 +39,13 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
     insert_before = region.last_update.next if region.last_update is not None else region.output
     first_new = insert_before.prev
     with graph.inserting_before(insert_before):
-        dispatched = graph.call_function(
-            lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
-        )
+        hidden, topk_ids, topk_weights = region.hidden, region.topk_ids, region.topk_weights
+        if region.dense_scores:
+            topk_weights = graph.call_method("gather", (topk_weights, 1, topk_ids))
+        if region.weights_on_input:
+            routed = graph.call_function(routed_rows_scaled, (hidden, topk_ids, topk_weights))
+            hidden, topk_ids, topk_weights = (graph.call_function(operator.getitem, (routed, i)) for i in range(3))
+        dispatched = graph.call_function(lowering.dispatch, (hidden, topk_ids, topk_weights))
         tokens = graph.call_function(getattr, (dispatched, "tokens"))
         offsets = graph.call_function(getattr, (dispatched, "offsets"))
         row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
@@ -61,7 +65,9 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
         y = project(a, region.down)
         if region.post is not None:
             y = region.post.replay(graph, y, row_expert)
-        out = graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
+        out = graph.call_function(lowering.combine, (y, dispatched, topk_weights))
+        if region.weights_on_input:
+            out = graph.call_function(sum_over_slots, (out, region.topk_ids))
         if region.base is not None:
             out = graph.call_function(operator.add, (region.base, out))
         dtype = _dtype(region.output)
@@ -72,6 +78,24 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
     _erase_dead(region.nodes | {region.output})
     return new_nodes
+
+
+def routed_rows_scaled(
+    hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router weights applied to the experts' input: every (token, slot) row, scaled by its weight
+    (in the promoted dtype, cast back, as the traced code did), becomes a token routed to one
+    expert with weight 1: rows [S, H], ids [S, 1], ones [S, 1]."""
+    rows_SH = hidden_TH.repeat_interleave(topk_ids_TK.shape[1], dim=0)
+    weights_S1 = topk_weights_TK.reshape(-1, 1)
+    scaled_SH = (rows_SH.to(torch.promote_types(rows_SH.dtype, weights_S1.dtype)) * weights_S1).to(rows_SH.dtype)
+    return scaled_SH, topk_ids_TK.reshape(-1, 1), torch.ones_like(weights_S1)
+
+
+def sum_over_slots(out_SH: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+    """[S, H] rows in (token, slot) order -> [T, H]."""
+    t, k = topk_ids_TK.shape
+    return out_SH.view(t, k, out_SH.shape[-1]).sum(dim=1)
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:
@@ -140,7 +164,7 @@ def _target_name(node: fx.Node, strategy: str) -> str:
     target = node.target
     if hasattr(getattr(target, "__self__", None), "strategy"):  # a lowering's bound method
         return f"{strategy}.{target.__name__}"
-    if target in (expert_matmul, add_expert_bias):
+    if target in (expert_matmul, add_expert_bias, routed_rows_scaled, sum_over_slots):
         return target.__name__
     return op_name(node)
 

@@ -125,7 +125,9 @@ def extract_row_fn(
                 continue
             if n in downstream or n in from_rows or _is_expert_gather(n, row_ids):
                 included.add(n)
-                stack.extend(a for a in n.all_input_nodes if a is not row_ids)
+                # x.type_as(other) reads only other's dtype
+                inputs = n.args[:1] if is_op(n, "type_as") else n.all_input_nodes
+                stack.extend(a for a in inputs if isinstance(a, fx.Node) and a is not row_ids)
             elif n is row_ids:
                 return NoMatch(block, form, f"{part}: reads the expert ids directly ({n.name})")
             elif fake(n) is not None and not _is_param(n):
