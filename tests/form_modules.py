@@ -218,3 +218,33 @@ class DenseMoE(nn.Module):
         if self.scores_on_input:
             return y_ETH.view(-1, dim).reshape(e, -1, dim).sum(dim=0).view_as(x)
         return (y_ETH * scores_TE.transpose(0, 1).unsqueeze(-1)).sum(dim=0).view_as(x)
+
+
+class SplitMoE(nn.Module):
+    """JetMoE's way: sort the routed rows by expert, read the per-expert counts on the host,
+    ``split``, one linear per expert, ``cat``; 3-D weights [E, out, in], fused gate|up."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, skew: float = 0.0):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = _Router(hidden, num_experts, top_k, skew)
+        self.w_in = nn.Parameter(torch.randn(num_experts, 2 * intermediate, hidden) * hidden**-0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        return [[self.w_in[e], self.w_out[e]] for e in range(self.num_experts)]
+
+    def _per_expert(self, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return torch.cat([F.linear(part, weight[e]) for e, part in enumerate(rows.split(counts, dim=0))], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TH = x.reshape(-1, x.shape[-1])
+        ids_TK, w_TK = self.router(x_TH)
+        onehot = torch.zeros(x_TH.shape[0], self.num_experts, dtype=w_TK.dtype).scatter(1, ids_TK, 1)
+        counts = onehot.long().sum(0).tolist()
+        _, perm = ids_TK.flatten().sort(0)
+        tok = perm.div(self.top_k, rounding_mode="trunc")
+        gate, up = self._per_expert(x_TH[tok], self.w_in, counts).chunk(2, dim=-1)
+        y = self._per_expert(F.silu(gate) * up, self.w_out, counts)
+        weighted = y * w_TK.to(x.dtype).flatten()[perm][:, None]
+        return torch.zeros_like(x_TH).index_add(0, tok, weighted).view_as(x)

@@ -167,7 +167,7 @@ def _iteration(update: _Update, block: str) -> _Expert:
     weights = weight_rows.args[0]
     _expect(fake(weights) is not None and tuple(fake(weights).shape) == tuple(fake(ids).shape),
             "router weights and expert ids differ in shape")
-    projections = [p for n in _between(tok, y) if (p := _projection(n)) is not None]
+    projections = [p for n in _between(tok, y) if (p := expert_linear(n)) is not None]
     _expect(projections, "no expert matmul between the selected rows and the weighted output")
     downs = [p for p in projections if any(q.node in _backward(p.input, 200) for q in projections if q is not p)]
     ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
@@ -183,7 +183,7 @@ def _iteration(update: _Update, block: str) -> _Expert:
     post = extract_row_fn(down.node, y, mul, tok, block=block, form=FORM, part="post-expert")
     _expect(bool(post), getattr(post, "reason", ""))
     nodes = {update.node, *update.nodes, update.contribution, mul, weight_rows, *_casts_between(update.contribution, mul),
-             *_weight_row_nodes(weight_rows), where, tok, slot, *_where_guards(where), *gather_nodes, x_rows,
+             *_weight_row_nodes(weight_rows), where, tok, slot, *size_guards(where), *gather_nodes, x_rows,
              *(n for p in (*ups, down) for n in (p.node, *p.nodes)), *act.nodes, *post.nodes, *_mask_nodes(where.args[0])}
     return _Expert(expert=expert, ids=ids, weights=weights, hidden=hidden, ups=ups, down=down, activation=act,
                    post=post, update=update, nodes=frozenset(nodes))
@@ -213,13 +213,15 @@ def _mask_nodes(mask: fx.Node) -> list[fx.Node]:
     return [mask, mask.args[0], mask.args[0].args[0]]
 
 
-def _where_guards(where: fx.Node) -> set[fx.Node]:
-    """dynamo's size checks on where()'s unbacked sizes (``_assert_scalar(u0 >= 0)``), dead with it."""
-    out, frontier = set(), [where]
+def size_guards(source: fx.Node) -> set[fx.Node]:
+    """dynamo's checks on the unbacked sizes ``source`` produces (``_assert_scalar(u0 >= 0)`` after a
+    where() or an ``.item()``), dead with it."""
+    out, frontier = set(), [source]
     while frontier:
         node = frontier.pop()
         for u in node.users:
-            if u not in out and (is_op(u, "getitem", "ge", "le", "gt", "lt") or "sym_size" in op_name(u) or "assert" in op_name(u)):
+            if u not in out and (is_op(u, "getitem", "ge", "le", "gt", "lt", "eq", "sym_sum")
+                                 or "sym_size" in op_name(u) or "assert" in op_name(u)):
                 out.add(u)
                 frontier.append(u)
     return out
@@ -290,7 +292,8 @@ def _graph_range(first: fx.Node, last: fx.Node):
         node = node.next
 
 
-def _projection(node: fx.Node) -> _Proj | None:
+def expert_linear(node: fx.Node) -> _Proj | None:
+    """One expert's matmul: ``linear(x, W[, b])`` or ``x @ W.T``, W a 2-D parameter or ``P[e]``."""
     if is_op(node, "linear"):
         weight, bias = node.args[1], arg(node, 2, "bias")
         base = "out_in"
@@ -375,7 +378,7 @@ def _signature(fn: RowFn) -> tuple:
     return tuple((op_name(n), norm(n.args), norm(dict(n.kwargs))) for n in fn.nodes)
 
 
-def _stacked(projs: list[_Proj], what: str) -> ExpertProjection:
+def stacked_projection(projs: list[_Proj], what: str) -> ExpertProjection:
     layouts = {p.layout for p in projs}
     _expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
     weight = _per_expert([(p.source, p.expert_index) for p in projs], f"{what} weight")
@@ -420,9 +423,9 @@ def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     router_width = _scored_experts(ids)
     _expect(router_width in (None, e), f"the loop covers {e} experts but the router picks among {router_width}")
     _expect(same_size(fake(first.hidden).shape[0], t), "hidden rows do not match the routed tokens")
-    up = _stacked([x.ups[0] for x in experts], "first input")
-    side_up = tuple(_stacked([x.ups[i] for x in experts], "second input") for i in range(1, len(first.ups)))
-    down = _stacked([x.down for x in experts], "output")
+    up = stacked_projection([x.ups[0] for x in experts], "first input")
+    side_up = tuple(stacked_projection([x.ups[i] for x in experts], "second input") for i in range(1, len(first.ups)))
+    down = stacked_projection([x.down for x in experts], "output")
     sources = [w for p in (up, *side_up, down) for w in (p.weight if isinstance(p.weight, tuple) else (p.weight,))]
     block = experts_owner(sources)
     last = max(x.update.node for x in experts)

@@ -11,6 +11,7 @@ from moe_fx.passes.expert_loop import is_loop_accumulator, match_expert_loop
 from moe_fx.passes.graph_utils import is_op
 from moe_fx.passes.hf_experts import GROUPED_MM_OPS, match_batched, match_grouped
 from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.split_experts import is_expert_cat, match_split
 from moe_fx.passes.titan_experts import match_titan
 from moe_fx.passes.weight_gather import is_weight_gather_einsum, match_weight_gather
 
@@ -23,6 +24,7 @@ _RECOGNIZERS: tuple[tuple[Callable[[fx.Node], bool], Callable[[fx.Node], MoERegi
     (is_loop_accumulator, match_expert_loop),
     (is_weight_gather_einsum, match_weight_gather),
     (is_dense_bmm, match_dense),
+    (is_expert_cat, match_split),
 )
 
 
