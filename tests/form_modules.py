@@ -248,3 +248,28 @@ class SplitMoE(nn.Module):
         y = self._per_expert(F.silu(gate) * up, self.w_out, counts)
         weighted = y * w_TK.to(x.dtype).flatten()[perm][:, None]
         return torch.zeros_like(x_TH).index_add(0, tok, weighted).view_as(x)
+
+
+class CapacityMoE(nn.Module):
+    """A Switch / GShard top-1 gate with capacity (DeepSpeed's einsum dispatch): tokens past an
+    expert's capacity are dropped. moe_fx reports it and leaves it as traced."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, capacity: int = 2):
+        super().__init__()
+        self.num_experts, self.capacity = num_experts, capacity
+        self.router = _Router(hidden, num_experts, top_k)
+        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs_TE = F.linear(x, self.router.weight).float().softmax(dim=-1)
+        mask_TE = F.one_hot(probs_TE.argmax(dim=-1), self.num_experts)
+        position_TE = torch.cumsum(mask_TE, dim=0) - 1
+        mask_TE = mask_TE * (position_TE < self.capacity)
+        gates_T = (probs_TE * mask_TE).sum(dim=-1)
+        slot_T = (position_TE * mask_TE).sum(dim=-1)
+        combine_TEC = gates_T[:, None, None] * mask_TE[:, :, None] * F.one_hot(slot_T, self.capacity)[:, None, :]
+        x_ECH = torch.einsum("sec,sm->ecm", combine_TEC.bool().to(x.dtype), x)
+        h = F.silu(torch.einsum("ecm,eim->eci", x_ECH, self.w1))
+        y_ECH = torch.einsum("eci,emi->ecm", h, self.w2)
+        return torch.einsum("sec,ecm->sm", combine_TEC.to(x.dtype), y_ECH)

@@ -5,11 +5,15 @@ with ep > 1 after zeroing the experts the rank does not own; ep 1, 2 and 4, both
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import moe_fx
+from tests.ep_jobs import hf_model_case
 from tests.form_jobs import build_form, forms_case
+from tests.tiny_models import build_tiny, make_input_ids
 from tests.tolerances import within
 
 EP_LOWERINGS = ("allgather", "all2allv")
@@ -26,11 +30,26 @@ TITAN_CASES = [
     dict(cls="TitanMoE", dtype="bfloat16"),
     dict(cls="TitanMoE", dtype="bfloat16", score_before_experts=True, shared=True),
 ]
-ALL_CASES = LOOP_CASES + TITAN_CASES
-FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm"}
+GATHER_CASES = [dict(cls="WeightGatherMoE"), dict(cls="WeightGatherMoE", dtype="bfloat16")]
+DENSE_CASES = [dict(cls="DenseMoE"), dict(cls="DenseMoE", scores_on_input=False, dtype="bfloat16")]
+SPLIT_CASES = [dict(cls="SplitMoE"), dict(cls="SplitMoE", dtype="bfloat16")]
+ALL_CASES = LOOP_CASES + TITAN_CASES + GATHER_CASES + DENSE_CASES + SPLIT_CASES
+FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm", "WeightGatherMoE": "weight_gather_einsum",
+         "DenseMoE": "dense_bmm", "SplitMoE": "split_experts"}
 
-# Each variant runs at ep 1 and at one of ep 2 / ep 4 (the pool matrix is what costs CI time).
-EP_CASES = {2: [LOOP_CASES[i] for i in (1, 3, 5)] + TITAN_CASES, 4: [LOOP_CASES[i] for i in (0, 2, 4)] + TITAN_CASES}
+# Every variant runs at ep 1; each form at ep 2 and ep 4, its variants split between them (the
+# multi-rank matrix is what costs CI time).
+EP_CASES = {
+    2: [LOOP_CASES[1], LOOP_CASES[5], TITAN_CASES[1], GATHER_CASES[1], DENSE_CASES[1], SPLIT_CASES[1]],
+    4: [LOOP_CASES[0], LOOP_CASES[2], TITAN_CASES[0], GATHER_CASES[0], DENSE_CASES[0], SPLIT_CASES[0]],
+}
+# transformers models: (key, experts_implementation) -> the form their MoE blocks take.
+HF_FORMS = {
+    ("llama4_text", "eager"): "dense_bmm",
+    ("jetmoe", "eager"): "split_experts",
+    ("deepseek_v2", "grouped_mm"): "hf_grouped_mm",
+    ("jamba", "grouped_mm"): "hf_grouped_mm",
+}
 
 
 def _check(results: list[list[dict]], cases: list[dict], lowerings) -> None:
@@ -58,22 +77,64 @@ def test_ep(rank_pool, ep):
     _check(results, cases, EP_LOWERINGS)
 
 
-def test_explain_lists_loop_blocks_with_form_and_capture_note():
-    model = build_form("LoopMoE")
-    report = moe_fx.explain(model, torch.randn(6, 16))
+def _check_hf(results: list[dict], key: str, impl: str, dtype: str, lowerings) -> None:
+    for rank, res in enumerate(results):
+        for lowering in lowerings:
+            r = res[lowering]
+            # JetMoE's attention is a mixture of attention heads: experts around attention, not an MLP
+            assert all("self_attention" in m or "attention_mask" in m for m in r["misses"]), r["misses"]
+            assert [s for _, s in r["blocks"]] == ["local" if lowering == "auto" else lowering], r["blocks"]
+            assert within(r, dtype), f"rank {rank} {key} {lowering}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
+
+
+# deepseek_v2 and jamba use transformers' standard experts (tests/test_hf_models.py covers that form
+# at ep 4): ep 1 and 2 here.
+HF_EPS = [(ep, key, impl) for (key, impl) in HF_FORMS for ep in (1, 2, 4) if ep < 4 or impl == "eager"]
+
+
+@pytest.mark.parametrize("ep,key,impl", HF_EPS)
+def test_transformers_models(rank_pool, ep, key, impl):
+    dtype = "bfloat16" if ep == 1 else "float32"
+    if ep == 1:
+        results = [hf_model_case(key=key, impl=impl, dtype=dtype, lowerings=("auto",), inner="eager")]
+        lowerings = ("auto",)
+    else:
+        lowerings = EP_LOWERINGS
+        results = rank_pool(ep).run("tests.ep_jobs:hf_model_case", key=key, impl=impl, dtype=dtype,
+                                    lowerings=lowerings, inner="eager")
+        assert all(r["touched"] >= 2 for r in results), "foreign experts were not zeroed"
+    _check_hf(results, key, impl, dtype, lowerings)
+
+
+def test_explain_lists_each_form():
+    report = moe_fx.explain(build_form("LoopMoE"), torch.randn(6, 16))
     assert [(b.block, b.form, b.num_experts, b.top_k, b.activation) for b in report.blocks] == [
         ("experts", "expert_loop", 4, 2, "gated silu")]
     assert "capture_dynamic_output_shape_ops" in str(report)
+    for case in (TITAN_CASES[1], GATHER_CASES[0], DENSE_CASES[0], SPLIT_CASES[0]):
+        case = dict(case)
+        cls, dtype = case.pop("cls"), getattr(torch, case.pop("dtype", "float32"))
+        report = moe_fx.explain(build_form(cls, dtype=str(dtype).split(".")[1], **case), torch.randn(6, 16, dtype=dtype))
+        assert [b.form for b in report.blocks] == [FORMS[cls]] and not report.near_misses, str(report)
+    for (key, impl), form in HF_FORMS.items():
+        report = moe_fx.explain(build_tiny(key, experts_implementation=impl), make_input_ids(6, seed=0))
+        assert [b.form for b in report.blocks] == [form], (key, str(report))
 
 
 @pytest.mark.parametrize(
     "cls,reason",
     [
         ("PartialLoopMoE", r"the loop covers 3 experts but the router picks among 4"),
-        ("BranchyLoopMoE", r"data-dependent Python branch"),
+        ("BranchyLoopMoE", r"data-dependent Python branch \(if tok.numel\(\) == 0:\)"),
+        ("CapacityMoE", r"capacity-dropping gate: tokens past an expert's capacity are dropped"),
     ],
 )
-def test_loop_near_misses_say_why(cls, reason):
-    report = moe_fx.explain(build_form(cls), torch.randn(6, 16))
+def test_near_misses_say_why_and_run_as_traced(cls, reason):
+    model, x = build_form(cls), torch.randn(6, 16)
+    report = moe_fx.explain(model, x)
     assert not report.blocks
-    assert any(__import__("re").search(reason, m.reason) for m in report.near_misses), str(report)
+    assert any(re.search(reason, m.reason) for m in report.near_misses), str(report)
+    if cls != "BranchyLoopMoE":  # fullgraph=True cannot capture the branch at all
+        torch._dynamo.reset()
+        with moe_fx.config.patch(inner_backend="eager"), torch.no_grad():
+            assert torch.equal(torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x), model(x))

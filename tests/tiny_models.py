@@ -262,7 +262,9 @@ def moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     out = []
     for name, module in model.named_modules():
         children = dict(module.named_children())
-        if ("experts" in children or "input_linear" in children) and ("gate" in children or "router" in children):
+        # JetMoE's attention (JetMoeMoA) mixes attention heads, not MLP experts: not an MoE block here.
+        jetmoe_mlp = "input_linear" in children and "MoA" not in type(module).__name__
+        if ("experts" in children or jetmoe_mlp) and ("gate" in children or "router" in children):
             out.append((name, module))
     return out
 

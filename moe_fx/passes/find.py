@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
+from moe_fx.passes.capacity_gate import is_capacity_cumsum, match_capacity
 from moe_fx.passes.dense_experts import is_dense_bmm, match_dense
 from moe_fx.passes.expert_loop import is_loop_accumulator, match_expert_loop
 from moe_fx.passes.graph_utils import is_op
@@ -25,6 +26,7 @@ _RECOGNIZERS: tuple[tuple[Callable[[fx.Node], bool], Callable[[fx.Node], MoERegi
     (is_weight_gather_einsum, match_weight_gather),
     (is_dense_bmm, match_dense),
     (is_expert_cat, match_split),
+    (is_capacity_cumsum, match_capacity),
 )
 
 
