@@ -67,6 +67,10 @@ _COMMON: dict[str, Any] = dict(
 )
 
 
+# DeepSeek's multi-head latent attention: one KV head per query head.
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+
 def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
     if key == "mixtral":
         return dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
@@ -83,12 +87,8 @@ def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
         return dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     if key == "deepseek_v3":
         return dict(
-            num_key_value_heads=4,  # MLA: one KV head per query head
+            **_MLA,
             q_lora_rank=24,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
             moe_intermediate_size=32,
             n_routed_experts=8,
             n_shared_experts=1,
@@ -126,21 +126,8 @@ def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
     if key == "llama4_text":
         return dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=96, moe_layers=list(range(num_hidden_layers)))
     if key == "deepseek_v2":
-        return dict(
-            num_key_value_heads=4,  # MLA: one KV head per query head
-            moe_intermediate_size=32,
-            n_shared_experts=1,
-            first_k_dense_replace=0,
-            topk_method="group_limited_greedy",
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=1.5,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-        )
+        return dict(**_MLA, q_lora_rank=None, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0,
+                    topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5)
     if key == "jamba":
         return dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0,
                     use_mamba_kernels=False, intermediate_size=32)

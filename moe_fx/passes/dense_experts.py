@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.graph_utils import arg, downstream, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.matching import Miss, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
-from moe_fx.passes.rowwise import extract_row_fn
 
 FORM = "dense_bmm"
 
@@ -33,15 +33,6 @@ FORM = "dense_bmm"
 _ZERO_PRESERVING = frozenset(
     "chunk split getitem silu gelu relu tanh mul imul neg to float bfloat16 half type_as contiguous".split()
 )
-
-
-class _Miss(Exception):
-    """Bail out of the recognizer with a reason (turned into a NoMatch)."""
-
-
-def _expect(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _Miss(reason)
 
 
 def _expert_rows(node: fx.Node) -> tuple[fx.Node, int, fx.Node | None] | None:
@@ -67,7 +58,7 @@ def match_dense(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
     block = owner_path(up_bmm.args[1])
     try:
         return _region(up_bmm, hidden, e, scale, block)
-    except _Miss as miss:
+    except Miss as miss:
         return NoMatch(block, FORM, str(miss))
 
 
@@ -79,65 +70,61 @@ def _sparse_scores(scores: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     sigmoid = is_op(node, "sigmoid")
     if sigmoid:
         node = strip_casts(node.args[0])
-    _expect(is_op(node, "scatter", "scatter_") and arg(node, 1, "dim") in (1, -1),
+    expect(is_op(node, "scatter", "scatter_") and arg(node, 1, "dim") in (1, -1),
             f"the [T, E] scores come from {op_name(node)}, not a scatter of the top-k values (nothing proves them zero elsewhere)")
     filled = node.args[0]
     fill = arg(filled, 1, "fill_value") if is_op(filled, "full_like") else (0 if is_op(filled, "zeros_like", "zeros", "new_zeros") else None)
-    _expect(fill == (float("-inf") if sigmoid else 0),
+    expect(fill == (float("-inf") if sigmoid else 0),
             "the [T, E] scores are not zero outside the top-k (scatter into zeros, or sigmoid of a scatter into -inf)")
     ids = arg(node, 2, "index")
-    _expect(fake(ids) is not None and fake(ids).dim() == 2, "scattered ids are not [T, K]")
+    expect(fake(ids) is not None and fake(ids).dim() == 2, "scattered ids are not [T, K]")
     return ids, chain
 
 
 def _scores_column(node: fx.Node, e: int) -> fx.Node:
     """scores_TE of ``scores_TE.transpose(0, 1).reshape(-1, 1)`` / ``.t().unsqueeze(-1)``."""
     node = strip_casts(node)
-    _expect(is_op(node, "reshape", "view", "unsqueeze"), "experts' rows are scaled by something other than the [T, E] scores")
+    expect(is_op(node, "reshape", "view", "unsqueeze"), "experts' rows are scaled by something other than the [T, E] scores")
     inner = node.args[0]
-    _expect(is_op(inner, "transpose", "t", "permute"), "the [T, E] scores are not transposed to expert-major")
+    expect(is_op(inner, "transpose", "t", "permute"), "the [T, E] scores are not transposed to expert-major")
     scores = inner.args[0]
-    _expect(fake(scores) is not None and fake(scores).dim() == 2 and same_size(fake(scores).shape[1], e),
+    expect(fake(scores) is not None and fake(scores).dim() == 2 and same_size(fake(scores).shape[1], e),
             f"the scores are not [T, E={e}]")
     return scores
 
 
 def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, block: str) -> MoERegion:
     up_w = up_bmm.args[1]
-    _expect(fake(up_w).shape[0] == e, f"the tokens are repeated {e} times for {fake(up_w).shape[0]} experts")
-    downs = [n for n in _forward(up_bmm) if is_op(n, "bmm") and is_graph_input(n.args[1])]
-    _expect(downs, "no second expert bmm after the first")
+    expect(fake(up_w).shape[0] == e, f"the tokens are repeated {e} times for {fake(up_w).shape[0]} experts")
+    downs = [n for n in downstream(up_bmm) if is_op(n, "bmm") and is_graph_input(n.args[1])]
+    expect(downs, "no second expert bmm after the first")
     down = downs[0]
     down_w = down.args[1]
-    _expect(fake(down_w).shape[0] == e, "the two expert weights hold different expert counts")
+    expect(fake(down_w).shape[0] == e, "the two expert weights hold different expert counts")
     # [E, T, H] -> [T, H]: a sum over the expert dim, with the scores applied on the way if not on the input
-    total = next((n for n in _forward(down) if is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0])), None)
-    _expect(total is not None, "expert outputs are not summed over the experts")
+    total = next((n for n in downstream(down) if is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0])), None)
+    expect(total is not None, "expert outputs are not summed over the experts")
     mul_out = [n for n in _between(down, total) if is_op(n, "mul")]
     if scale is not None:
-        _expect(not mul_out, "router scores applied both before and after the experts")
+        expect(not mul_out, "router scores applied both before and after the experts")
         scores = _scores_column(scale, e)
         weighted, y_end, post_consumer = None, _before(total, down), total
     else:
-        _expect(len(mul_out) == 1, "the expert outputs are not multiplied by the [T, E] scores")
+        expect(len(mul_out) == 1, "the expert outputs are not multiplied by the [T, E] scores")
         weighted = mul_out[0]
         columns = [a for a in weighted.args if _scores_column_node(a)]
-        _expect(len(columns) == 1, "the expert outputs are not multiplied by the transposed [T, E] scores")
+        expect(len(columns) == 1, "the expert outputs are not multiplied by the transposed [T, E] scores")
         scores = _scores_column(columns[0], e)
         y_end = next(a for a in weighted.args if a is not columns[0])
         post_consumer = weighted
     ids, _ = _sparse_scores(scores)
     t, k = fake(ids).shape
-    _expect(same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
-    act = extract_row_fn(up_bmm, down.args[0], down, ids, block=block, form=FORM, part="activation")
-    if not act:
-        raise _Miss(act.reason)
-    post = extract_row_fn(down, y_end, post_consumer, ids, block=block, form=FORM, part="post-expert")
-    if not post:
-        raise _Miss(post.reason)
+    expect(same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    act, post = row_functions(up=up_bmm, down_in=down.args[0], down=down, down_out=down, y=y_end,
+                              weighting=post_consumer, row_ids=ids, block=block, form=FORM)
     if scale is not None:
         bad = [n for n in (*act.nodes, *post.nodes) if op_name(n) not in _ZERO_PRESERVING and not is_op(n, "view", "reshape")]
-        _expect(not bad, f"{op_name(bad[0]) if bad else ''}: with scores on the input, every expert must map zero rows "
+        expect(not bad, f"{op_name(bad[0]) if bad else ''}: with scores on the input, every expert must map zero rows "
                 "to zero for the dense form to equal the top-k one")
     nodes = {up_bmm, down, total, *_between(down, total), *act.nodes, *post.nodes, *_rows_nodes(up_bmm.args[0])}
     if weighted is not None:
@@ -210,11 +197,3 @@ def _reaches(start: fx.Node, node: fx.Node, limit: int = 64) -> bool:
                 seen.add(a)
                 stack.append(a)
     return False
-
-
-def _forward(start: fx.Node, limit: int = 32) -> list[fx.Node]:
-    seen, out, frontier = {start}, [], [start]
-    while frontier and len(out) < limit:
-        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
-        out.extend(frontier)
-    return sorted(out)

@@ -21,24 +21,15 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_size, strip_casts, upstream
+from moe_fx.passes.matching import Miss, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
-from moe_fx.passes.rowwise import extract_row_fn
 
 FORM = "expert_loop"
 REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_dynamic_output_shape_ops=True) to capture torch.where"
 
 _ACCUMULATORS = ("zeros", "zeros_like", "new_zeros")
 _TRANSPOSES = ("t", "T", "mT")
-
-
-class _Miss(Exception):
-    """Bail out of the recognizer with a reason (turned into a NoMatch)."""
-
-
-def _expect(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _Miss(reason)
 
 
 @dataclass(frozen=True)
@@ -111,14 +102,14 @@ def match_expert_loop(acc: fx.Node) -> MoERegion | NoMatch | None:
     try:
         experts = [_iteration(_as_update(u, acc), block) for u in updates]
         return _region(acc, experts)
-    except _Miss as miss:
+    except Miss as miss:
         return NoMatch(block, FORM, str(miss))
 
 
 def _block_guess(updates: list[fx.Node]) -> str:
     """The experts' module path, from the matrices the loop body reads (for messages)."""
     def matrices(node: fx.Node) -> set[fx.Node]:
-        return {n for n in _backward(node, limit=400) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
+        return {n for n in upstream(node, limit=400) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
 
     # The rows' index depends on the router only: what the updates read besides belongs to the experts.
     params = set().union(*(matrices(u) - matrices(u.args[1] if is_op(u, "setitem") else arg(u, 2, "index")
@@ -140,48 +131,30 @@ def experts_owner(params: list[fx.Node]) -> str:
     return ".".join(common) or "<root module>"
 
 
-def _backward(start: fx.Node, limit: int) -> list[fx.Node]:
-    seen, stack = {start}, [start]
-    while stack and len(seen) < limit:
-        for a in stack.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return list(seen)
-
-
-# ------------------------------------------------------------------------------------------
-# One iteration
-# ------------------------------------------------------------------------------------------
-
-
 def _iteration(update: _Update, block: str) -> _Expert:
     tok = update.tok
-    _expect(is_op(tok, "getitem") and isinstance(tok.args[1], int), "rows are not selected with torch.where(mask)")
+    expect(is_op(tok, "getitem") and isinstance(tok.args[1], int), "rows are not selected with torch.where(mask)")
     where = tok.args[0]
-    _expect(is_op(where, "where", "nonzero") and len(where.args) == 1, f"rows come from {op_name(where)}, not torch.where(mask)")
+    expect(is_op(where, "where", "nonzero") and len(where.args) == 1, f"rows come from {op_name(where)}, not torch.where(mask)")
     expert, ids, tok_position = _mask(where.args[0])
-    _expect(tok.args[1] == tok_position, "the accumulated rows are the top-k slots, not the tokens (where() outputs swapped)")
+    expect(tok.args[1] == tok_position, "the accumulated rows are the top-k slots, not the tokens (where() outputs swapped)")
     weight_rows, y, mul = _weighting(update.contribution, tok, where, 1 - tok_position)
     slot = weight_rows.args[1][1]
     weights = weight_rows.args[0]
-    _expect(fake(weights) is not None and tuple(fake(weights).shape) == tuple(fake(ids).shape),
+    expect(fake(weights) is not None and tuple(fake(weights).shape) == tuple(fake(ids).shape),
             "router weights and expert ids differ in shape")
     projections = [p for n in _between(tok, y) if (p := expert_linear(n)) is not None]
-    _expect(projections, "no expert matmul between the selected rows and the weighted output")
-    downs = [p for p in projections if any(q.node in _backward(p.input, 200) for q in projections if q is not p)]
+    expect(projections, "no expert matmul between the selected rows and the weighted output")
+    downs = [p for p in projections if any(q.node in upstream(p.input) for q in projections if q is not p)]
     ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
-    _expect(len(downs) == 1 and 1 <= len(ups) <= 2,
+    expect(len(downs) == 1 and 1 <= len(ups) <= 2,
             f"expert {expert}: {len(ups)} input and {len(downs)} output matmuls (expected w1 [and w3], then w2)")
     down = downs[0]
     x_rows = ups[0].input
-    _expect(all(p.input is x_rows for p in ups), f"expert {expert}: its input matmuls read different rows")
+    expect(all(p.input is x_rows for p in ups), f"expert {expert}: its input matmuls read different rows")
     hidden, gather_nodes = _gathered_rows(x_rows, tok)
-    act = extract_row_fn(ups[0].node, down.input, down.node, tok, block=block, form=FORM, part="activation",
-                         side_starts=tuple(p.node for p in ups[1:]))
-    _expect(bool(act), getattr(act, "reason", ""))
-    post = extract_row_fn(down.node, y, mul, tok, block=block, form=FORM, part="post-expert")
-    _expect(bool(post), getattr(post, "reason", ""))
+    act, post = row_functions(up=ups[0].node, down_in=down.input, down=down.node, down_out=down.node, y=y,
+                              weighting=mul, row_ids=tok, block=block, form=FORM, side_ups=tuple(p.node for p in ups[1:]))
     nodes = {update.node, *update.nodes, update.contribution, mul, weight_rows, *_casts_between(update.contribution, mul),
              *_weight_row_nodes(weight_rows), where, tok, slot, *size_guards(where), *gather_nodes, x_rows,
              *(n for p in (*ups, down) for n in (p.node, *p.nodes)), *act.nodes, *post.nodes, *_mask_nodes(where.args[0])}
@@ -193,17 +166,17 @@ def _mask(mask: fx.Node) -> tuple[int, fx.Node, int]:
     """(expert e, ids [T, K], which where() output is the token) of ``ids == e`` or ``one_hot(ids).permute(...)[e]``."""
     if is_op(mask, "eq") and int_value(mask.args[1]) is not None:
         ids = mask.args[0]
-        _expect(fake(ids) is not None and fake(ids).dim() == 2, "the expert mask does not compare a [T, K] id tensor")
+        expect(fake(ids) is not None and fake(ids).dim() == 2, "the expert mask does not compare a [T, K] id tensor")
         return int_value(mask.args[1]), ids, 0
     if is_op(mask, "getitem") and isinstance(mask.args[1], int) and is_op(mask.args[0], "permute"):
         permute = mask.args[0]
         dims = tuple(permute.args[1]) if isinstance(permute.args[1], (tuple, list)) else tuple(permute.args[1:])
         one_hot = permute.args[0]
-        _expect(is_op(one_hot, "one_hot") and dims[0] in (2, -1), "the expert mask is not one_hot(ids, E) with experts first")
+        expect(is_op(one_hot, "one_hot") and dims[0] in (2, -1), "the expert mask is not one_hot(ids, E) with experts first")
         ids = one_hot.args[0]
-        _expect(fake(ids) is not None and fake(ids).dim() == 2, "one_hot is not over a [T, K] id tensor")
+        expect(fake(ids) is not None and fake(ids).dim() == 2, "one_hot is not over a [T, K] id tensor")
         return mask.args[1], ids, (0 if tuple(dims[1:]) == (0, 1) else 1)
-    raise _Miss(f"the rows of an expert are picked by {op_name(mask)}, not ids == e or one_hot(ids, E)[e]; "
+    raise Miss(f"the rows of an expert are picked by {op_name(mask)}, not ids == e or one_hot(ids, E)[e]; "
                 "a loop over a data-dependent expert set cannot be captured")
 
 
@@ -230,16 +203,16 @@ def size_guards(source: fx.Node) -> set[fx.Node]:
 def _weighting(contribution: fx.Node, tok: fx.Node, where: fx.Node, slot_position: int) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(``weights[tok, slot]`` node, expert output, the mul) of ``expert_out * weights[tok, slot, None]``."""
     mul = strip_casts(contribution)
-    _expect(is_op(mul, "mul") and len(mul.args) == 2, f"the accumulated rows are {op_name(mul)}, not expert output * router weight")
+    expect(is_op(mul, "mul") and len(mul.args) == 2, f"the accumulated rows are {op_name(mul)}, not expert output * router weight")
     for y, w in (mul.args, mul.args[::-1]):
         rows = _weight_rows(w)
         if rows is not None:
             index = rows.args[1]
             slot = index[1]
-            _expect(index[0] is tok and is_op(slot, "getitem") and slot.args == (where, slot_position),
+            expect(index[0] is tok and is_op(slot, "getitem") and slot.args == (where, slot_position),
                     "router weights are not read at [tok, slot] of the same where()")
             return rows, y, mul
-    raise _Miss("the expert output is not multiplied by weights[tok, slot] (router weights applied elsewhere)")
+    raise Miss("the expert output is not multiplied by weights[tok, slot] (router weights applied elsewhere)")
 
 
 def _weight_rows(w: fx.Node) -> fx.Node | None:
@@ -349,12 +322,12 @@ def _gathered_rows(x_rows: fx.Node, tok: fx.Node) -> tuple[fx.Node, list[fx.Node
     while is_op(node, "reshape", "view", "squeeze"):
         nodes.append(node)
         node = node.args[0]
-    _expect(is_op(node, "getitem"), "expert input rows are not hidden[tok]")
+    expect(is_op(node, "getitem"), "expert input rows are not hidden[tok]")
     nodes.append(node)
     hidden, index = node.args
-    _expect(index is tok or (isinstance(index, tuple) and len(index) == 2 and index[0] is None and index[1] is tok),
+    expect(index is tok or (isinstance(index, tuple) and len(index) == 2 and index[0] is None and index[1] is tok),
             "expert input rows are not hidden[tok] for the where() of the same expert")
-    _expect(fake(hidden) is not None and fake(hidden).dim() == 2, "experts read rows of a tensor that is not [T, H]")
+    expect(fake(hidden) is not None and fake(hidden).dim() == 2, "experts read rows of a tensor that is not [T, H]")
     return hidden, nodes
 
 
@@ -380,10 +353,10 @@ def _signature(fn: RowFn) -> tuple:
 
 def stacked_projection(projs: list[_Proj], what: str) -> ExpertProjection:
     layouts = {p.layout for p in projs}
-    _expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
+    expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
     weight = _per_expert([(p.source, p.expert_index) for p in projs], f"{what} weight")
     has_bias = {p.bias is not None for p in projs}
-    _expect(len(has_bias) == 1, f"some experts' {what} has a bias and some not")
+    expect(len(has_bias) == 1, f"some experts' {what} has a bias and some not")
     bias = _per_expert([(p.bias, p.bias_index) for p in projs], f"{what} bias") if projs[0].bias is not None else None
     return ExpertProjection(weight=weight, layout=layouts.pop(), bias=bias)
 
@@ -394,35 +367,35 @@ def _per_expert(sources: list[tuple[fx.Node, int | None]], what: str) -> fx.Node
     if len(nodes) == 1:
         (source,) = nodes
         indices = [i for _, i in sources]
-        _expect(indices == list(range(len(sources))) and fake(source).shape[0] == len(sources),
+        expect(indices == list(range(len(sources))) and fake(source).shape[0] == len(sources),
                 f"expert e does not read {what} [{len(sources)}, ...][e]")
         return source
-    _expect(len(nodes) == len(sources) and all(i is None for _, i in sources), f"experts share a {what}")
+    expect(len(nodes) == len(sources) and all(i is None for _, i in sources), f"experts share a {what}")
     shapes = {tuple(fake(s).shape) for s, _ in sources}
-    _expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
+    expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
     return tuple(s for s, _ in sources)
 
 
 def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     experts = sorted(experts, key=lambda x: x.expert)
     e = len(experts)
-    _expect([x.expert for x in experts] == list(range(e)),
+    expect([x.expert for x in experts] == list(range(e)),
             f"the loop covers experts {[x.expert for x in experts]}, not each of 0..{e - 1} once; tokens routed elsewhere would be lost")
     first = experts[0]
     for x in experts[1:]:
-        _expect(x.ids is first.ids and x.weights is first.weights and x.hidden is first.hidden,
+        expect(x.ids is first.ids and x.weights is first.weights and x.hidden is first.hidden,
                 f"expert {x.expert} reads other expert ids, router weights or hidden states than expert 0")
-        _expect(len(x.ups) == len(first.ups), f"expert {x.expert} has {len(x.ups)} input matmuls, expert 0 {len(first.ups)}")
+        expect(len(x.ups) == len(first.ups), f"expert {x.expert} has {len(x.ups)} input matmuls, expert 0 {len(first.ups)}")
         for part in ("activation", "post"):
-            _expect(_signature(getattr(x, part)) == _signature(getattr(first, part)),
+            expect(_signature(getattr(x, part)) == _signature(getattr(first, part)),
                     f"expert {x.expert} computes a different {part} than expert 0 (or reads parameters of its own there)")
     ids = first.ids
     t, k = fake(ids).shape
     num_classes = [arg(n, 1, "num_classes") for n in first.nodes if is_op(n, "one_hot")]
-    _expect(all(c == e for c in num_classes), f"one_hot over {num_classes[0] if num_classes else '?'} classes, loop over {e} experts")
+    expect(all(c == e for c in num_classes), f"one_hot over {num_classes[0] if num_classes else '?'} classes, loop over {e} experts")
     router_width = _scored_experts(ids)
-    _expect(router_width in (None, e), f"the loop covers {e} experts but the router picks among {router_width}")
-    _expect(same_size(fake(first.hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    expect(router_width in (None, e), f"the loop covers {e} experts but the router picks among {router_width}")
+    expect(same_size(fake(first.hidden).shape[0], t), "hidden rows do not match the routed tokens")
     up = stacked_projection([x.ups[0] for x in experts], "first input")
     side_up = tuple(stacked_projection([x.ups[i] for x in experts], "second input") for i in range(1, len(first.ups)))
     down = stacked_projection([x.down for x in experts], "output")
@@ -430,7 +403,7 @@ def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     block = experts_owner(sources)
     last = max(x.update.node for x in experts)
     stray = [u for u in acc.users if u > acc and u < last and not any(u in x.nodes for x in experts)]
-    _expect(not stray, f"the accumulator is read inside the loop ({stray[0].name if stray else ''})")
+    expect(not stray, f"the accumulator is read inside the loop ({stray[0].name if stray else ''})")
     nodes = set().union(*(x.nodes for x in experts))
     base = None if is_op(acc, *_ACCUMULATORS) else acc
     if base is None:

@@ -19,22 +19,13 @@ import torch.fx as fx
 
 from moe_fx.passes.expert_loop import experts_owner, expert_linear, size_guards, stacked_projection
 from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, strip_casts
+from moe_fx.passes.matching import Miss, expect, row_functions
 from moe_fx.passes.region import MoERegion, NoMatch
-from moe_fx.passes.rowwise import extract_row_fn
 
 FORM = "split_experts"
 REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_scalar_outputs=True) to capture .tolist()"
 
 _ZEROS = ("zeros", "zeros_like", "new_zeros")
-
-
-class _Miss(Exception):
-    """Bail out of the recognizer with a reason (turned into a NoMatch)."""
-
-
-def _expect(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _Miss(reason)
 
 
 def _parts(cat: fx.Node) -> tuple[fx.Node, list] | None:
@@ -69,9 +60,9 @@ def match_split(up_cat: fx.Node) -> MoERegion | NoMatch | None:
         return None
     block = experts_owner(sorted({p.source for c in set(cats) for p in _parts(c)[1]}))
     try:
-        _expect(len(set(cats)) == 2, f"{len(set(cats))} per-expert cats share one split (expected up and down)")
+        expect(len(set(cats)) == 2, f"{len(set(cats))} per-expert cats share one split (expected up and down)")
         return _region(up_cat, sorted(set(cats))[1], block)
-    except _Miss as miss:
+    except Miss as miss:
         return NoMatch(block, FORM, str(miss))
 
 
@@ -84,36 +75,32 @@ def _region(up_cat: fx.Node, down_cat: fx.Node, block: str) -> MoERegion:
     up_split, ups = _parts(up_cat)
     down_split, downs = _parts(down_cat)
     e = len(ups)
-    _expect(len(downs) == e, f"{e} up and {len(downs)} down experts")
+    expect(len(downs) == e, f"{e} up and {len(downs)} down experts")
     counts, count_nodes = _counts(arg(up_split, 1, "split_size_or_sections"), e)
     ids = _counted_ids(counts, e)
     t, k = fake(ids).shape
     rows = up_split.args[0]
-    _expect(is_op(rows, "getitem"), "the split rows are not hidden[token index]")
+    expect(is_op(rows, "getitem"), "the split rows are not hidden[token index]")
     hidden, tok = rows.args
     perm, top_k = _token_of_sorted(tok)
-    _expect(top_k == k, f"rows computed as perm // {top_k}, but top-k is {k}")
-    _expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by sorting the expert ids")
+    expect(top_k == k, f"rows computed as perm // {top_k}, but top-k is {k}")
+    expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by sorting the expert ids")
     sort = perm.args[0]
-    _expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
+    expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
     flat = sort.args[0]
-    _expect(is_op(flat, "flatten", "view", "reshape") and flat.args[0] is ids, "the sorted ids are not the counted ones")
-    _expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    expect(is_op(flat, "flatten", "view", "reshape") and flat.args[0] is ids, "the sorted ids are not the counted ones")
+    expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
     # the weighting and the scatter back
     adds = [u for u in tok.users if is_op(u, "index_add", "index_add_") and arg(u, 1, "dim") in (0, -2) and arg(u, 2, "index") is tok]
-    _expect(len(adds) == 1, "expert rows are not put back with index_add(0, token index, rows)")
+    expect(len(adds) == 1, "expert rows are not put back with index_add(0, token index, rows)")
     output = adds[0]
     mul = strip_casts(arg(output, 3, "source"))
-    _expect(is_op(mul, "mul"), "the expert outputs are not multiplied by the router weights")
+    expect(is_op(mul, "mul"), "the expert outputs are not multiplied by the router weights")
     y, column = _split_weighting(mul, perm)
     gates = _flat_source(column_source := _column_of(column))
-    _expect(tuple(fake(gates).shape) == (t, k), "router weights are not [T, K]")
-    act = extract_row_fn(up_cat, down_split.args[0], down_split, perm, block=block, form=FORM, part="activation")
-    if not act:
-        raise _Miss(act.reason)
-    post = extract_row_fn(down_cat, y, mul, perm, block=block, form=FORM, part="post-expert")
-    if not post:
-        raise _Miss(post.reason)
+    expect(tuple(fake(gates).shape) == (t, k), "router weights are not [T, K]")
+    act, post = row_functions(up=up_cat, down_in=down_split.args[0], down=down_split, down_out=down_cat, y=y,
+                              weighting=mul, row_ids=perm, block=block, form=FORM)
     acc = output.args[0]
     base = None if is_op(acc, *_ZEROS) else acc
     up = stacked_projection(ups, "input")
@@ -134,13 +121,13 @@ def _region(up_cat: fx.Node, down_cat: fx.Node, block: str) -> MoERegion:
 
 def _counts(sizes, e: int) -> tuple[fx.Node, set[fx.Node]]:
     """The [E] count tensor of ``sizes = [counts[0].item(), ..., counts[E-1].item()]``, and those nodes."""
-    _expect(len(sizes) == e, f"split into {len(sizes)} parts for {e} experts")
+    expect(len(sizes) == e, f"split into {len(sizes)} parts for {e} experts")
     nodes, source = set(), None
     for i, size in enumerate(sizes):
-        _expect(is_op(size, "item") and is_op(size.args[0], "getitem") and size.args[0].args[1] == i,
+        expect(is_op(size, "item") and is_op(size.args[0], "getitem") and size.args[0].args[1] == i,
                 "split sizes are not the per-expert counts read with .tolist()")
         counts = size.args[0].args[0]
-        _expect(source in (None, counts), "split sizes come from different count tensors")
+        expect(source in (None, counts), "split sizes come from different count tensors")
         source = counts
         nodes |= {size, size.args[0], *size_guards(size)}
     return source, nodes
@@ -148,11 +135,11 @@ def _counts(sizes, e: int) -> tuple[fx.Node, set[fx.Node]]:
 
 def _counted_ids(counts: fx.Node, e: int) -> fx.Node:
     """ids [T, K] of ``zeros(T, E).scatter(1, ids, 1).long().sum(0)``."""
-    _expect(is_op(counts, "sum") and arg(counts, 1, "dim") in (0, (0,), [0]), f"counts come from {op_name(counts)}, not a sum over tokens")
+    expect(is_op(counts, "sum") and arg(counts, 1, "dim") in (0, (0,), [0]), f"counts come from {op_name(counts)}, not a sum over tokens")
     onehot = strip_casts(counts.args[0])
-    _expect(is_op(onehot, "scatter", "scatter_") and arg(onehot, 1, "dim") in (1, -1) and arg(onehot, 3, "value") == 1
+    expect(is_op(onehot, "scatter", "scatter_") and arg(onehot, 1, "dim") in (1, -1) and arg(onehot, 3, "value") == 1
             and is_op(onehot.args[0], *_ZEROS), "counts are not a sum of a one-hot scatter of the expert ids")
-    _expect(fake(onehot).shape[-1] == e, f"counts over {fake(onehot).shape[-1]} experts, split into {e}")
+    expect(fake(onehot).shape[-1] == e, f"counts over {fake(onehot).shape[-1]} experts, split into {e}")
     return arg(onehot, 2, "index")
 
 
@@ -161,7 +148,7 @@ def _token_of_sorted(tok: fx.Node) -> tuple[fx.Node, int | None]:
         return tok.args[0], int_value(tok.args[1])
     if is_op(tok, "floordiv"):
         return tok.args[0], int_value(tok.args[1])
-    raise _Miss(f"token index is {op_name(tok)}, not sorted position // K")
+    raise Miss(f"token index is {op_name(tok)}, not sorted position // K")
 
 
 def _split_weighting(mul: fx.Node, perm: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -169,9 +156,9 @@ def _split_weighting(mul: fx.Node, perm: fx.Node) -> tuple[fx.Node, fx.Node]:
     for y, w in (mul.args, mul.args[::-1]):
         column = strip_casts(w) if isinstance(w, fx.Node) else None
         if column is not None and _column_of(column) is not None:
-            _expect(_column_of(column).args[1] is perm, "router weights are not sorted like the rows")
+            expect(_column_of(column).args[1] is perm, "router weights are not sorted like the rows")
             return y, column
-    raise _Miss("the expert outputs are not multiplied by the sorted router weights")
+    raise Miss("the expert outputs are not multiplied by the sorted router weights")
 
 
 def _column_of(column: fx.Node) -> fx.Node | None:
@@ -187,7 +174,7 @@ def _column_of(column: fx.Node) -> fx.Node | None:
 
 def _flat_source(sorted_gates: fx.Node) -> fx.Node:
     flat = sorted_gates.args[0]
-    _expect(is_op(flat, "flatten", "view", "reshape") and fake(flat.args[0]) is not None and fake(flat.args[0]).dim() == 2,
+    expect(is_op(flat, "flatten", "view", "reshape") and fake(flat.args[0]) is not None and fake(flat.args[0]).dim() == 2,
             "router weights are not a flattened [T, K] tensor")
     return flat.args[0]
 

@@ -13,20 +13,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import fake, is_graph_input, is_op, owner_path
+from moe_fx.passes.graph_utils import downstream, fake, is_graph_input, is_op, owner_path
+from moe_fx.passes.matching import Miss, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
-from moe_fx.passes.rowwise import extract_row_fn
 
 FORM = "weight_gather_einsum"
-
-
-class _Miss(Exception):
-    """Bail out of the recognizer with a reason (turned into a NoMatch)."""
-
-
-def _expect(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _Miss(reason)
 
 
 def _einsum(node: fx.Node) -> tuple[list[str], str, list] | None:
@@ -64,7 +55,7 @@ def match_weight_gather(anchor: fx.Node) -> MoERegion | NoMatch | None:
     block = owner_path(weight)
     try:
         return _region(einsums, ids, block)
-    except _Miss as miss:
+    except Miss as miss:
         return NoMatch(block, FORM, str(miss))
 
 
@@ -73,45 +64,40 @@ def _projection(einsum: fx.Node, rows_rank: int) -> tuple[fx.Node, ExpertProject
     operand is [T, H] (``ti``) or [T, K, I] (``tai``); its last letter must be contracted."""
     (rows_subs, w_subs), out_subs, (rows, gathered) = _einsum(einsum)
     weight, _ = _gathered_weight(gathered)
-    _expect(len(w_subs) == 4 and len(rows_subs) == rows_rank and len(out_subs) == 3,
+    expect(len(w_subs) == 4 and len(rows_subs) == rows_rank and len(out_subs) == 3,
             f"{einsum.name}: einsum {rows_subs},{w_subs}->{out_subs} is not rows x W[ids]")
     t, a, p, q = w_subs
     contracted = rows_subs[-1]
-    _expect(rows_subs[0] == t and (rows_rank == 2 or rows_subs[1] == a) and contracted in (p, q) and contracted not in out_subs,
+    expect(rows_subs[0] == t and (rows_rank == 2 or rows_subs[1] == a) and contracted in (p, q) and contracted not in out_subs,
             f"{einsum.name}: einsum {rows_subs},{w_subs}->{out_subs} does not contract the rows with the weight's in-dimension")
     other = p if contracted == q else q
-    _expect(out_subs == t + a + other, f"{einsum.name}: einsum output {out_subs} is not [tokens, slots, out]")
+    expect(out_subs == t + a + other, f"{einsum.name}: einsum output {out_subs} is not [tokens, slots, out]")
     return rows, ExpertProjection(weight=weight, layout="out_in" if contracted == q else "in_out")
 
 
 def _region(einsums: list[fx.Node], ids: fx.Node, block: str) -> MoERegion:
-    _expect(len(einsums) in (2, 3), f"{len(einsums)} einsums read weights gathered by one id tensor (expected w1 [w3] w2)")
+    expect(len(einsums) in (2, 3), f"{len(einsums)} einsums read weights gathered by one id tensor (expected w1 [w3] w2)")
     reads = {e: _einsum(e)[2][0] for e in einsums}
     ups = [e for e in einsums if fake(reads[e]).dim() == 2]
     downs = [e for e in einsums if fake(reads[e]).dim() == 3]
-    _expect(len(downs) == 1 and len(ups) == len(einsums) - 1, "expected input einsums on [T, H] rows and one output einsum on [T, K, I]")
+    expect(len(downs) == 1 and len(ups) == len(einsums) - 1, "expected input einsums on [T, H] rows and one output einsum on [T, K, I]")
     down = downs[0]
     hidden, up = _projection(ups[0], 2)
     side = tuple(_projection(e, 2) for e in ups[1:])
-    _expect(all(rows is hidden for rows, _ in side), "the input einsums read different hidden states")
+    expect(all(rows is hidden for rows, _ in side), "the input einsums read different hidden states")
     down_in, down_p = _projection(down, 3)
     t, k = fake(ids).shape
     # the combine: einsum("tai,ta->ti", y, weights)
-    combine = [u for u in _forward(down) if _einsum(u) is not None and len(_einsum(u)[2]) == 2 and fake(_einsum(u)[2][1]) is not None
+    combine = [u for u in downstream(down) if _einsum(u) is not None and len(_einsum(u)[2]) == 2 and fake(_einsum(u)[2][1]) is not None
                and fake(_einsum(u)[2][1]).dim() == 2]
-    _expect(len(combine) == 1, "no einsum weighting the expert outputs by [T, K] router weights")
+    expect(len(combine) == 1, "no einsum weighting the expert outputs by [T, K] router weights")
     output = combine[0]
     (y_subs, w_subs), out_subs, (y, weights) = _einsum(output)
-    _expect(len(y_subs) == 3 and w_subs == y_subs[:2] and out_subs == y_subs[0] + y_subs[2],
+    expect(len(y_subs) == 3 and w_subs == y_subs[:2] and out_subs == y_subs[0] + y_subs[2],
             f"combine einsum {y_subs},{w_subs}->{out_subs} is not a weighted sum over the slots")
-    _expect(tuple(fake(weights).shape) == (t, k), "router weights are not [T, K]")
-    act = extract_row_fn(ups[0], down_in, down, ids, block=block, form=FORM, part="activation",
-                         side_starts=tuple(ups[1:]))
-    if not act:
-        raise _Miss(act.reason)
-    post = extract_row_fn(down, y, output, ids, block=block, form=FORM, part="post-expert")
-    if not post:
-        raise _Miss(post.reason)
+    expect(tuple(fake(weights).shape) == (t, k), "router weights are not [T, K]")
+    act, post = row_functions(up=ups[0], down_in=down_in, down=down, down_out=down, y=y, weighting=output,
+                              row_ids=ids, block=block, form=FORM, side_ups=tuple(ups[1:]))
     gathers = {e.args[-1] if not isinstance(e.args[1], (list, tuple)) else e.args[1][1] for e in einsums}
     nodes = {*einsums, *gathers, output, *act.nodes, *post.nodes}
     return MoERegion(
@@ -120,11 +106,3 @@ def _region(einsums: list[fx.Node], ids: fx.Node, block: str) -> MoERegion:
         num_experts=fake(up.weight).shape[0], top_k=k, hidden_size=up.features()[0],
         intermediate_size=down_p.features()[0], dtype=up.dtype, side_up=tuple(p for _, p in side),
     )
-
-
-def _forward(start: fx.Node, limit: int = 32) -> list[fx.Node]:
-    seen, out, frontier = {start}, [], [start]
-    while frontier and len(out) < limit:
-        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
-        out.extend(frontier)
-    return out
