@@ -7,7 +7,7 @@ import torch
 
 import moe_fx
 from tests import form_modules
-from tests.ep_jobs import _compile_and_run, _diff, rank_and_size
+from tests.ep_jobs import _compile_and_run, _diff, hf_model_case, rank_and_size
 
 HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K = 16, 8, 4, 2
 TOKENS_PER_RANK = (7, 12, 3, 9)
@@ -56,3 +56,11 @@ def forms_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerin
             result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses, "forms": forms}
         out.append(result)
     return out
+
+
+def hf_form_case(**kwargs) -> dict:
+    """tests/ep_jobs.py's hf_model_case, plus the forms of the blocks moe_fx rewrote."""
+    with moe_fx.recording() as graphs:
+        result = hf_model_case(**kwargs)
+    result["forms"] = sorted({b.region.form for g in graphs for b in g.report.blocks})
+    return result

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 import moe_fx
-from tests.ep_jobs import hf_model_case
-from tests.form_jobs import build_form, forms_case
-from tests.tiny_models import build_tiny, make_input_ids
+from tests.form_jobs import build_form, forms_case, hf_form_case
 from tests.tolerances import within
 
 EP_LOWERINGS = ("allgather", "all2allv")
@@ -37,11 +35,11 @@ ALL_CASES = LOOP_CASES + TITAN_CASES + GATHER_CASES + DENSE_CASES + SPLIT_CASES
 FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm", "WeightGatherMoE": "weight_gather_einsum",
          "DenseMoE": "dense_bmm", "SplitMoE": "split_experts"}
 
-# Every variant runs at ep 1; each form at ep 2 and ep 4, its variants split between them (the
-# multi-rank matrix is what costs CI time).
+# Every variant runs at ep 1 (recognition and equivalence of each spelling); each form at ep 2
+# and ep 4, with its variants split between them (the multi-rank matrix is what costs CI time).
 EP_CASES = {
-    2: [LOOP_CASES[1], LOOP_CASES[5], TITAN_CASES[1], GATHER_CASES[1], DENSE_CASES[1], SPLIT_CASES[1]],
-    4: [LOOP_CASES[0], LOOP_CASES[2], TITAN_CASES[0], GATHER_CASES[0], DENSE_CASES[0], SPLIT_CASES[0]],
+    2: [LOOP_CASES[1], TITAN_CASES[1], GATHER_CASES[1], DENSE_CASES[1], SPLIT_CASES[1]],
+    4: [LOOP_CASES[0], TITAN_CASES[0], GATHER_CASES[0], DENSE_CASES[0], SPLIT_CASES[0]],
 }
 # transformers models: (key, experts_implementation) -> the form their MoE blocks take.
 HF_FORMS = {
@@ -79,28 +77,33 @@ def test_ep(rank_pool, ep):
 
 def _check_hf(results: list[dict], key: str, impl: str, dtype: str, lowerings) -> None:
     for rank, res in enumerate(results):
+        assert res["forms"] == [HF_FORMS[key, impl]], (key, res["forms"])
         for lowering in lowerings:
             r = res[lowering]
-            # JetMoE's attention is a mixture of attention heads: experts around attention, not an MLP
-            assert all("self_attention" in m or "attention_mask" in m for m in r["misses"]), r["misses"]
+            # JetMoE's attention mixes attention heads (a near-miss: it reads the attention mask)
+            assert all("attention_mask" in m for m in r["misses"]), r["misses"]
             assert [s for _, s in r["blocks"]] == ["local" if lowering == "auto" else lowering], r["blocks"]
             assert within(r, dtype), f"rank {rank} {key} {lowering}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
 
 
-# deepseek_v2 and jamba use transformers' standard experts (tests/test_hf_models.py covers that form
-# at ep 4): ep 1 and 2 here.
-HF_EPS = [(ep, key, impl) for (key, impl) in HF_FORMS for ep in (1, 2, 4) if ep < 4 or impl == "eager"]
+# deepseek_v2 and jamba use transformers' standard experts (tests/test_hf_models.py covers that
+# form at every ep): ep 1 here, for the form and its routers. JetMoE (whose attention is slow to
+# capture) at ep 1 and 2; its form runs at ep 4 in test_ep.
+HF_EPS = [(1, key, impl) for key, impl in HF_FORMS] + [
+    (2, "llama4_text", "eager"), (4, "llama4_text", "eager"), (2, "jetmoe", "eager")]
 
 
 @pytest.mark.parametrize("ep,key,impl", HF_EPS)
 def test_transformers_models(rank_pool, ep, key, impl):
-    dtype = "bfloat16" if ep == 1 else "float32"
+    # JetMoE's tiny logits reach ~40, where one fp32 rounding step (4.8e-6) of the cross-rank sum
+    # in a different order already nears the 1e-5 absolute bound: compared in bf16 (relative) at ep > 1.
+    dtype = "bfloat16" if ep == 1 or key == "jetmoe" else "float32"
     if ep == 1:
-        results = [hf_model_case(key=key, impl=impl, dtype=dtype, lowerings=("auto",), inner="eager")]
+        results = [hf_form_case(key=key, impl=impl, dtype=dtype, lowerings=("auto",), inner="eager")]
         lowerings = ("auto",)
     else:
         lowerings = EP_LOWERINGS
-        results = rank_pool(ep).run("tests.ep_jobs:hf_model_case", key=key, impl=impl, dtype=dtype,
+        results = rank_pool(ep).run("tests.form_jobs:hf_form_case", key=key, impl=impl, dtype=dtype,
                                     lowerings=lowerings, inner="eager")
         assert all(r["touched"] >= 2 for r in results), "foreign experts were not zeroed"
     _check_hf(results, key, impl, dtype, lowerings)
@@ -116,9 +119,6 @@ def test_explain_lists_each_form():
         cls, dtype = case.pop("cls"), getattr(torch, case.pop("dtype", "float32"))
         report = moe_fx.explain(build_form(cls, dtype=str(dtype).split(".")[1], **case), torch.randn(6, 16, dtype=dtype))
         assert [b.form for b in report.blocks] == [FORMS[cls]] and not report.near_misses, str(report)
-    for (key, impl), form in HF_FORMS.items():
-        report = moe_fx.explain(build_tiny(key, experts_implementation=impl), make_input_ids(6, seed=0))
-        assert [b.form for b in report.blocks] == [form], (key, str(report))
 
 
 @pytest.mark.parametrize(

@@ -104,11 +104,13 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
 
 
 def _dtype_of_combine(region: MoERegion) -> torch.dtype | None:
-    """The dtype ``combine`` returns: expert rows (weight dtype) times router weights, promoted."""
+    """The dtype ``combine`` returns: expert rows (the down weight's dtype, or what the post-expert
+    code made of them) times router weights, promoted."""
     weights = _dtype(region.topk_weights)
-    if weights is None:
+    rows = _dtype(region.post.output) if region.post is not None else region.down.dtype
+    if weights is None or rows is None:
         return None
-    out = torch.promote_types(region.dtype, weights)
+    out = torch.promote_types(rows, weights)
     base = _dtype(region.base) if region.base is not None else None
     return torch.promote_types(out, base) if base is not None else out
 
