@@ -95,26 +95,23 @@ def _as_update(node: fx.Node, acc: fx.Node) -> _Update | None:
 
 def match_expert_loop(acc: fx.Node) -> MoERegion | NoMatch | None:
     """Recognize a static expert loop accumulating into ``acc``; None if ``acc`` is no accumulator."""
-    updates = sorted(u for u in acc.users if _as_update(u, acc) is not None)
+    updates = [update for u in sorted(acc.users) if (update := _as_update(u, acc)) is not None]
     if len(updates) < 2:
         return None
     block = _block_guess(updates)
     try:
-        experts = [_iteration(_as_update(u, acc), block) for u in updates]
-        return _region(acc, experts)
+        return _region(acc, [_iteration(update, block) for update in updates])
     except Miss as miss:
         return NoMatch(block, FORM, str(miss))
 
 
-def _block_guess(updates: list[fx.Node]) -> str:
+def _block_guess(updates: list[_Update]) -> str:
     """The experts' module path, from the matrices the loop body reads (for messages)."""
     def matrices(node: fx.Node) -> set[fx.Node]:
         return {n for n in upstream(node, limit=400) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
 
     # The rows' index depends on the router only: what the updates read besides belongs to the experts.
-    params = set().union(*(matrices(u) - matrices(u.args[1] if is_op(u, "setitem") else arg(u, 2, "index")
-                                                   if is_op(u, "index_add_") else arg(u, 1, "indices")[0])
-                           for u in updates))
+    params = set().union(*(matrices(u.node) - matrices(u.tok) for u in updates))
     return experts_owner(sorted(params)) if params else "<expert loop>"
 
 
