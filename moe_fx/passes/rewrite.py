@@ -131,11 +131,10 @@ def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
     graph = next(iter(alive)).graph
     # In-place updates of dead values (``rows.masked_fill_(mask, 0)``) die with them.
     alive |= {u for n in candidates for u in n.users if _mutates(u) and u.args[0] is n and not u.users}
-    position = {n: i for i, n in enumerate(graph.nodes)}
     changed = True
     while changed:
         changed = False
-        for node in sorted(alive, key=position.__getitem__, reverse=True):
+        for node in sorted(alive, reverse=True):  # fx nodes sort in graph order
             if not node.users:
                 graph.erase_node(node)
                 alive.discard(node)

@@ -90,6 +90,14 @@ def _describe(nodes: list[fx.Node], two_inputs: bool = False) -> str:
     return f"{'gated ' if gated else ''}{label}{' +bias' if biased else ''}"
 
 
+def _nodes_after(first: fx.Node, stop: fx.Node):
+    """The nodes strictly between ``first`` and ``stop``, in graph order."""
+    node = first.next
+    while node is not stop and node.op != "root":
+        yield node
+        node = node.next
+
+
 def extract_row_fn(
     start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str,
     side_starts: tuple[fx.Node, ...] = (),
@@ -97,19 +105,18 @@ def extract_row_fn(
     """The row-wise nodes computing ``end`` from ``start`` (``end is start``: only in-place
     updates), as read by ``consumer``: mutations of those values up to ``consumer`` count.
     ``side_starts`` are further inputs of the same rows (a separate w3 matmul beside w1)."""
-    graph_nodes = list(start.graph.nodes)
-    position = {n: i for i, n in enumerate(graph_nodes)}
-    stop = position[consumer]
+    # Only the nodes between the region's pieces are walked (never the whole graph: the pass stays
+    # linear in the number of blocks).
     starts = {start, *side_starts}
-    first = min(position[n] for n in starts)
+    first = min(starts)
     # Everything computed from `start` before `end`.
     downstream = set(starts)
-    for node in graph_nodes[first + 1 : stop]:
+    for node in _nodes_after(first, consumer):
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
     # Per-row values computed from the expert ids alone (transformers' EP sentinel masks).
     from_rows = {row_ids}
-    for node in graph_nodes[position[row_ids] + 1 : stop]:
+    for node in _nodes_after(row_ids, consumer):
         inputs = [a for a in node.all_input_nodes if fake(a) is not None]
         if any(a in from_rows for a in inputs) and all(a in from_rows or _is_param(a) for a in inputs):
             from_rows.add(node)
@@ -142,12 +149,12 @@ def extract_row_fn(
         if (miss := include(end)) is not None:
             return miss
     # In-place updates of included values (``out.add_(bias)``) are part of the computation.
-    for node in graph_nodes[first + 1 : stop]:
+    for node in _nodes_after(first, consumer):
         if node not in included and mutates(node) and (node.args[0] in included or node.args[0] in starts):
             if (miss := include(node)) is not None:
                 return miss
 
-    ordered = sorted(included, key=position.__getitem__)
+    ordered = sorted(included)  # fx nodes sort in graph order
     rows_rank = fake(start).dim() if fake(start) is not None else 2
     for node in ordered:
         if _is_expert_gather(node, row_ids):
