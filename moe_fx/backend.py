@@ -42,7 +42,8 @@ def recording() -> Iterator[list[RecordedGraph]]:
     try:
         yield graphs
     finally:
-        _recorders.remove(graphs)
+        # by identity: nested recordings hold equal lists (the same graphs)
+        _recorders[:] = [r for r in _recorders if r is not graphs]
 
 
 def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:

@@ -22,6 +22,13 @@ from moe_fx.shard import expert_shard, held_bytes
 
 _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "specialized integer", "unbacked")
 
+_DATA_DEPENDENT_BRANCH = ("Could not guard on data-dependent expression", "data-dependent branching")
+
+_FIX_BRANCH = (
+    "expert loop contains a data-dependent Python branch ({where}); every expert must run "
+    "unconditionally for the loop to be one graph (an expert with no tokens costs nothing): remove the branch"
+)
+
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
     "graph; for transformers models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
@@ -60,6 +67,7 @@ class ExplainReport:
     near_misses: list[NearMissRow] = field(default_factory=list)
     graph_count: int = 0
     graph_breaks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         header = ("block", "form", "E", "K", "H", "I", "dtype", "activation", "local experts", "lowering", "why")
@@ -84,6 +92,8 @@ class ExplainReport:
             lines.append(f"not rewritten: {miss.block} ({miss.form}): {miss.reason}")
         for reason in self.graph_breaks:
             lines.append(f"graph break: {reason}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
         return "\n".join(lines)
 
     __str__ = table
@@ -106,6 +116,8 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
+    if captured.graph_break_count > len(captured.break_reasons):
+        _add_silent_break(report, model_or_fn, args, kwargs, flags)
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph), params)
     for brk in captured.break_reasons:
@@ -115,6 +127,29 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
         if any(marker in brk.reason for marker in _DATA_DEPENDENT):
             report.near_misses.append(NearMissRow(block=where, form="graph break", reason=_FIX_EAGER_EXPERTS))
     return report
+
+
+def _add_silent_break(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:
+    """Breaks on data-dependent guards (``if tok.numel() == 0``) restart the frame and are not in
+    dynamo's break reasons: capture once more with fullgraph=True to read the error."""
+    def ignore(gm, example_inputs):
+        return gm.forward
+
+    try:
+        with torch._dynamo.config.patch(**flags):
+            torch.compile(model_or_fn, backend=ignore, fullgraph=True)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (any capture error is what the report shows)
+        text = str(exc)
+        # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
+        caused = next((line.split("Caused by:", 1)[1] for line in text.splitlines() if "Caused by:" in line), "")
+        code, _, location = caused.partition("#")
+        location = location.split(" (")[0].strip().rsplit("/", 1)[-1] or "<unknown>"
+        report.graph_breaks.append(f"{location}: {type(exc).__name__}: {text.strip().splitlines()[0]}")
+        if any(marker in text for marker in _DATA_DEPENDENT_BRANCH):
+            report.near_misses.append(NearMissRow(block=location, form="graph break",
+                                                  reason=_FIX_BRANCH.format(where=code.strip() or "see the graph break")))
+    finally:
+        torch._dynamo.reset()
 
 
 def _held_bytes(region: MoERegion, params: dict[str, torch.Tensor]) -> int:
@@ -134,6 +169,8 @@ def _held_bytes(region: MoERegion, params: dict[str, torch.Tensor]) -> int:
 def _add_graph(report: ExplainReport, analysis: PassReport, params: dict[str, torch.Tensor]) -> None:
     for decision in analysis.blocks:
         region, plan = decision.region, decision.plan
+        if region.requires:
+            report.notes.append(f"{region.block} ({region.form}) needs {region.requires}")
         local = plan.local_experts
         held = _held_bytes(region, params)
         every_expert = held * region.num_experts // region.shard.num_local if region.shard else held

@@ -19,6 +19,10 @@ import torch
 import transformers
 
 MODEL_KEYS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "granitemoe")
+# Models whose MoE blocks take other forms, or the standard experts behind other routers (tests/test_forms.py).
+FORM_MODEL_KEYS = ("llama4_text", "deepseek_v2", "jamba", "jetmoe")
+# Models whose experts are not ``@use_experts_implementation``-decorated: built with "eager", which they ignore.
+UNDECORATED = ("llama4_text", "jetmoe")
 
 # key -> (transformers class-name prefix, name of the expert-count key, name of the top-k key)
 _CLASS_PREFIX = {
@@ -29,7 +33,12 @@ _CLASS_PREFIX = {
     "olmoe": "Olmoe",
     "gpt_oss": "GptOss",
     "granitemoe": "GraniteMoe",
+    "llama4_text": "Llama4Text",
+    "deepseek_v2": "DeepseekV2",
+    "jamba": "Jamba",
+    "jetmoe": "JetMoe",
 }
+_MODEL_CLASS = {"llama4_text": "Llama4ForCausalLM"}
 _NUM_EXPERTS_KEY = {
     "mixtral": "num_local_experts",
     "qwen2_moe": "num_experts",
@@ -38,6 +47,10 @@ _NUM_EXPERTS_KEY = {
     "olmoe": "num_experts",
     "gpt_oss": "num_local_experts",
     "granitemoe": "num_local_experts",
+    "llama4_text": "num_local_experts",
+    "deepseek_v2": "n_routed_experts",
+    "jamba": "num_experts",
+    "jetmoe": "num_local_experts",
 }
 _TOP_K_KEY = "num_experts_per_tok"  # same name for every supported family
 
@@ -52,6 +65,10 @@ _COMMON: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+# DeepSeek's multi-head latent attention: one KV head per query head.
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
 
 def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
@@ -70,12 +87,8 @@ def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
         return dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     if key == "deepseek_v3":
         return dict(
-            num_key_value_heads=4,  # MLA: one KV head per query head
+            **_MLA,
             q_lora_rank=24,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
             moe_intermediate_size=32,
             n_routed_experts=8,
             n_shared_experts=1,
@@ -110,6 +123,16 @@ def _model_kwargs(key: str, num_hidden_layers: int) -> dict[str, Any]:
         )
     if key == "granitemoe":
         return dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if key == "llama4_text":
+        return dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=96, moe_layers=list(range(num_hidden_layers)))
+    if key == "deepseek_v2":
+        return dict(**_MLA, q_lora_rank=None, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0,
+                    topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5)
+    if key == "jamba":
+        return dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0,
+                    use_mamba_kernels=False, intermediate_size=32)
+    if key == "jetmoe":
+        return dict(kv_channels=16, intermediate_size=32)
     raise KeyError(f"unknown tiny model key {key!r}; expected one of {MODEL_KEYS}")
 
 
@@ -207,7 +230,7 @@ def build_tiny(
         num_experts=num_experts,
         top_k=top_k,
     )
-    model_cls = getattr(transformers, _CLASS_PREFIX[key] + "ForCausalLM")
+    model_cls = getattr(transformers, _MODEL_CLASS.get(key, _CLASS_PREFIX[key] + "ForCausalLM"))
     torch.manual_seed(seed)
     model = model_cls(config)
     got = model.config._experts_implementation
@@ -221,19 +244,26 @@ def build_tiny(
 
 
 def moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, module) of every MoE block: a module whose direct children include ``experts`` and
-    ``gate`` or ``router``."""
+    """(qualified name, module) of every MoE block: a module whose direct children include ``experts`` (or
+    JetMoE's ``input_linear``) and ``gate`` or ``router``."""
     out = []
     for name, module in model.named_modules():
         children = dict(module.named_children())
-        if "experts" in children and ("gate" in children or "router" in children):
+        # JetMoE's attention (JetMoeMoA) mixes attention heads, not MLP experts: not an MoE block here.
+        jetmoe_mlp = "input_linear" in children and "MoA" not in type(module).__name__
+        if ("experts" in children or jetmoe_mlp) and ("gate" in children or "router" in children):
             out.append((name, module))
     return out
 
 
 def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, module) of the ``experts`` child of every MoE block."""
-    return [(f"{name}.experts" if name else "experts", block.experts) for name, block in moe_blocks(model)]
+    """(qualified name, module) of the ``experts`` child of every MoE block (JetMoE: its two expert linears)."""
+    out = []
+    for name, block in moe_blocks(model):
+        prefix = f"{name}." if name else ""
+        children = ("experts",) if hasattr(block, "experts") else ("input_linear", "output_linear")
+        out.extend((prefix + child, getattr(block, child)) for child in children)
+    return out
 
 
 def router_of(block: torch.nn.Module) -> torch.nn.Module:

@@ -108,9 +108,12 @@ class LocalLowering:
         p = self.plan
         return f"{self.strategy.value}(experts {p.expert_start}..{p.expert_start + p.num_local_experts - 1} of {p.num_experts}, ep {p.ep_rank}/{p.ep_size})"
 
-    def local_weights(self, weight: torch.Tensor) -> torch.Tensor:
-        """[E, ...] -> this rank's contiguous block [e, ...] (a view)."""
+    def local_weights(self, weight: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """[E, ...] -> this rank's contiguous block [e, ...] (a view). One tensor per expert (a
+        ModuleList of nn.Linear): only the local ones are stacked (a copy per call)."""
         p = self.plan
+        if isinstance(weight, (list, tuple)):
+            return torch.stack(weight[p.expert_start : p.expert_start + p.num_local_experts])
         if p.ep_size == 1:
             return weight
         return weight[p.expert_start : p.expert_start + p.num_local_experts]

@@ -34,3 +34,9 @@ def expert_matmul(
     if _native_grouped_mm_ok(x, w_KN):
         return torch._grouped_mm(x, w_KN, offs=offsets)
     return torch.ops.moe_fx.grouped_mm(x, w_KN, offsets)
+
+
+def add_expert_bias(rows_RN: torch.Tensor, bias, row_expert_R: torch.Tensor) -> torch.Tensor:
+    """rows [R, N] + the bias of each row's (global) expert: ``bias`` is [E, N] or one [N] per expert."""
+    bias_EN = torch.stack(bias) if isinstance(bias, (list, tuple)) else bias
+    return rows_RN + bias_EN[row_expert_R]

@@ -134,3 +134,23 @@ def owner_path(param: fx.Node) -> str:
     """The module that holds ``param``: ``model.layers.0.mlp.experts``."""
     path = module_path(param)
     return path.rsplit(".", 1)[0] if "." in path else "<root module>"
+
+
+def upstream(node: fx.Node, limit: int = 200) -> set[fx.Node]:
+    """``node`` and what it is computed from (at most ``limit`` nodes: recognizers look nearby)."""
+    seen, stack = {node}, [node]
+    while stack and len(seen) < limit:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def downstream(node: fx.Node, limit: int = 32) -> list[fx.Node]:
+    """Nodes computed from ``node``, nearest first (at most about ``limit``)."""
+    seen, out, frontier = {node}, [], [node]
+    while frontier and len(out) < limit:
+        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
+        out.extend(frontier)
+    return out

@@ -223,6 +223,8 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
     mms = sorted(u for u in offs.users if is_op(u, *GROUPED_MM_OPS))  # fx nodes sort by graph order
     if mms[0] is not up_mm:
         return None  # anchored at the first matmul of the block only
+    if len(mms) == 3:
+        return None  # separate w1, w3, w2: torchtitan's form (titan_experts.py)
     form = "hf_grouped_mm"
     try:
         up = _projection(up_mm.args[1])

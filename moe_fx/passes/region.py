@@ -31,15 +31,18 @@ class RowFn:
     nodes: tuple[fx.Node, ...]
     label: str  # human-readable summary, e.g. "silu(gate) * up"
     plain_swiglu: bool = False  # silu(x[:, :N/2]) * x[:, N/2:] and nothing else: a fused kernel may replace it
+    side_inputs: tuple[fx.Node, ...] = ()  # further matmul outputs it reads (separate w1 / w3)
 
     def replay(
-        self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, block_row_ids: fx.Node | None = None
+        self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, new_side_inputs: tuple[fx.Node, ...] = (),
+        block_row_ids: fx.Node | None = None,
     ) -> fx.Node:
-        """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``.
-        With ``block_row_ids`` (the region's parameters hold only this rank's block of experts),
-        ``param[row_ids]`` reads ``param[block_row_ids]`` instead; every other use of the ids
-        still sees the global ids."""
+        """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``
+        (and ``new_side_inputs`` for ``side_inputs``). With ``block_row_ids`` (the region's
+        parameters hold only this rank's block of experts), ``param[row_ids]`` reads
+        ``param[block_row_ids]`` instead; every other use of the ids still sees the global ids."""
         env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
+        env.update(zip(self.side_inputs, new_side_inputs, strict=True))
         for node in self.nodes:
             ids = new_row_ids
             if block_row_ids is not None and is_expert_gather(node, self.row_ids):
@@ -54,15 +57,34 @@ class RowFn:
 
 @dataclass(frozen=True, kw_only=True)
 class ExpertProjection:
-    """One per-expert weight: [E, N, K] ("out_in", nn.Linear style) or [E, K, N] ("in_out")."""
+    """One per-expert weight: [E, N, K] ("out_in", nn.Linear style) or [E, K, N] ("in_out").
 
-    weight: fx.Node
+    ``weight`` is one stacked parameter, or one 2-D parameter per expert (a ModuleList of
+    nn.Linear), which the lowering stacks for its local experts. ``bias`` likewise: [E, N] or
+    one [N] per expert; the rewrite adds ``bias[row_expert]`` to the matmul's rows.
+    """
+
+    weight: fx.Node | tuple[fx.Node, ...]
     layout: str
+    bias: fx.Node | tuple[fx.Node, ...] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.weight) if isinstance(self.weight, tuple) else self._shape()[0]
+
+    def _shape(self) -> tuple[int, ...]:
+        first = self.weight[0] if isinstance(self.weight, tuple) else self.weight
+        return tuple(first.meta["example_value"].shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        first = self.weight[0] if isinstance(self.weight, tuple) else self.weight
+        return first.meta["example_value"].dtype
 
     def features(self) -> tuple[int, int]:
         """(in, out) features."""
-        shape = self.weight.meta["example_value"].shape
-        return (shape[2], shape[1]) if self.layout == "out_in" else (shape[1], shape[2])
+        shape = self._shape()[-2:]
+        return (shape[1], shape[0]) if self.layout == "out_in" else (shape[0], shape[1])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,9 +109,32 @@ class MoERegion:
     dtype: torch.dtype  # expert weight dtype
     shard: ExpertShard | None = None  # set when the expert parameters hold only this rank's block
 
+    # Further projections of the same dispatched rows that the activation reads (separate w1 and
+    # w3 instead of a fused gate_up), in the order of ``activation.side_inputs``.
+    side_up: tuple[ExpertProjection, ...] = ()
+    # The traced experts code accumulated into ``base`` (a shared expert's output): the rewrite
+    # returns ``base + combined``. None: it accumulated into zeros.
+    base: fx.Node | None = None
+    # Last node of the traced experts code when ``output`` is an accumulator updated in place
+    # (``out.index_add_`` in a loop): the rewrite goes after it and replaces only later uses.
+    last_update: fx.Node | None = None
+    # What dynamo must be told to capture this form as one graph (shown by explain()).
+    requires: str = ""
+    # The router weights scale the experts' input rows (torchtitan's score_before_experts, Llama 4)
+    # instead of their outputs: each (token, slot) row is then dispatched as a token of its own.
+    weights_on_input: bool = False
+    # ``topk_weights`` is a [T, E] score matrix, zero outside ``topk_ids`` (dense all-experts
+    # forms): the rewrite reads it at ``topk_ids``.
+    dense_scores: bool = False
+
     def expert_params(self) -> list[fx.Node]:
-        """Every per-expert parameter of the region: both weights, then the biases."""
-        params = [self.up.weight, self.down.weight, *self.activation.expert_params()]
+        """Every per-expert parameter of the region: the projections' weights and biases, then the
+        biases the activation and post-expert code read by row."""
+        params: list[fx.Node] = []
+        for projection in (self.up, *self.side_up, self.down):
+            for value in (projection.weight, projection.bias):
+                params += value if isinstance(value, tuple) else [] if value is None else [value]
+        params += self.activation.expert_params()
         return params + (self.post.expert_params() if self.post is not None else [])
 
     @property

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import LocalLowering
-from moe_fx.lowering.experts import expert_matmul
+from moe_fx.lowering.experts import add_expert_bias, expert_matmul
 from moe_fx.lowering.token_layout import ReplicatedTokens
 from moe_fx.passes.graph_utils import module_path, op_name
 from moe_fx.passes.rowwise import mutates as _mutates
@@ -39,26 +39,46 @@ from moe_fx.passes.region import MoERegion, RowFn
 
 def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> list[fx.Node]:
     """Rewrite ``region`` in place; returns the new nodes in order."""
-    first_new = region.output.prev
-    with graph.inserting_before(region.output):
-        if region.shard is not None and lowering.inline_stages:
-            raise UnsupportedMoEError(
-                f"MoE block {region.block!r}: weights sharded by moe_fx.shard_experts are not supported "
-                "by the Ascend (NPU) lowering yet; load the full model"
-            )
+    if lowering.inline_stages and (unsupported := _not_inline(region)):
+        raise UnsupportedMoEError(
+            f"MoE block {region.block!r} ({region.form}): {unsupported} is not supported by the Ascend (NPU) "
+            "lowering yet"
+        )
+    # An accumulator updated in place is replaced after its last update, the rest before the output.
+    insert_before = region.last_update.next if region.last_update is not None else region.output
+    first_new = insert_before.prev
+    with graph.inserting_before(insert_before):
         emit = _emit_traced if lowering.inline_stages else _emit_calls
         out = emit(graph, region, lowering)
-    region.output.replace_all_uses_with(out)
-    new_nodes = _nodes_between(first_new, region.output)
+    new_nodes = _nodes_between(first_new, insert_before)
+    created = set(new_nodes)
+    region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
     _erase_dead(region.nodes | {region.output})
     return new_nodes
 
 
+def _not_inline(region: MoERegion) -> str:
+    """What the traced-stages (Ascend) emission does not handle yet, or "" when it handles all."""
+    if region.shard is not None:
+        return "weights sharded by moe_fx.shard_experts"
+    if region.side_up or region.up.bias is not None or region.down.bias is not None:
+        return "separate w1/w3 projections or nn.Linear biases"
+    if region.base is not None or region.last_update is not None:
+        return "an expert loop accumulating in place"
+    if region.weights_on_input or region.dense_scores:
+        return "router weights on the experts' input or a dense score matrix"
+    return ""
+
+
 def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> fx.Node:
     """Each stage is one call of the lowering's method, run as Python when the graph runs."""
-    dispatched = graph.call_function(
-        lowering.dispatch, (region.hidden, region.topk_ids, region.topk_weights)
-    )
+    hidden, topk_ids, topk_weights = region.hidden, region.topk_ids, region.topk_weights
+    if region.dense_scores:
+        topk_weights = graph.call_method("gather", (topk_weights, 1, topk_ids))
+    if region.weights_on_input:
+        routed = graph.call_function(routed_rows_scaled, (hidden, topk_ids, topk_weights))
+        hidden, topk_ids, topk_weights = (graph.call_function(operator.getitem, (routed, i)) for i in range(3))
+    dispatched = graph.call_function(lowering.dispatch, (hidden, topk_ids, topk_weights))
     tokens = graph.call_function(getattr, (dispatched, "tokens"))
     offsets = graph.call_function(getattr, (dispatched, "offsets"))
     row_expert = graph.call_function(getattr, (dispatched, "row_expert"))
@@ -73,16 +93,26 @@ def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | Re
         weight = projection.weight
         if region.shard is None:
             weight = graph.call_function(lowering.local_weights, (weight,))
-        return graph.call_function(
-            expert_matmul, (x, weight, offsets), {"layout": projection.layout}
-        )
+        rows = graph.call_function(expert_matmul, (x, weight, offsets), {"layout": projection.layout})
+        if projection.bias is None:
+            return rows
+        return graph.call_function(add_expert_bias, (rows, projection.bias, row_expert if block_ids is None else block_ids))
 
     h = project(tokens, region.up)
-    a = region.activation.replay(graph, h, row_expert, block_ids)
+    sides = tuple(project(tokens, p) for p in region.side_up)
+    a = region.activation.replay(graph, h, row_expert, sides, block_row_ids=block_ids)
     y = project(a, region.down)
     if region.post is not None:
-        y = region.post.replay(graph, y, row_expert, block_ids)
-    return graph.call_function(lowering.combine, (y, dispatched, region.topk_weights))
+        y = region.post.replay(graph, y, row_expert, block_row_ids=block_ids)
+    out = graph.call_function(lowering.combine, (y, dispatched, topk_weights))
+    if region.weights_on_input:
+        out = graph.call_function(sum_over_slots, (out, region.topk_ids))
+    if region.base is not None:
+        out = graph.call_function(operator.add, (region.base, out))
+    dtype = _dtype(region.output)
+    if dtype is not None and dtype != _dtype_of_combine(region):
+        out = graph.call_method("to", (out, dtype))
+    return out
 
 
 def _emit_traced(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> fx.Node:
@@ -121,6 +151,41 @@ def _emit_traced(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) ->
     return lowering.combine(y, dispatched, proxy(region.topk_weights)).node
 
 
+def routed_rows_scaled(
+    hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router weights applied to the experts' input: every (token, slot) row, scaled by its weight
+    (in the promoted dtype, cast back, as the traced code did), becomes a token routed to one
+    expert with weight 1: rows [S, H], ids [S, 1], ones [S, 1]."""
+    rows_SH = hidden_TH.repeat_interleave(topk_ids_TK.shape[1], dim=0)
+    weights_S1 = topk_weights_TK.reshape(-1, 1)
+    scaled_SH = (rows_SH.to(torch.promote_types(rows_SH.dtype, weights_S1.dtype)) * weights_S1).to(rows_SH.dtype)
+    return scaled_SH, topk_ids_TK.reshape(-1, 1), torch.ones_like(weights_S1)
+
+
+def sum_over_slots(out_SH: torch.Tensor, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+    """[S, H] rows in (token, slot) order -> [T, H]."""
+    t, k = topk_ids_TK.shape
+    return out_SH.view(t, k, out_SH.shape[-1]).sum(dim=1)
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("example_value")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _dtype_of_combine(region: MoERegion) -> torch.dtype | None:
+    """The dtype ``combine`` returns: expert rows (the down weight's dtype, or what the post-expert
+    code made of them) times router weights, promoted."""
+    weights = _dtype(region.topk_weights)
+    rows = _dtype(region.post.output) if region.post is not None else region.down.dtype
+    if weights is None or rows is None:
+        return None
+    out = torch.promote_types(rows, weights)
+    base = _dtype(region.base) if region.base is not None else None
+    return torch.promote_types(out, base) if base is not None else out
+
+
 def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
     out, node = [], after.next
     while node is not before:
@@ -137,11 +202,10 @@ def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
     graph = next(iter(alive)).graph
     # In-place updates of dead values (``rows.masked_fill_(mask, 0)``) die with them.
     alive |= {u for n in candidates for u in n.users if _mutates(u) and u.args[0] is n and not u.users}
-    position = {n: i for i, n in enumerate(graph.nodes)}
     changed = True
     while changed:
         changed = False
-        for node in sorted(alive, key=position.__getitem__, reverse=True):
+        for node in sorted(alive, reverse=True):  # fx nodes sort in graph order
             if not node.users:
                 graph.erase_node(node)
                 alive.discard(node)
@@ -172,8 +236,8 @@ def _target_name(node: fx.Node, strategy: str) -> str:
     target = node.target
     if hasattr(getattr(target, "__self__", None), "strategy"):  # a lowering's bound method
         return f"{strategy}.{target.__name__}"
-    if target is expert_matmul:
-        return "expert_matmul"
+    if target in (expert_matmul, add_expert_bias, routed_rows_scaled, sum_over_slots):
+        return target.__name__
     return op_name(node)
 
 

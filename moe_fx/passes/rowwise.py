@@ -74,10 +74,10 @@ def _is_param(node: fx.Node) -> bool:
     return node.op == "placeholder" and ("_parameters" in where or "_buffers" in where)
 
 
-def _describe(nodes: list[fx.Node]) -> str:
+def _describe(nodes: list[fx.Node], two_inputs: bool = False) -> str:
     names = [op_name(n) for n in nodes]
     acts = sorted({n.rstrip("_") for n in names if n.rstrip("_") in _ACTIVATIONS})
-    gated = any(n in ("chunk", "split") for n in names) or any(
+    gated = two_inputs or any(n in ("chunk", "split") for n in names) or any(
         is_op(n, "getitem") and fake(n.args[0]) is not None for n in nodes
     )
     biased = any(is_op(n, "add_", "add") and any(is_op(a, "getitem") and is_graph_input(a.args[0]) for a in n.all_input_nodes) for n in nodes)
@@ -85,22 +85,33 @@ def _describe(nodes: list[fx.Node]) -> str:
     return f"{'gated ' if gated else ''}{label}{' +bias' if biased else ''}"
 
 
+def _nodes_after(first: fx.Node, stop: fx.Node):
+    """The nodes strictly between ``first`` and ``stop``, in graph order."""
+    node = first.next
+    while node is not stop and node.op != "root":
+        yield node
+        node = node.next
+
+
 def extract_row_fn(
-    start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str
+    start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str,
+    side_starts: tuple[fx.Node, ...] = (),
 ) -> RowFn | NoMatch:
     """The row-wise nodes computing ``end`` from ``start`` (``end is start``: only in-place
-    updates), as read by ``consumer``: mutations of those values up to ``consumer`` count."""
-    graph_nodes = list(start.graph.nodes)
-    position = {n: i for i, n in enumerate(graph_nodes)}
-    stop = position[consumer]
+    updates), as read by ``consumer``: mutations of those values up to ``consumer`` count.
+    ``side_starts`` are further inputs of the same rows (a separate w3 matmul beside w1)."""
+    # Only the nodes between the region's pieces are walked (never the whole graph: the pass stays
+    # linear in the number of blocks).
+    starts = {start, *side_starts}
+    first = min(starts)
     # Everything computed from `start` before `end`.
-    downstream = {start}
-    for node in graph_nodes[position[start] + 1 : stop]:
+    downstream = set(starts)
+    for node in _nodes_after(first, consumer):
         if any(a in downstream for a in node.all_input_nodes):
             downstream.add(node)
     # Per-row values computed from the expert ids alone (transformers' EP sentinel masks).
     from_rows = {row_ids}
-    for node in graph_nodes[position[row_ids] + 1 : stop]:
+    for node in _nodes_after(row_ids, consumer):
         inputs = [a for a in node.all_input_nodes if fake(a) is not None]
         if any(a in from_rows for a in inputs) and all(a in from_rows or _is_param(a) for a in inputs):
             from_rows.add(node)
@@ -112,11 +123,13 @@ def extract_row_fn(
         stack = [node]
         while stack:
             n = stack.pop()
-            if n in included or n is start:
+            if n in included or n in starts:
                 continue
             if n in downstream or n in from_rows or is_expert_gather(n, row_ids):
                 included.add(n)
-                stack.extend(a for a in n.all_input_nodes if a is not row_ids)
+                # x.type_as(other) reads only other's dtype
+                inputs = n.args[:1] if is_op(n, "type_as") else n.all_input_nodes
+                stack.extend(a for a in inputs if isinstance(a, fx.Node) and a is not row_ids)
             elif n is row_ids:
                 return NoMatch(block, form, f"{part}: reads the expert ids directly ({n.name})")
             elif fake(n) is not None and not _is_param(n):
@@ -131,12 +144,12 @@ def extract_row_fn(
         if (miss := include(end)) is not None:
             return miss
     # In-place updates of included values (``out.add_(bias)``) are part of the computation.
-    for node in graph_nodes[position[start] + 1 : stop]:
-        if node not in included and mutates(node) and (node.args[0] in included or node.args[0] is start):
+    for node in _nodes_after(first, consumer):
+        if node not in included and mutates(node) and (node.args[0] in included or node.args[0] in starts):
             if (miss := include(node)) is not None:
                 return miss
 
-    ordered = sorted(included, key=position.__getitem__)
+    ordered = sorted(included)  # fx nodes sort in graph order
     rows_rank = fake(start).dim() if fake(start) is not None else 2
     for node in ordered:
         if is_expert_gather(node, row_ids):
@@ -154,8 +167,9 @@ def extract_row_fn(
                 lambda node=node, outside=outside: f"{part}: {node.name} is also used by {outside[0].name}, outside the experts",
             )
     return RowFn(
-        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered),
-        plain_swiglu=_is_plain_swiglu(start, strip_casts(end), ordered),
+        input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered, bool(side_starts)),
+        plain_swiglu=not side_starts and _is_plain_swiglu(start, strip_casts(end), ordered),
+        side_inputs=tuple(side_starts),
     )
 
 

@@ -1,0 +1,199 @@
+"""Recognizer for dense all-experts forms: every expert runs on every token, a [T, E] score
+matrix that is zero outside each token's top-k decides what counts.
+
+Llama 4 (router scores on the input)::
+
+    scores_TE = sigmoid(full_like(logits, -inf).scatter_(1, ids, top_logits))   # or zeros.scatter(1, ids, w)
+    rows = hidden.repeat(E, 1) * scores_TE.transpose(0, 1).reshape(-1, 1)      # [E*T, H]
+    h = bmm(rows.view(E, -1, H), W_gate_up)                                     # W [E, H, N]
+    y = bmm(act(h), W_down).view(-1, H)
+    out = y.reshape(E, -1, H).sum(0)                                            # <- region output
+
+Masked dense (scores on the output)::
+
+    y_ETH = bmm(act(bmm(hidden.repeat(E, 1).view(E, -1, H), W_up)), W_down)
+    out = (y_ETH * scores_TE.transpose(0, 1).unsqueeze(-1)).sum(0)             # <- region output
+
+Both equal the top-k sparse computation because the scores vanish outside top-k; with the scores
+on the input this also needs every expert to map zero rows to zero (no biases, an activation
+with act(0) * ... = 0), which is checked.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, downstream, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
+
+FORM = "dense_bmm"
+
+# Ops that keep zero rows zero (a row of zeros in, a row of zeros out).
+_ZERO_PRESERVING = frozenset(
+    "chunk split getitem silu gelu relu tanh mul imul neg to float bfloat16 half type_as contiguous".split()
+)
+
+
+def _expert_rows(node: fx.Node) -> tuple[fx.Node, int, fx.Node | None] | None:
+    """(hidden, E, scores on the input or None) of ``hidden.repeat(E, 1)[* s].view(E, -1, H)``."""
+    if not is_op(node, "view", "reshape"):
+        return None
+    rows, scale = node.args[0], None
+    if is_op(rows, "mul"):
+        a, b = rows.args
+        rows, scale = (a, b) if is_op(a, "repeat") else (b, a)
+    if not is_op(rows, "repeat") or len(rows.args) != 3 or int_value(rows.args[2]) != 1:
+        return None
+    return rows.args[0], int_value(rows.args[1]), scale
+
+
+def is_dense_bmm(node: fx.Node) -> bool:
+    """``bmm(hidden.repeat(E, 1)....view(E, -1, H), W)`` with W a 3-D parameter."""
+    return is_op(node, "bmm") and is_graph_input(node.args[1]) and _expert_rows(node.args[0]) is not None
+
+
+def match_dense(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
+    hidden, e, scale = _expert_rows(up_bmm.args[0])
+    block = owner_path(up_bmm.args[1])
+    try:
+        return _region(up_bmm, hidden, e, scale, block)
+    except Miss as miss:
+        return NoMatch(block, FORM, str(miss))
+
+
+def _sparse_scores(scores: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """topk ids of a [T, E] score matrix zero outside them: ``[cast] sigmoid([cast] full(-inf).scatter_(1, ids, v))``
+    or ``zeros.scatter(1, ids, v)``; and the nodes in between."""
+    chain, node = [], scores
+    node = strip_casts(node)
+    sigmoid = is_op(node, "sigmoid")
+    if sigmoid:
+        node = strip_casts(node.args[0])
+    expect(is_op(node, "scatter", "scatter_") and arg(node, 1, "dim") in (1, -1),
+            f"the [T, E] scores come from {op_name(node)}, not a scatter of the top-k values (nothing proves them zero elsewhere)")
+    filled = node.args[0]
+    fill = arg(filled, 1, "fill_value") if is_op(filled, "full_like") else (0 if is_op(filled, "zeros_like", "zeros", "new_zeros") else None)
+    expect(fill == (float("-inf") if sigmoid else 0),
+            "the [T, E] scores are not zero outside the top-k (scatter into zeros, or sigmoid of a scatter into -inf)")
+    ids = arg(node, 2, "index")
+    expect(fake(ids) is not None and fake(ids).dim() == 2, "scattered ids are not [T, K]")
+    return ids, chain
+
+
+def _scores_column(node: fx.Node, e: int) -> fx.Node:
+    """scores_TE of ``scores_TE.transpose(0, 1).reshape(-1, 1)`` / ``.t().unsqueeze(-1)``."""
+    node = strip_casts(node)
+    expect(is_op(node, "reshape", "view", "unsqueeze"), "experts' rows are scaled by something other than the [T, E] scores")
+    inner = node.args[0]
+    expect(is_op(inner, "transpose", "t", "permute"), "the [T, E] scores are not transposed to expert-major")
+    scores = inner.args[0]
+    expect(fake(scores) is not None and fake(scores).dim() == 2 and same_size(fake(scores).shape[1], e),
+            f"the scores are not [T, E={e}]")
+    return scores
+
+
+def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, block: str) -> MoERegion:
+    up_w = up_bmm.args[1]
+    expect(fake(up_w).shape[0] == e, f"the tokens are repeated {e} times for {fake(up_w).shape[0]} experts")
+    downs = [n for n in downstream(up_bmm) if is_op(n, "bmm") and is_graph_input(n.args[1])]
+    expect(downs, "no second expert bmm after the first")
+    down = downs[0]
+    down_w = down.args[1]
+    expect(fake(down_w).shape[0] == e, "the two expert weights hold different expert counts")
+    # [E, T, H] -> [T, H]: a sum over the expert dim, with the scores applied on the way if not on the input
+    total = next((n for n in downstream(down) if is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0])), None)
+    expect(total is not None, "expert outputs are not summed over the experts")
+    mul_out = [n for n in _between(down, total) if is_op(n, "mul")]
+    if scale is not None:
+        expect(not mul_out, "router scores applied both before and after the experts")
+        scores = _scores_column(scale, e)
+        weighted, y_end, post_consumer = None, _before(total, down), total
+    else:
+        expect(len(mul_out) == 1, "the expert outputs are not multiplied by the [T, E] scores")
+        weighted = mul_out[0]
+        columns = [a for a in weighted.args if _scores_column_node(a)]
+        expect(len(columns) == 1, "the expert outputs are not multiplied by the transposed [T, E] scores")
+        scores = _scores_column(columns[0], e)
+        y_end = next(a for a in weighted.args if a is not columns[0])
+        post_consumer = weighted
+    ids, _ = _sparse_scores(scores)
+    t, k = fake(ids).shape
+    expect(same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    act, post = row_functions(up=up_bmm, down_in=down.args[0], down=down, down_out=down, y=y_end,
+                              weighting=post_consumer, row_ids=ids, block=block, form=FORM)
+    if scale is not None:
+        bad = [n for n in (*act.nodes, *post.nodes) if op_name(n) not in _ZERO_PRESERVING and not is_op(n, "view", "reshape")]
+        expect(not bad, f"{op_name(bad[0]) if bad else ''}: with scores on the input, every expert must map zero rows "
+                "to zero for the dense form to equal the top-k one")
+    nodes = {up_bmm, down, total, *_between(down, total), *act.nodes, *post.nodes, *_rows_nodes(up_bmm.args[0])}
+    if weighted is not None:
+        nodes |= {n for a in weighted.args if _scores_column_node(a) for n in _column_nodes(a)}
+    up = ExpertProjection(weight=up_w, layout="in_out")
+    down_p = ExpertProjection(weight=down_w, layout="in_out")
+    return MoERegion(
+        block=block, form=FORM, hidden=hidden, topk_ids=ids, topk_weights=scores, up=up, activation=act, down=down_p,
+        post=post if post.nodes else None, output=total, nodes=frozenset(nodes), num_experts=e, top_k=k,
+        hidden_size=up.features()[0], intermediate_size=down_p.features()[0], dtype=up.dtype,
+        weights_on_input=scale is not None, dense_scores=True,
+    )
+
+
+def _scores_column_node(node) -> bool:
+    """``scores.transpose(0, 1).reshape(-1, 1)``-like (through casts)."""
+    if not isinstance(node, fx.Node):
+        return False
+    node = strip_casts(node)
+    return is_op(node, "reshape", "view", "unsqueeze") and is_op(node.args[0], "transpose", "t", "permute")
+
+
+def _column_nodes(column: fx.Node) -> list[fx.Node]:
+    out, node = [], column
+    while not (is_op(node, "transpose", "t", "permute")):
+        out.append(node)
+        node = node.args[0]
+    return [*out, node]
+
+
+def _rows_nodes(view: fx.Node) -> list[fx.Node]:
+    out, rows = [view], view.args[0]
+    out.append(rows)
+    if is_op(rows, "mul"):
+        out.extend(a for a in rows.args if is_op(a, "repeat"))
+        out.extend(n for a in rows.args if _scores_column_node(a) for n in _column_nodes(a))
+    return out
+
+
+def _before(total: fx.Node, down: fx.Node) -> fx.Node:
+    """The last node before the [E, T, H] view that is summed: what the post-expert code ends with."""
+    node = total.args[0]
+    while is_op(node, "view", "reshape") and node is not down:
+        node = node.args[0]
+    return node
+
+
+def _between(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    out, stack, seen = [], [end], {end}
+    while stack:
+        node = stack.pop()
+        for a in node.all_input_nodes:
+            if a is start or a in seen:
+                continue
+            if _reaches(start, a):
+                seen.add(a)
+                out.append(a)
+                stack.append(a)
+    return out
+
+
+def _reaches(start: fx.Node, node: fx.Node, limit: int = 64) -> bool:
+    stack, seen = [node], {node}
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is start:
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False

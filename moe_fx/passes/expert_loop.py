@@ -1,0 +1,423 @@
+"""Recognizer for static expert loops (Mixtral in transformers 4.x, mistral-inference, research code).
+
+    out = zeros_like(x)                                    # or a shared expert's output
+    mask = one_hot(ids, E).permute(2, 1, 0)                # [E, K, T]; or ids == e in the loop
+    for e in range(E):                                     # unrolled by dynamo: E copies
+        slot, tok = torch.where(mask[e])                   # (tok, slot) = torch.where(ids == e)
+        y = expert_e(x[tok]) * weights[tok, slot, None]    # expert_e: nn.Linear modules or W[e]
+        out.index_add_(0, tok, y)                          # or out[tok] += y, out.index_put_(..., accumulate=True)
+
+``torch.where`` has a data-dependent size: dynamo captures it only with
+``capture_dynamic_output_shape_ops`` (which ``fullgraph=True`` turns on from torch 2.10).
+
+Every unrolled copy must compute the same function: the same row-wise activation (compared node
+by node), the same projection layouts, and parameters of its own only inside the projections
+(an nn.Linear weight and bias, or ``W[e]``). The first copy's activation is replayed for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_size, strip_casts, upstream
+from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
+
+FORM = "expert_loop"
+REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_dynamic_output_shape_ops=True) to capture torch.where"
+
+_ACCUMULATORS = ("zeros", "zeros_like", "new_zeros")
+_TRANSPOSES = ("t", "T", "mT")
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One ``out.index_add_(0, tok, contribution)`` (or its setitem / index_put_ spelling)."""
+
+    node: fx.Node  # the in-place update of the accumulator
+    tok: fx.Node
+    contribution: fx.Node
+    nodes: tuple[fx.Node, ...]  # helper nodes of the spelling (out[tok], iadd)
+
+
+@dataclass(frozen=True)
+class _Proj:
+    """A matmul of one expert: ``linear(x, W, b)`` or ``x @ W.T``; W is a parameter or ``P[e]``."""
+
+    node: fx.Node
+    input: fx.Node
+    source: fx.Node  # the 2-D parameter, or the 3-D one indexed by the expert
+    expert_index: int | None  # e of ``P[e]``
+    layout: str
+    bias: fx.Node | None
+    bias_index: int | None
+    nodes: tuple[fx.Node, ...]  # weight indexing / transposes
+
+
+@dataclass(frozen=True)
+class _Expert:
+    """One unrolled loop iteration."""
+
+    expert: int
+    ids: fx.Node
+    weights: fx.Node
+    hidden: fx.Node
+    ups: tuple[_Proj, ...]
+    down: _Proj
+    activation: RowFn
+    post: RowFn
+    update: _Update
+    nodes: frozenset[fx.Node]
+
+
+def is_loop_accumulator(node: fx.Node) -> bool:
+    """A tensor updated in place on selected rows at least twice (the anchor of this form)."""
+    return fake(node) is not None and fake(node).dim() == 2 and sum(_as_update(u, node) is not None for u in node.users) >= 2
+
+
+def _as_update(node: fx.Node, acc: fx.Node) -> _Update | None:
+    if is_op(node, "index_add_") and node.args[0] is acc and arg(node, 1, "dim") in (0, -2):
+        return _Update(node, arg(node, 2, "index"), arg(node, 3, "source"), ())
+    if is_op(node, "index_put_") and node.args[0] is acc and arg(node, 3, "accumulate", False):
+        indices = arg(node, 1, "indices")
+        if isinstance(indices, (tuple, list)) and len(indices) == 1:
+            return _Update(node, indices[0], arg(node, 2, "values"), ())
+    if is_op(node, "setitem") and node.args[0] is acc and isinstance(node.args[1], fx.Node):
+        tok, value = node.args[1], node.args[2]
+        if is_op(value, "iadd", "add") and is_op(value.args[0], "getitem"):
+            read = value.args[0]
+            if read.args[0] is acc and read.args[1] is tok:
+                return _Update(node, tok, value.args[1], (value, read))
+    return None
+
+
+def match_expert_loop(acc: fx.Node) -> MoERegion | NoMatch | None:
+    """Recognize a static expert loop accumulating into ``acc``; None if ``acc`` is no accumulator."""
+    updates = [update for u in sorted(acc.users) if (update := _as_update(u, acc)) is not None]
+    if len(updates) < 2:
+        return None
+    block = _block_guess(updates)
+    try:
+        return _region(acc, [_iteration(update, block) for update in updates])
+    except Miss as miss:
+        return NoMatch(block, FORM, str(miss))
+
+
+def _block_guess(updates: list[_Update]) -> str:
+    """The experts' module path, from the matrices the loop body reads (for messages)."""
+    def matrices(node: fx.Node) -> set[fx.Node]:
+        return {n for n in upstream(node, limit=400) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
+
+    # The rows' index depends on the router only: what the updates read besides belongs to the experts.
+    params = set().union(*(matrices(u.node) - matrices(u.tok) for u in updates))
+    return experts_owner(sorted(params)) if params else "<expert loop>"
+
+
+def experts_owner(params: list[fx.Node]) -> str:
+    """The module holding all ``params``: ``layers.0.moe.experts`` for a ModuleList of experts."""
+    if len(params) == 1:
+        return owner_path(params[0])
+    parts = [module_path(p).split(".")[:-1] for p in params]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or "<root module>"
+
+
+def _iteration(update: _Update, block: str) -> _Expert:
+    tok = update.tok
+    expect(is_op(tok, "getitem") and isinstance(tok.args[1], int), "rows are not selected with torch.where(mask)")
+    where = tok.args[0]
+    expect(is_op(where, "where", "nonzero") and len(where.args) == 1, f"rows come from {op_name(where)}, not torch.where(mask)")
+    expert, ids, tok_position = _mask(where.args[0])
+    expect(tok.args[1] == tok_position, "the accumulated rows are the top-k slots, not the tokens (where() outputs swapped)")
+    weight_rows, y, mul = _weighting(update.contribution, tok, where, 1 - tok_position)
+    slot = weight_rows.args[1][1]
+    weights = weight_rows.args[0]
+    expect(fake(weights) is not None and tuple(fake(weights).shape) == tuple(fake(ids).shape),
+            "router weights and expert ids differ in shape")
+    projections = [p for n in _between(tok, y) if (p := expert_linear(n)) is not None]
+    expect(projections, "no expert matmul between the selected rows and the weighted output")
+    downs = [p for p in projections if any(q.node in upstream(p.input) for q in projections if q is not p)]
+    ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
+    expect(len(downs) == 1 and 1 <= len(ups) <= 2,
+            f"expert {expert}: {len(ups)} input and {len(downs)} output matmuls (expected w1 [and w3], then w2)")
+    down = downs[0]
+    x_rows = ups[0].input
+    expect(all(p.input is x_rows for p in ups), f"expert {expert}: its input matmuls read different rows")
+    hidden, gather_nodes = _gathered_rows(x_rows, tok)
+    act, post = row_functions(up=ups[0].node, down_in=down.input, down=down.node, down_out=down.node, y=y,
+                              weighting=mul, row_ids=tok, block=block, form=FORM, side_ups=tuple(p.node for p in ups[1:]))
+    nodes = {update.node, *update.nodes, update.contribution, mul, weight_rows, *_casts_between(update.contribution, mul),
+             *_weight_row_nodes(weight_rows), where, tok, slot, *size_guards(where), *gather_nodes, x_rows,
+             *(n for p in (*ups, down) for n in (p.node, *p.nodes)), *act.nodes, *post.nodes, *_mask_nodes(where.args[0])}
+    return _Expert(expert=expert, ids=ids, weights=weights, hidden=hidden, ups=ups, down=down, activation=act,
+                   post=post, update=update, nodes=frozenset(nodes))
+
+
+def _mask(mask: fx.Node) -> tuple[int, fx.Node, int]:
+    """(expert e, ids [T, K], which where() output is the token) of ``ids == e`` or ``one_hot(ids).permute(...)[e]``."""
+    if is_op(mask, "eq") and int_value(mask.args[1]) is not None:
+        ids = mask.args[0]
+        expect(fake(ids) is not None and fake(ids).dim() == 2, "the expert mask does not compare a [T, K] id tensor")
+        return int_value(mask.args[1]), ids, 0
+    if is_op(mask, "getitem") and isinstance(mask.args[1], int) and is_op(mask.args[0], "permute"):
+        permute = mask.args[0]
+        dims = tuple(permute.args[1]) if isinstance(permute.args[1], (tuple, list)) else tuple(permute.args[1:])
+        one_hot = permute.args[0]
+        expect(is_op(one_hot, "one_hot") and dims[0] in (2, -1), "the expert mask is not one_hot(ids, E) with experts first")
+        ids = one_hot.args[0]
+        expect(fake(ids) is not None and fake(ids).dim() == 2, "one_hot is not over a [T, K] id tensor")
+        return mask.args[1], ids, (0 if tuple(dims[1:]) == (0, 1) else 1)
+    raise Miss(f"the rows of an expert are picked by {op_name(mask)}, not ids == e or one_hot(ids, E)[e]; "
+                "a loop over a data-dependent expert set cannot be captured")
+
+
+def _mask_nodes(mask: fx.Node) -> list[fx.Node]:
+    if is_op(mask, "eq"):
+        return [mask]
+    return [mask, mask.args[0], mask.args[0].args[0]]
+
+
+def size_guards(source: fx.Node) -> set[fx.Node]:
+    """dynamo's checks on the unbacked sizes ``source`` produces (``_assert_scalar(u0 >= 0)`` after a
+    where() or an ``.item()``), dead with it."""
+    out, frontier = set(), [source]
+    while frontier:
+        node = frontier.pop()
+        for u in node.users:
+            if u not in out and (is_op(u, "getitem", "ge", "le", "gt", "lt", "eq", "sym_sum")
+                                 or "sym_size" in op_name(u) or "assert" in op_name(u)):
+                out.add(u)
+                frontier.append(u)
+    return out
+
+
+def _weighting(contribution: fx.Node, tok: fx.Node, where: fx.Node, slot_position: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(``weights[tok, slot]`` node, expert output, the mul) of ``expert_out * weights[tok, slot, None]``."""
+    mul = strip_casts(contribution)
+    expect(is_op(mul, "mul") and len(mul.args) == 2, f"the accumulated rows are {op_name(mul)}, not expert output * router weight")
+    for y, w in (mul.args, mul.args[::-1]):
+        rows = _weight_rows(w)
+        if rows is not None:
+            index = rows.args[1]
+            slot = index[1]
+            expect(index[0] is tok and is_op(slot, "getitem") and slot.args == (where, slot_position),
+                    "router weights are not read at [tok, slot] of the same where()")
+            return rows, y, mul
+    raise Miss("the expert output is not multiplied by weights[tok, slot] (router weights applied elsewhere)")
+
+
+def _weight_rows(w: fx.Node) -> fx.Node | None:
+    """``weights[tok, slot, None]`` or ``weights[tok, slot].unsqueeze(-1)`` -> the indexing node."""
+    w = strip_casts(w) if isinstance(w, fx.Node) else w
+    if is_op(w, "unsqueeze") and arg(w, 1, "dim") in (-1, 1):
+        w = w.args[0]
+    if is_op(w, "getitem") and isinstance(w.args[1], tuple) and len(w.args[1]) in (2, 3):
+        index = w.args[1]
+        if all(isinstance(i, fx.Node) for i in index[:2]) and (len(index) == 2 or index[2] is None):
+            return w
+    return None
+
+
+def _weight_row_nodes(rows: fx.Node) -> list[fx.Node]:
+    out = []
+    for u in rows.users:
+        if is_op(u, "unsqueeze", "to", "float", "type_as"):
+            out.append(u)
+    return out
+
+
+def _casts_between(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
+    out = []
+    while top is not bottom and is_op(top, "to", "float", "bfloat16", "half", "type_as", "type"):
+        out.append(top)
+        top = top.args[0]
+    return out
+
+
+def _between(tok: fx.Node, y: fx.Node) -> list[fx.Node]:
+    """Nodes on a path from the selected rows' index to the expert output, in graph order."""
+    after = {tok}
+    for node in _graph_range(tok, y):
+        if any(a in after for a in node.all_input_nodes):
+            after.add(node)
+    before, stack = {y}, [y]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in after and a not in before:
+                before.add(a)
+                stack.append(a)
+    return sorted(before)
+
+
+def _graph_range(first: fx.Node, last: fx.Node):
+    node = first.next
+    while node is not last.next:
+        yield node
+        node = node.next
+
+
+def expert_linear(node: fx.Node) -> _Proj | None:
+    """One expert's matmul: ``linear(x, W[, b])`` or ``x @ W.T``, W a 2-D parameter or ``P[e]``."""
+    if is_op(node, "linear"):
+        weight, bias = node.args[1], arg(node, 2, "bias")
+        base = "out_in"
+    elif is_op(node, "matmul", "mm"):
+        weight, bias, base = node.args[1], None, "in_out"
+    else:
+        return None
+    helpers = []
+    flipped = False
+    while is_op(weight, "getattr", "t", "transpose", "permute") and _is_transpose(weight):
+        helpers.append(weight)
+        flipped = not flipped
+        weight = weight.args[0]
+    source, index = _expert_param(weight)
+    if source is None:
+        return None
+    if index is not None:
+        helpers.append(weight)
+    layout = base if not flipped else ("in_out" if base == "out_in" else "out_in")
+    bias_source, bias_index = _expert_param(bias) if isinstance(bias, fx.Node) else (None, None)
+    if isinstance(bias, fx.Node):
+        if bias_source is None:
+            return None
+        if bias_index is not None:
+            helpers.append(bias)
+    return _Proj(node=node, input=node.args[0], source=source, expert_index=index, layout=layout,
+                 bias=bias_source, bias_index=bias_index, nodes=tuple(helpers))
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if is_op(node, "getattr"):
+        return node.args[1] in _TRANSPOSES
+    if is_op(node, "t"):
+        return True
+    if is_op(node, "transpose"):
+        return sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0])
+    dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    return tuple(dims) == (1, 0)
+
+
+def _expert_param(node: fx.Node) -> tuple[fx.Node | None, int | None]:
+    """(parameter, None) for a parameter; (P, e) for ``P[e]`` of a stacked one; (None, None) otherwise."""
+    if is_graph_input(node):
+        return node, None
+    if is_op(node, "getitem") and is_graph_input(node.args[0]) and isinstance(node.args[1], int):
+        return node.args[0], node.args[1]
+    return None, None
+
+
+def _gathered_rows(x_rows: fx.Node, tok: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """hidden of ``hidden[tok]`` / ``hidden[None, tok].reshape(-1, H)``, and the nodes in between."""
+    nodes, node = [], x_rows
+    while is_op(node, "reshape", "view", "squeeze"):
+        nodes.append(node)
+        node = node.args[0]
+    expect(is_op(node, "getitem"), "expert input rows are not hidden[tok]")
+    nodes.append(node)
+    hidden, index = node.args
+    expect(index is tok or (isinstance(index, tuple) and len(index) == 2 and index[0] is None and index[1] is tok),
+            "expert input rows are not hidden[tok] for the where() of the same expert")
+    expect(fake(hidden) is not None and fake(hidden).dim() == 2, "experts read rows of a tensor that is not [T, H]")
+    return hidden, nodes
+
+
+# ------------------------------------------------------------------------------------------
+# All iterations -> one region
+# ------------------------------------------------------------------------------------------
+
+
+def _signature(fn: RowFn) -> tuple:
+    """What a row function computes, with node identities replaced by positions (parameters kept)."""
+    position = {fn.input: "in", **{s: f"side{i}" for i, s in enumerate(fn.side_inputs)}}
+    position.update({n: i for i, n in enumerate(fn.nodes)})
+
+    def norm(value):
+        if isinstance(value, fx.Node):
+            return position.get(value, value)  # a parameter read whole must be the same node
+        if isinstance(value, (tuple, list)):
+            return tuple(norm(v) for v in value)
+        return value
+
+    return tuple((op_name(n), norm(n.args), norm(dict(n.kwargs))) for n in fn.nodes)
+
+
+def stacked_projection(projs: list[_Proj], what: str) -> ExpertProjection:
+    layouts = {p.layout for p in projs}
+    expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
+    weight = _per_expert([(p.source, p.expert_index) for p in projs], f"{what} weight")
+    has_bias = {p.bias is not None for p in projs}
+    expect(len(has_bias) == 1, f"some experts' {what} has a bias and some not")
+    bias = _per_expert([(p.bias, p.bias_index) for p in projs], f"{what} bias") if projs[0].bias is not None else None
+    return ExpertProjection(weight=weight, layout=layouts.pop(), bias=bias)
+
+
+def _per_expert(sources: list[tuple[fx.Node, int | None]], what: str) -> fx.Node | tuple[fx.Node, ...]:
+    """One stacked parameter indexed 0..E-1 in order, or E distinct parameters of one shape."""
+    nodes = {s for s, _ in sources}
+    if len(nodes) == 1:
+        (source,) = nodes
+        indices = [i for _, i in sources]
+        expect(indices == list(range(len(sources))) and fake(source).shape[0] == len(sources),
+                f"expert e does not read {what} [{len(sources)}, ...][e]")
+        return source
+    expect(len(nodes) == len(sources) and all(i is None for _, i in sources), f"experts share a {what}")
+    shapes = {tuple(fake(s).shape) for s, _ in sources}
+    expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
+    return tuple(s for s, _ in sources)
+
+
+def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
+    experts = sorted(experts, key=lambda x: x.expert)
+    e = len(experts)
+    expect([x.expert for x in experts] == list(range(e)),
+            f"the loop covers experts {[x.expert for x in experts]}, not each of 0..{e - 1} once; tokens routed elsewhere would be lost")
+    first = experts[0]
+    for x in experts[1:]:
+        expect(x.ids is first.ids and x.weights is first.weights and x.hidden is first.hidden,
+                f"expert {x.expert} reads other expert ids, router weights or hidden states than expert 0")
+        expect(len(x.ups) == len(first.ups), f"expert {x.expert} has {len(x.ups)} input matmuls, expert 0 {len(first.ups)}")
+        for part in ("activation", "post"):
+            expect(_signature(getattr(x, part)) == _signature(getattr(first, part)),
+                    f"expert {x.expert} computes a different {part} than expert 0 (or reads parameters of its own there)")
+    ids = first.ids
+    t, k = fake(ids).shape
+    num_classes = [arg(n, 1, "num_classes") for n in first.nodes if is_op(n, "one_hot")]
+    expect(all(c == e for c in num_classes), f"one_hot over {num_classes[0] if num_classes else '?'} classes, loop over {e} experts")
+    router_width = _scored_experts(ids)
+    expect(router_width in (None, e), f"the loop covers {e} experts but the router picks among {router_width}")
+    expect(same_size(fake(first.hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    up = stacked_projection([x.ups[0] for x in experts], "first input")
+    side_up = tuple(stacked_projection([x.ups[i] for x in experts], "second input") for i in range(1, len(first.ups)))
+    down = stacked_projection([x.down for x in experts], "output")
+    sources = [w for p in (up, *side_up, down) for w in (p.weight if isinstance(p.weight, tuple) else (p.weight,))]
+    block = experts_owner(sources)
+    last = max(x.update.node for x in experts)
+    stray = [u for u in acc.users if u > acc and u < last and not any(u in x.nodes for x in experts)]
+    expect(not stray, f"the accumulator is read inside the loop ({stray[0].name if stray else ''})")
+    nodes = set().union(*(x.nodes for x in experts))
+    base = None if is_op(acc, *_ACCUMULATORS) else acc
+    if base is None:
+        nodes.add(acc)
+    h_in, _ = up.features()
+    i_down, _ = down.features()
+    return MoERegion(
+        block=block, form=FORM, hidden=first.hidden, topk_ids=ids, topk_weights=first.weights, up=up,
+        activation=first.activation, down=down, post=first.post if first.post.nodes else None, output=acc,
+        nodes=frozenset(nodes), num_experts=e, top_k=k, hidden_size=h_in, intermediate_size=i_down,
+        dtype=up.dtype, side_up=side_up, base=base, last_update=last, requires=REQUIRES,
+    )
+
+
+def _scored_experts(ids: fx.Node) -> int | None:
+    """How many experts the router chose among, when ids are ``topk(scores)[1]``."""
+    if is_op(ids, "getitem") and ids.args[1] == 1 and is_op(ids.args[0], "topk"):
+        scores = fake(ids.args[0].args[0])
+        return int_value(scores.shape[-1]) if scores is not None else None
+    return None

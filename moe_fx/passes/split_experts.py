@@ -1,0 +1,187 @@
+"""Recognizer for split-per-expert experts (JetMoE): sorted rows, per-expert counts read on the
+host, ``split``, one linear per expert, ``cat``.
+
+    counts = zeros(T, E).scatter(1, ids, 1).long().sum(0).tolist()   # [E] host ints
+    _, perm = ids.flatten().sort(0); tok = perm.div(K, rounding_mode="trunc")
+    rows = x[tok]
+    h = cat([linear(part, W_up[e]) for e, part in enumerate(rows.split(counts))])
+    a = activation(h)                                                  # chunk / silu / mul, row-wise
+    y = cat([linear(part, W_down[e]) for e, part in enumerate(a.split(counts))])
+    out = zeros(T, H).index_add(0, tok, y * weights.flatten()[perm][:, None])   # <- region output
+
+dynamo captures ``.tolist()`` only with ``capture_scalar_outputs`` (fullgraph=True turns it on
+from torch 2.10); the rewrite drops that host sync.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from moe_fx.passes.expert_loop import experts_owner, expert_linear, size_guards, stacked_projection
+from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, strip_casts
+from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.region import MoERegion, NoMatch
+
+FORM = "split_experts"
+REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_scalar_outputs=True) to capture .tolist()"
+
+_ZEROS = ("zeros", "zeros_like", "new_zeros")
+
+
+def _parts(cat: fx.Node) -> tuple[fx.Node, list] | None:
+    """(split node, per-expert linears) of ``cat([linear(split(x, sizes)[e], W_e) for e])``."""
+    pieces = cat.args[0] if cat.args else None
+    if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or arg(cat, 1, "dim", 0) not in (0, -2):
+        return None
+    projections = [expert_linear(p) if isinstance(p, fx.Node) else None for p in pieces]
+    if any(p is None for p in projections):
+        return None
+    inputs = [p.input for p in projections]
+    if not all(is_op(i, "getitem") and i.args[1] == e for e, i in enumerate(inputs)):
+        return None
+    split = inputs[0].args[0]
+    if not is_op(split, "split") or any(i.args[0] is not split for i in inputs):
+        return None
+    return split, projections
+
+
+def is_expert_cat(node: fx.Node) -> bool:
+    return is_op(node, "cat") and _parts(node) is not None
+
+
+def match_split(up_cat: fx.Node) -> MoERegion | NoMatch | None:
+    """Recognize the form anchored at its first expert cat; None if ``up_cat`` is the second."""
+    split, ups = _parts(up_cat)
+    sizes = arg(split, 1, "split_size_or_sections")
+    if not isinstance(sizes, (list, tuple)):
+        return None
+    cats = sorted(c for s in _splits_sharing(sizes) for g in s.users for lin in g.users for c in lin.users if is_expert_cat(c))
+    if cats[0] is not up_cat:
+        return None
+    block = experts_owner(sorted({p.source for c in set(cats) for p in _parts(c)[1]}))
+    try:
+        expect(len(set(cats)) == 2, f"{len(set(cats))} per-expert cats share one split (expected up and down)")
+        return _region(up_cat, sorted(set(cats))[1], block)
+    except Miss as miss:
+        return NoMatch(block, FORM, str(miss))
+
+
+def _splits_sharing(sizes) -> list[fx.Node]:
+    first = next(s for s in sizes if isinstance(s, fx.Node))
+    return [u for u in first.users if is_op(u, "split") and list(arg(u, 1, "split_size_or_sections")) == list(sizes)]
+
+
+def _region(up_cat: fx.Node, down_cat: fx.Node, block: str) -> MoERegion:
+    up_split, ups = _parts(up_cat)
+    down_split, downs = _parts(down_cat)
+    e = len(ups)
+    expect(len(downs) == e, f"{e} up and {len(downs)} down experts")
+    counts, count_nodes = _counts(arg(up_split, 1, "split_size_or_sections"), e)
+    ids = _counted_ids(counts, e)
+    t, k = fake(ids).shape
+    rows = up_split.args[0]
+    expect(is_op(rows, "getitem"), "the split rows are not hidden[token index]")
+    hidden, tok = rows.args
+    perm, top_k = _token_of_sorted(tok)
+    expect(top_k == k, f"rows computed as perm // {top_k}, but top-k is {k}")
+    expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by sorting the expert ids")
+    sort = perm.args[0]
+    expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
+    flat = sort.args[0]
+    expect(is_op(flat, "flatten", "view", "reshape") and flat.args[0] is ids, "the sorted ids are not the counted ones")
+    expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
+    # the weighting and the scatter back
+    adds = [u for u in tok.users if is_op(u, "index_add", "index_add_") and arg(u, 1, "dim") in (0, -2) and arg(u, 2, "index") is tok]
+    expect(len(adds) == 1, "expert rows are not put back with index_add(0, token index, rows)")
+    output = adds[0]
+    mul = strip_casts(arg(output, 3, "source"))
+    expect(is_op(mul, "mul"), "the expert outputs are not multiplied by the router weights")
+    y, column = _split_weighting(mul, perm)
+    gates = _flat_source(column_source := _column_of(column))
+    expect(tuple(fake(gates).shape) == (t, k), "router weights are not [T, K]")
+    act, post = row_functions(up=up_cat, down_in=down_split.args[0], down=down_split, down_out=down_cat, y=y,
+                              weighting=mul, row_ids=perm, block=block, form=FORM)
+    acc = output.args[0]
+    base = None if is_op(acc, *_ZEROS) else acc
+    up = stacked_projection(ups, "input")
+    down = stacked_projection(downs, "output")
+    nodes = {up_cat, down_cat, up_split, down_split, *count_nodes, sort, perm, flat, tok, rows, output, mul,
+             *_casts(arg(output, 3, "source"), mul), column, column_source, column_source.args[0],
+             *act.nodes, *post.nodes}
+    for split, projections in ((up_split, ups), (down_split, downs)):
+        nodes |= {p.node for p in projections} | {n for p in projections for n in p.nodes} | {p.input for p in projections}
+    if base is None:
+        nodes.add(acc)
+    return MoERegion(
+        block=block, form=FORM, hidden=hidden, topk_ids=ids, topk_weights=gates, up=up, activation=act, down=down,
+        post=post if post.nodes else None, output=output, nodes=frozenset(nodes), num_experts=e, top_k=k,
+        hidden_size=up.features()[0], intermediate_size=down.features()[0], dtype=up.dtype, base=base, requires=REQUIRES,
+    )
+
+
+def _counts(sizes, e: int) -> tuple[fx.Node, set[fx.Node]]:
+    """The [E] count tensor of ``sizes = [counts[0].item(), ..., counts[E-1].item()]``, and those nodes."""
+    expect(len(sizes) == e, f"split into {len(sizes)} parts for {e} experts")
+    nodes, source = set(), None
+    for i, size in enumerate(sizes):
+        expect(is_op(size, "item") and is_op(size.args[0], "getitem") and size.args[0].args[1] == i,
+                "split sizes are not the per-expert counts read with .tolist()")
+        counts = size.args[0].args[0]
+        expect(source in (None, counts), "split sizes come from different count tensors")
+        source = counts
+        nodes |= {size, size.args[0], *size_guards(size)}
+    return source, nodes
+
+
+def _counted_ids(counts: fx.Node, e: int) -> fx.Node:
+    """ids [T, K] of ``zeros(T, E).scatter(1, ids, 1).long().sum(0)``."""
+    expect(is_op(counts, "sum") and arg(counts, 1, "dim") in (0, (0,), [0]), f"counts come from {op_name(counts)}, not a sum over tokens")
+    onehot = strip_casts(counts.args[0])
+    expect(is_op(onehot, "scatter", "scatter_") and arg(onehot, 1, "dim") in (1, -1) and arg(onehot, 3, "value") == 1
+            and is_op(onehot.args[0], *_ZEROS), "counts are not a sum of a one-hot scatter of the expert ids")
+    expect(fake(onehot).shape[-1] == e, f"counts over {fake(onehot).shape[-1]} experts, split into {e}")
+    return arg(onehot, 2, "index")
+
+
+def _token_of_sorted(tok: fx.Node) -> tuple[fx.Node, int | None]:
+    if is_op(tok, "div") and arg(tok, 2, "rounding_mode") in ("trunc", "floor"):
+        return tok.args[0], int_value(tok.args[1])
+    if is_op(tok, "floordiv"):
+        return tok.args[0], int_value(tok.args[1])
+    raise Miss(f"token index is {op_name(tok)}, not sorted position // K")
+
+
+def _split_weighting(mul: fx.Node, perm: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(expert output, ``gates_sorted[:, None]``) of the weighting multiply."""
+    for y, w in (mul.args, mul.args[::-1]):
+        column = strip_casts(w) if isinstance(w, fx.Node) else None
+        if column is not None and _column_of(column) is not None:
+            expect(_column_of(column).args[1] is perm, "router weights are not sorted like the rows")
+            return y, column
+    raise Miss("the expert outputs are not multiplied by the sorted router weights")
+
+
+def _column_of(column: fx.Node) -> fx.Node | None:
+    """``g[perm]`` of ``g[perm][:, None]`` / ``g[perm].unsqueeze(-1)``."""
+    if is_op(column, "getitem") and column.args[1] == (slice(None), None):
+        inner = column.args[0]
+    elif is_op(column, "unsqueeze") and arg(column, 1, "dim") in (-1, 1):
+        inner = column.args[0]
+    else:
+        return None
+    return inner if is_op(inner, "getitem") and isinstance(inner.args[1], fx.Node) else None
+
+
+def _flat_source(sorted_gates: fx.Node) -> fx.Node:
+    flat = sorted_gates.args[0]
+    expect(is_op(flat, "flatten", "view", "reshape") and fake(flat.args[0]) is not None and fake(flat.args[0]).dim() == 2,
+            "router weights are not a flattened [T, K] tensor")
+    return flat.args[0]
+
+
+def _casts(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
+    out = []
+    while top is not bottom:
+        out.append(top)
+        top = top.args[0]
+    return out
