@@ -34,7 +34,7 @@ def zero_foreign_form_experts(model: torch.nn.Module) -> int:
 
 
 def forms_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerings: tuple[str, ...] = ("auto",),
-               inner: str = "eager") -> list[dict]:
+               inner: str = "eager", config_patch: dict | None = None) -> list[dict]:
     """For each case ({"cls": ..., "dtype": ..., **module kwargs}): eager on this rank's tokens
     before zeroing foreign experts, then moe_fx with each lowering after zeroing them."""
     torch.set_num_threads(1) if world_size > 1 else None
@@ -51,7 +51,8 @@ def forms_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerin
         result = {"touched": touched}
         for lowering in lowerings:
             with moe_fx.recording() as graphs:
-                got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner=inner)
+                got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner=inner,
+                                                       config_patch=config_patch)
             forms = [b.region.form for g in graphs for b in g.report.blocks]
             result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses, "forms": forms}
         out.append(result)

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import moe_fx
+from tests.ep_jobs import TOKENS_PER_RANK
 from tests.form_jobs import build_form, forms_case, hf_form_case
 from tests.tolerances import within
 
-EP_LOWERINGS = ("allgather", "all2allv")
+EP_LOWERINGS = ("allgather", "all2allv", "mc2")
+# mc2's capacity: the largest rank's token count (tests/ep_jobs.py); unused by the other lowerings.
+BOUND = {"max_tokens_per_rank": max(TOKENS_PER_RANK)}
 
 LOOP_CASES = [
     dict(cls="LoopMoE"),  # ModuleList, gated SiLU, one_hot mask, index_add_
@@ -70,7 +73,7 @@ def test_ep1():
 @pytest.mark.parametrize("ep", (2, 4))
 def test_ep(rank_pool, ep):
     cases = EP_CASES[ep]
-    results = rank_pool(ep).run("tests.form_jobs:forms_case", cases=cases, lowerings=EP_LOWERINGS)
+    results = rank_pool(ep).run("tests.form_jobs:forms_case", cases=cases, lowerings=EP_LOWERINGS, config_patch=BOUND)
     assert all(res["touched"] > 0 for per_case in results for res in per_case), "foreign experts were not zeroed"
     _check(results, cases, EP_LOWERINGS)
 
@@ -104,7 +107,7 @@ def test_transformers_models(rank_pool, ep, key, impl):
     else:
         lowerings = EP_LOWERINGS
         results = rank_pool(ep).run("tests.form_jobs:hf_form_case", key=key, impl=impl, dtype=dtype,
-                                    lowerings=lowerings, inner="eager")
+                                    lowerings=lowerings, inner="eager", config_patch=BOUND)
         assert all(r["touched"] >= 2 for r in results), "foreign experts were not zeroed"
     _check_hf(results, key, impl, dtype, lowerings)
 

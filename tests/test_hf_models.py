@@ -45,10 +45,9 @@ def test_ep1_matches_eager(key, impl, dtype):
 @pytest.mark.parametrize("ep", (2, 4))
 def test_ep_matches_eager(rank_pool, ep, key, impl, dtype):
     # ep=2 goes through AOTAutograd (the custom ops' fake implementations); ep=4 runs the
-    # rewritten graph directly to keep the 4-process matrix affordable on 2 cores. MC2 runs at
-    # ep=4 only (test_mc2.py runs it at ep=2 through AOTAutograd and inductor on three models).
+    # rewritten graph directly to keep the 4-process matrix affordable on 2 cores.
     inner = "aot_eager" if ep == 2 else "eager"
-    lowerings = EP_LOWERINGS + (("mc2",) if ep == 4 else ())
+    lowerings = EP_LOWERINGS + ("mc2",)
     results = rank_pool(ep).run(
         "tests.ep_jobs:hf_model_case", key=key, impl=impl, dtype=dtype, lowerings=lowerings, inner=inner,
         config_patch={"max_tokens_per_rank": max(TOKENS_PER_RANK)},  # mc2's capacity; unused by the others

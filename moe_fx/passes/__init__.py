@@ -5,6 +5,7 @@ Invariants every step keeps are in README.md beside this file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -119,7 +120,11 @@ def _make_lowering(decision: BlockDecision) -> LocalLowering:
     if is_npu_target(_device(region)):
         shape = BlockShape(top_k=region.top_k, hidden_size=region.hidden_size, dtype=region.dtype)
         return make_npu_lowering(strategy, decision.plan, shape, _device(region))
-    return build_lowering(decision.plan, decision.choice)
+    choice = decision.choice
+    if region.weights_on_input and choice.capacity_tokens is not None:
+        # Each (token, slot) row is dispatched as a token of its own: K rows per token.
+        choice = dataclasses.replace(choice, capacity_tokens=choice.capacity_tokens * region.top_k)
+    return build_lowering(decision.plan, choice)
 
 
 def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
