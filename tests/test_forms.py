@@ -89,11 +89,8 @@ def _check_hf(results: list[dict], key: str, impl: str, dtype: str, lowerings) -
             assert within(r, dtype), f"rank {rank} {key} {lowering}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
 
 
-# deepseek_v2 and jamba use transformers' standard experts (tests/test_hf_models.py covers that
-# form at every ep): ep 1 here, for the form and its routers. JetMoE (whose attention is slow to
-# capture) at ep 1 and 2; its form runs at ep 4 in test_ep.
-HF_EPS = [(1, key, impl) for key, impl in HF_FORMS] + [
-    (2, "llama4_text", "eager"), (4, "llama4_text", "eager"), (2, "jetmoe", "eager")]
+# Every real model at ep 1, 2 and 4 (deepseek_v2 and jamba use transformers' standard experts).
+HF_EPS = [(ep, key, impl) for ep in (1, 2, 4) for key, impl in HF_FORMS]
 
 
 @pytest.mark.parametrize("ep,key,impl", HF_EPS)
