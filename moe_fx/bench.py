@@ -327,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
+    # Fail now, not after minutes of timing.
+    for module, why in (("transformers", "building the layers"), *((("matplotlib", "--png"),) if args.png else ())):
+        try:
+            __import__(module)
+        except ImportError:
+            parser.error(f"{why} needs {module}: pip install 'moe_fx[bench]'")
     torch.set_float32_matmul_precision("high")
     # Six compiled variants of one forward (each static at T=1, then dynamic) exceed dynamo's
     # default per-code-object recompile limit, past which it would silently run eagerly.

@@ -81,7 +81,11 @@ def load_sharded(
     ``ep_group`` as in ``moe_fx.shard_experts``; ``dtype`` casts floating tensors as they are read;
     ``config_kwargs`` override the saved config (e.g. ``experts_implementation="grouped_mm"``).
     """
-    import transformers
+    try:
+        import safetensors  # noqa: F401
+        import transformers
+    except ImportError as exc:
+        raise MoEFxError(f"moe_fx.load_sharded needs transformers and safetensors: pip install 'moe_fx[hf]' ({exc})") from exc
 
     config = transformers.AutoConfig.from_pretrained(model_dir, **config_kwargs)
     architectures = getattr(config, "architectures", None) or []
