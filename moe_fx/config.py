@@ -50,6 +50,13 @@ ep_group: Optional[str] = None
 #   "raise" raise moe_fx.UnsupportedMoEError
 on_unmatched: str = Config(env_name_default="MOE_FX_ON_UNMATCHED", default="warn")
 
+# How MC2 (off Ascend) moves rows:
+#   "all_to_all" fixed C*K-row buffers per rank pair through all_to_all_single (NCCL, gloo); has a backward
+#   "symm_mem"   torch symmetric memory (CUDA, NVSHMEM): all_to_all_vdev_2d moves only the routed rows,
+#                splits stay on the device; forward only, <= 16 experts per rank and <= 16 ranks
+#                (moe_fx/runtime/symm_mem.py). Not yet run on several GPUs: opt in.
+mc2_transport: str = "all_to_all"
+
 # Largest number of tokens any rank feeds one MoE block, when the user knows it. The same value
 # on every rank; "auto" uses it (local token counts differ between ranks and must not decide), and
 # "mc2" sizes its buffers from it (a rank with more tokens gets an error, never a dropped token).

@@ -291,3 +291,30 @@ def tp_ep_case(*, rank: int = 0, world_size: int = 4, experts_over: str, lowerin
     finally:
         for group in tp_pairs + ep_pairs:
             dist.destroy_process_group(group)
+
+
+def symm_mem_case(*, rank: int = 0, world_size: int = 1, job: str = "plain_case", emulate: bool = True,
+                  **kwargs) -> dict:
+    """``job`` with MC2 over the symmetric-memory transport (the gloo emulator unless ``emulate``
+    is False); adds how many dispatches went through it."""
+    from moe_fx.testing import symm_mem_emulator
+
+    symm_mem_emulator.install() if emulate else symm_mem_emulator.uninstall()
+    patch = {"mc2_transport": "symm_mem", "max_tokens_per_rank": 16, **kwargs.pop("config_patch", {})}
+    counters.clear()
+    results = globals()[job](rank=rank, world_size=world_size, lowerings=("mc2",), config_patch=patch, **kwargs)
+    results["symm_mem_dispatches"] = counters["moe_fx"]["ran_symm_mem"]
+    return results
+
+
+def symm_mem_backward_case(*, rank: int = 0, world_size: int = 1) -> str:
+    """A backward through the symmetric-memory transport: the error it raises."""
+    from moe_fx.testing import symm_mem_emulator
+
+    symm_mem_emulator.install()
+    try:
+        grad_case(rank=rank, world_size=world_size, lowering="mc2",
+                  config_patch={"mc2_transport": "symm_mem", "max_tokens_per_rank": 16})
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

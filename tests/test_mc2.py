@@ -69,3 +69,45 @@ def test_two_blocks_two_strategies_one_graph(rank_pool):
         assert res["graphs"] == 1
         assert res["blocks"] == [("model.layers.0.mlp.experts", "mc2"), ("model.layers.1.mlp.experts", "all2allv")]
         assert res["diff"] <= 1e-5, (rank, res)
+
+
+# The symmetric-memory transport (config.mc2_transport="symm_mem") over the gloo emulator of
+# torch's all_to_all_vdev_2d contract (moe_fx/testing/symm_mem_emulator.py): padding rows are NaN
+# there, so reading one would show.
+
+def _assert_symm_mem(results, dtype="float32"):
+    _assert_mc2(results, dtype)
+    assert [res["symm_mem_dispatches"] for res in results] == [1] * len(results)
+
+
+@pytest.mark.parametrize("routing", ("router", "foreign", "one_expert"))
+@pytest.mark.parametrize("ep", (2, 4))
+def test_symm_mem_transport_plain_module(rank_pool, ep, routing):
+    _assert_symm_mem(rank_pool(ep).run("tests.ep_jobs:symm_mem_case", num_experts=8, routing=routing,
+                                       inner="aot_eager"))
+
+
+@pytest.mark.parametrize("key,impl,dtype", [("mixtral", "grouped_mm", "float32"),
+                                            ("deepseek_v3", "grouped_mm", "float32"),
+                                            ("gpt_oss", "batched_mm", "bfloat16")])
+def test_symm_mem_transport_hf_models_ep2(rank_pool, key, impl, dtype):
+    results = rank_pool(2).run("tests.ep_jobs:symm_mem_case", job="hf_model_case", key=key, impl=impl, dtype=dtype)
+    _assert_symm_mem(results, dtype)
+
+
+def test_symm_mem_transport_limits(rank_pool):
+    """32 experts per rank: more than torch's kernels take; the error names the block and the sizes."""
+    for res in rank_pool(2).run("tests.ep_jobs:symm_mem_case", num_experts=64):
+        assert ("mc2_transport='symm_mem' handles at most 16 experts per rank (torch's all_to_all_vdev_2d); "
+                "this block has 32") in res["mc2"]["error"]
+
+
+def test_symm_mem_transport_needs_cuda(rank_pool):
+    for res in rank_pool(2).run("tests.ep_jobs:symm_mem_case", num_experts=8, emulate=False):
+        assert "mc2_transport='symm_mem' cannot run: it needs CUDA tensors (the block runs on 'cpu')" in res["mc2"]["error"]
+
+
+def test_symm_mem_transport_has_no_backward(rank_pool):
+    """Compiling a training step fails while the backward is traced, before any step runs."""
+    for res in rank_pool(2).run("tests.ep_jobs:symm_mem_backward_case"):
+        assert "NotImplementedError: moe_fx: the symmetric-memory MC2 transport has no backward" in res, res

@@ -1,5 +1,13 @@
-"""Grouped matmul for the dtypes and shapes torch._grouped_mm cannot compile (fp32 / fp16 before
-torch 2.14, unaligned sizes): one mm per expert, offsets read on the host."""
+"""Grouped matmul ``moe_fx::grouped_mm``: x [M, K] expert-major times one weight per group.
+
+Two implementations behind one op:
+- everywhere: one mm per group, offsets read on the host. It serves the dtypes and shapes
+  torch._grouped_mm cannot compile (fp32 / fp16 before torch 2.14, unaligned sizes).
+- CUDA, bf16/fp16: a Triton kernel with no host sync. Groups are cut into row tiles on the device and
+  neighbouring tiles share column blocks, so a weight tile that several row tiles of one expert need is
+  read from HBM once (torch._grouped_mm's tiling re-reads it when an expert has a few hundred rows,
+  which is where its MoE shapes sit; experts.py picks between the two).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,20 @@ import torch
 
 from moe_fx.runtime.library import LIB
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
 
 @torch.library.custom_op(f"{LIB}::grouped_mm", mutates_args=())
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, K] expert-major, w [G, K, N], offsets [G] int32 -> [M, N]; rows past offsets[-1] are 0."""
+    return _grouped_mm_loop(x, w, offsets)
+
+
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     out = x.new_zeros((x.shape[0], w.shape[2]))
     start = 0
     for g, end in enumerate(offsets.tolist()):
@@ -60,3 +78,105 @@ def _(x, grad, offsets):
 
 torch.library.register_autograd(f"{LIB}::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
 
+
+
+if triton is not None:
+
+    def _tile_configs() -> list:
+        shapes = ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                  (64, 256, 64, 8, 4), (64, 64, 64, 4, 5), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4),
+                  (256, 128, 64, 8, 3), (16, 64, 256, 4, 4), (16, 64, 128, 2, 6), (16, 32, 256, 2, 5),
+                  (16, 128, 256, 4, 3), (16, 64, 256, 4, 6), (16, 256, 64, 4, 6), (32, 64, 256, 4, 4))
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                for m, n, k, w, st in shapes]
+
+    def _prune_tiles(configs, named_args, **kwargs):
+        # Row tiles much taller than an expert's average share only multiply empty rows.
+        rows = named_args["rows_per_group"]
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * rows)]
+        return kept or configs[:1]
+
+    @triton.autotune(configs=_tile_configs(), key=["N", "K", "G", "rows_per_group"],
+                     prune_configs_by={"early_config_prune": _prune_tiles})
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, M, N, K, rows_per_group,
+                           stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_om,
+                           G: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr = 8):
+        # Programs walk a virtual list of row tiles: each group's rows cut into BLOCK_M tiles, then
+        # the rows past the last group (written as zeros). Its length is only known on the device;
+        # the grid covers the bound cdiv(M, BLOCK_M) + G + 1 and surplus programs exit.
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        m_tiles_bound = tl.cdiv(M, BLOCK_M) + G + 1
+        # GROUP_TILES row tiles x all column blocks per band: the row tiles of one expert run side
+        # by side, so they share each weight tile through L2.
+        band = pid // (GROUP_TILES * n_tiles)
+        first = band * GROUP_TILES
+        band_height = tl.minimum(m_tiles_bound - first, GROUP_TILES)
+        within = pid % (GROUP_TILES * n_tiles)
+        tile_m = first + within % band_height
+        tile_n = within // band_height
+
+        g_idx = tl.arange(0, G_POW2)
+        ends = tl.load(ends_ptr + g_idx, mask=g_idx < G, other=0).to(tl.int32)
+        starts = tl.load(ends_ptr + g_idx - 1, mask=(g_idx >= 1) & (g_idx < G), other=0).to(tl.int32)
+        tiles = tl.where(g_idx < G, tl.cdiv(ends - starts, BLOCK_M), 0)
+        tile_ends = tl.cumsum(tiles, 0)
+        group_tiles = tl.sum(tiles, 0)
+        last_end = tl.max(ends, 0)
+        tail_tiles = tl.cdiv(M - last_end, BLOCK_M)
+        if tile_m >= group_tiles + tail_tiles:
+            return
+
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_cols = cols < N
+        if tile_m >= group_tiles:  # rows no group owns: the op's contract makes them zero
+            rows = last_end + (tile_m - group_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], zeros,
+                     mask=(rows[:, None] < M) & out_cols[None, :])
+            return
+
+        g = tl.sum((tile_ends <= tile_m).to(tl.int32), 0)
+        first_tile_of_g = tl.sum(tl.where(g_idx < g, tiles, 0), 0)
+        row_start = tl.sum(tl.where(g_idx == g, starts, 0), 0)
+        row_end = tl.sum(tl.where(g_idx == g, ends, 0), 0)
+        rows = row_start + (tile_m - first_tile_of_g) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_group = rows < row_end
+        # Rows outside the group still load (clamped in range) but are never stored: no masks in
+        # the inner loop's loads.
+        safe_rows = tl.minimum(rows, M - 1).to(tl.int64)
+        safe_cols = tl.minimum(cols, N - 1).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        x_tile = x_ptr + safe_rows[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_tile = w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + safe_cols[None, :] * stride_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            a = tl.load(x_tile, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            x_tile += BLOCK_K * stride_xk
+            w_tile += BLOCK_K * stride_wk
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=in_group[:, None] & out_cols[None, :])
+
+    def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        m, k = x.shape
+        g, _, n = w.shape
+        out = x.new_empty((m, n))
+        if m == 0 or n == 0:
+            return out
+        rows_per_group = triton.next_power_of_2(max(1, m // g))
+        grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + g + 1) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _grouped_mm_kernel[grid](x, w, out, offsets, m, n, k, rows_per_group, x.stride(0), x.stride(1),
+                                 w.stride(0), w.stride(1), w.stride(2), out.stride(0), G=g,
+                                 G_POW2=triton.next_power_of_2(g))
+        return out
+
+    @grouped_mm.register_kernel("cuda")
+    def _(x, w, offsets):
+        if x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
+            return _grouped_mm_triton(x, w, offsets)
+        return _grouped_mm_loop(x, w, offsets)  # fp32: tl.dot would round inputs to tf32
