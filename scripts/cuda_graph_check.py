@@ -8,7 +8,7 @@ import torch, sys
 sys.path.insert(0, ".")
 import moe_fx
 from moe_fx.demo import _build_model
-for dtype in (torch.bfloat16, torch.float32):
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
     m, _ = _build_model("mixtral", dtype); m = m.cuda()
     torch._dynamo.reset()
     ids = [torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(s)).cuda() for s in range(3)]

@@ -1,8 +1,8 @@
 """GPU check: the 7 tiny transformers models of the tests, ep = 1, on CUDA, grouped_mm and
-batched_mm, fp32 and bf16, inner backend aot_eager (all) and inductor (mixtral, gpt_oss); bf16 with
-inductor is compared with plain inductor (tests/tolerances.py says why). From the repo root:
+batched_mm, fp32, bf16 and fp16, inner backend aot_eager (all) and inductor (mixtral, gpt_oss);
+bf16 with inductor is compared with plain inductor (tests/tolerances.py says why). From the repo root:
 
-    python scripts/cuda_models_check.py
+    python scripts/cuda_models_check.py [dtype ...]     # default: float32 bfloat16 float16
 """
 import sys, time, torch
 sys.path.insert(0, ".")
@@ -12,14 +12,14 @@ rows = []
 for inner, keys in (("aot_eager", MODEL_KEYS), ("inductor", ("mixtral", "gpt_oss"))):
     for key in keys:
         for impl in ("grouped_mm", "batched_mm"):
-            for dtype in ("float32", "bfloat16"):
+            for dtype in sys.argv[1:] or ("float32", "bfloat16", "float16"):
                 t0 = time.time()
                 try:
                     m = build_tiny(key, experts_implementation=impl, dtype=getattr(torch, dtype)).cuda()
                     ids = make_input_ids(9, seed=3).cuda()
                     with torch.no_grad():
                         ref = m(ids).logits.float()
-                        if inner == "inductor" and dtype == "bfloat16":
+                        if inner == "inductor" and dtype != "float32":
                             torch._dynamo.reset()
                             ref = torch.compile(m, backend="inductor", fullgraph=True)(ids).logits.float()
                         torch._dynamo.reset()

@@ -60,6 +60,12 @@ def test_forced_strategies_carry_their_capacity():
             Strategy.TOKEN_SWITCH, 32, "forced by config.lowering")
 
 
+def test_explain_names_the_mc2_transport():
+    with moe_fx.config.patch(lowering="mc2", mc2_transport="symm_mem"):
+        assert _choose(token_bound=12).reason == "forced by config.lowering; rows move over mc2_transport='symm_mem'"
+        assert _choose(token_bound=12, device_type="npu").reason == "forced by config.lowering"
+
+
 def test_device_rules_take_over_their_device_only():
     """The seam for device-specific rules (the Ascend rules register "npu")."""
     DEVICE_RULES["npu"] = lambda f: LoweringChoice(strategy=Strategy.ALL2ALLV, reason=f"npu rule, soc {f.soc}")

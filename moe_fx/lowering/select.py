@@ -22,6 +22,7 @@ decides; the run-time switch agrees on the largest count with one all-reduce ins
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from collections.abc import Callable
@@ -76,6 +77,8 @@ def choose_lowering(facts: BlockFacts) -> LoweringChoice:
                                 capacity_tokens=_forced_capacity(strategy, facts))
     else:
         choice = DEVICE_RULES.get(facts.device_type, _generic_rule)(facts)
+    if choice.strategy is Strategy.MC2 and config.mc2_transport != "all_to_all" and facts.device_type != "npu":
+        choice = dataclasses.replace(choice, reason=f"{choice.reason}; rows move over mc2_transport={config.mc2_transport!r}")
     log.debug("moe_fx: block %s -> %s (%s)", facts.block, choice.strategy.value, choice.reason)
     return choice
 

@@ -3,10 +3,11 @@
 Two implementations behind one op:
 - everywhere: one mm per group, offsets read on the host. It serves the dtypes and shapes
   torch._grouped_mm cannot compile (fp32 / fp16 before torch 2.14, unaligned sizes).
-- CUDA, bf16/fp16: a Triton kernel with no host sync. Groups are cut into row tiles on the device and
-  neighbouring tiles share column blocks, so a weight tile that several row tiles of one expert need is
-  read from HBM once (torch._grouped_mm's tiling re-reads it when an expert has a few hundred rows,
-  which is where its MoE shapes sit; experts.py picks between the two).
+- CUDA, bf16/fp16: a Triton kernel with no host sync (so it can be captured in a CUDA graph).
+  Groups are cut into row tiles on the device; neighbouring programs take the row tiles of one
+  expert for the same column block, so they share its weight tile through L2. experts.py still
+  prefers torch._grouped_mm where that compiles (aligned bf16): on the bench shapes on an H100 this
+  kernel ran at 0.4x to 1.09x of it (docs/bench_h100.md).
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ torch.library.register_autograd(f"{LIB}::grouped_mm", _grouped_mm_backward, setu
 if triton is not None:
 
     def _tile_configs() -> list:
-        shapes = ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                  (64, 256, 64, 8, 4), (64, 64, 64, 4, 5), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4),
-                  (256, 128, 64, 8, 3), (16, 64, 256, 4, 4), (16, 64, 128, 2, 6), (16, 32, 256, 2, 5),
-                  (16, 128, 256, 4, 3), (16, 64, 256, 4, 6), (16, 256, 64, 4, 6), (32, 64, 256, 4, 4))
+        # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configs that won some MoE shape of
+        # moe_fx.bench on an H100 (decode: 16-row tiles with deep K; prefill: 128 x 256).
+        shapes = ((16, 128, 128, 4, 4), (16, 64, 256, 4, 6), (16, 128, 256, 4, 3), (32, 128, 128, 4, 4),
+                  (64, 64, 64, 4, 5), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
                 for m, n, k, w, st in shapes]
 
