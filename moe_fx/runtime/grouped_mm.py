@@ -3,7 +3,7 @@
 Two implementations behind one op:
 - everywhere: one mm per group, offsets read on the host. It serves the dtypes and shapes
   torch._grouped_mm cannot compile (fp32 / fp16 before torch 2.14, unaligned sizes).
-- CUDA, bf16/fp16: a Triton kernel with no host sync (so it can be captured in a CUDA graph).
+- CUDA, bf16/fp16/fp32: a Triton kernel with no host sync (so it can be captured in a CUDA graph).
   Groups are cut into row tiles on the device; neighbouring programs take the row tiles of one
   expert for the same column block, so they share its weight tile through L2. experts.py still
   prefers torch._grouped_mm where that compiles (aligned bf16): on the bench shapes on an H100 this
@@ -102,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, M, N, K, rows_per_group,
                            stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_om,
-                           G: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                           G: tl.constexpr, G_POW2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_TILES: tl.constexpr = 8):
         # Programs walk a virtual list of row tiles: each group's rows cut into BLOCK_M tiles, then
         # the rows past the last group (written as zeros). Its length is only known on the device;
@@ -157,7 +157,7 @@ if triton is not None:
             k_ok = ks < K - k0
             a = tl.load(x_tile, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
             x_tile += BLOCK_K * stride_xk
             w_tile += BLOCK_K * stride_wk
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -173,11 +173,13 @@ if triton is not None:
         grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + g + 1) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _grouped_mm_kernel[grid](x, w, out, offsets, m, n, k, rows_per_group, x.stride(0), x.stride(1),
                                  w.stride(0), w.stride(1), w.stride(2), out.stride(0), G=g,
-                                 G_POW2=triton.next_power_of_2(g))
+                                 G_POW2=triton.next_power_of_2(g),
+                                 # fp32 stays fp32 (tl.dot would round it to tf32; torch.mm does not by default)
+                                 PRECISION="ieee" if x.dtype == torch.float32 else None)
         return out
 
     @grouped_mm.register_kernel("cuda")
     def _(x, w, offsets):
-        if x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
+        if x.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.dtype == x.dtype:
             return _grouped_mm_triton(x, w, offsets)
-        return _grouped_mm_loop(x, w, offsets)  # fp32: tl.dot would round inputs to tf32
+        return _grouped_mm_loop(x, w, offsets)
