@@ -10,7 +10,10 @@ For each layer shape and token count it times, in one process and on the same we
 - the roofline: max(bytes of the router and of the experts the routing touched / HBM bandwidth,
   FLOPs / bf16 peak), from datasheet figures (``--hbm-tbps``, ``--peak-tflops``).
 
-Times are medians of CUDA-event timings of back-to-back calls after warm-up, in microseconds. "random" routing uses a
+Times are medians of CUDA-event timings of back-to-back calls after warm-up, in microseconds, taken in
+interleaved rounds (every variant, then again) so that clock drift does not favour one variant.
+"GEMMs alone" times the layer's two ``torch._grouped_mm`` calls on rows already sorted by expert:
+the ceiling for any implementation built on that kernel. "random" routing uses a
 random router on random tokens; "skewed" biases the router so that a few experts receive most rows
 (the share of rows on the busiest expert is printed).
 
@@ -147,13 +150,29 @@ def routing_stats(block: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
     return int((counts > 0).sum()), float(counts.max() / counts.sum())
 
 
+def grouped_gemm_floor(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The two ``torch._grouped_mm`` calls of the layer alone, on rows already sorted by expert
+    for ``x``'s routing: what the GEMM kernel itself takes (no router, sort, activation or combine),
+    i.e. the best any implementation built on it can do."""
+    with torch.no_grad():
+        _, _, ids = block.gate(x.view(-1, x.shape[-1]))
+        experts = block.experts
+        sorted_ids, order = torch.sort(ids.reshape(-1))
+        rows = x.view(-1, x.shape[-1])[order // ids.shape[1]]
+        offsets = torch.cumsum(torch.bincount(sorted_ids, minlength=experts.num_experts), 0).to(torch.int32)
+        gate_up = experts.gate_up_proj.transpose(-2, -1)
+        down = experts.down_proj.transpose(-2, -1)
+        middle = torch.empty(rows.shape[0], down.shape[1], device=x.device, dtype=x.dtype).normal_()
+    return lambda: (torch._grouped_mm(rows, gate_up, offs=offsets), torch._grouped_mm(middle, down, offs=offsets))
+
+
 # ------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------
 
 
-def median_us(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
-    """Median per-call time. Calls are issued back to back with an event pair around each and one
+def timed_us(fn: Callable[[], object], *, warmup: int, iters: int) -> list[float]:
+    """Per-call times. Calls are issued back to back with an event pair around each and one
     synchronization at the end, as in a model's forward: the host may run ahead of the GPU, and a
     call whose host-side work is slower than its kernels is timed at the host's pace."""
     for _ in range(warmup):
@@ -165,7 +184,27 @@ def median_us(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
         fn()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in events)
+    return [start.elapsed_time(end) * 1e3 for start, end in events]
+
+
+def median_us(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
+    return statistics.median(timed_us(fn, warmup=warmup, iters=iters))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int,
+                        rounds: int) -> dict[str, float]:
+    """Median per-call time of each function, timed in ``rounds`` interleaved rounds of
+    ``iters // rounds`` calls: clocks that drift as the GPU heats up over a row shift every
+    variant alike instead of favouring the one timed first."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            # Blocks cached for another variant's sizes would make this one free and re-allocate
+            # (a synchronizing cudaFree) inside the timed loop.
+            torch.cuda.empty_cache()
+            with torch.no_grad():
+                samples[name] += timed_us(fn, warmup=warmup, iters=max(1, iters // rounds))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _moe_fx_backend(**settings) -> Callable:
@@ -215,7 +254,7 @@ def _skipped(name: str, shape: LayerShape, tokens: int) -> bool:
 
 
 def bench_shape(shape: LayerShape, *, tokens: tuple[int, ...], routings: tuple[str, ...], hw: Hardware,
-                device: str, warmup: int, iters: int, log: Callable[[str], None]) -> list[Row]:
+                device: str, warmup: int, iters: int, rounds: int, log: Callable[[str], None]) -> list[Row]:
     rows = []
     blocks = build_blocks(shape, device=device)
     variants = variants_for(blocks)
@@ -225,20 +264,14 @@ def bench_shape(shape: LayerShape, *, tokens: tuple[int, ...], routings: tuple[s
         for t in tokens:
             x = make_tokens(shape, t, skew=skew, device=device)
             touched, busiest = routing_stats(blocks["grouped_mm"], x)
-            times: dict[str, float | None] = {}
             check_against_reference(variants, blocks["grouped_mm"], x, shape=shape, label=f"{shape.name} T={t} {routing}")
-            for name, fn in variants.items():
-                if _skipped(name, shape, t):
-                    times[name] = None
-                    continue
-                started = time.perf_counter()
-                # Blocks cached for earlier variants' sizes would make this one free and re-allocate
-                # (a synchronizing cudaFree) inside the timed loop.
-                torch.cuda.empty_cache()
-                with torch.no_grad():
-                    times[name] = median_us(lambda: fn(x), warmup=warmup, iters=iters)
-                log(f"  {shape.name} T={t} {routing} {name}: {times[name]:.1f} us "
-                    f"({time.perf_counter() - started:.1f} s)")
+            started = time.perf_counter()
+            timed = {name: (lambda fn=fn: fn(x)) for name, fn in variants.items() if not _skipped(name, shape, t)}
+            timed[GEMM_FLOOR] = grouped_gemm_floor(blocks["grouped_mm"], x)
+            measured = interleaved_medians(timed, warmup=warmup, iters=iters, rounds=rounds)
+            times: dict[str, float | None] = {name: measured.get(name) for name in (*variants, GEMM_FLOOR)}
+            log(f"  {shape.name} T={t} {routing}: " + ", ".join(f"{n} {v:.0f}" for n, v in measured.items())
+                + f" us ({time.perf_counter() - started:.1f} s)")
             rows.append(Row(shape=shape, tokens=t, routing=routing, touched_experts=touched, busiest_share=busiest,
                             roofline_us=hw.roofline_us(shape, t, touched), times_us=times))
     if counters["moe_fx"]["regions_rewritten"] == rewritten_before:
@@ -254,6 +287,7 @@ def bench_shape(shape: LayerShape, *, tokens: tuple[int, ...], routings: tuple[s
 # ------------------------------------------------------------------------------------------
 
 HF_COLUMNS = ("hf_eager", "hf_batched_mm", "hf_grouped_mm")
+GEMM_FLOOR = "grouped_gemm_floor"  # a reference, not a variant: see grouped_gemm_floor()
 HF_GRAPH_COLUMNS = ("hf_grouped_mm_cudagraphs",)
 
 
@@ -268,14 +302,15 @@ def best_moe_fx(row: Row) -> float:
 def table(rows: list[Row]) -> str:
     """Markdown table. "vs best HF": fastest transformers form compiled with inductor (default
     mode) over moe_fx's faster variant; "vs best HF incl. graphs" lets transformers use CUDA
-    graphs too."""
+    graphs too. "GEMMs alone": the layer's two torch._grouped_mm calls on pre-sorted rows, the
+    ceiling for any implementation built on that kernel."""
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
 
     header = ("shape", "T", "routing", "experts hit", "roofline", "HF eager", "HF batched_mm", "HF grouped_mm",
               "HF grouped_mm +graphs", "moe_fx", "moe_fx +graphs", "vs best HF", "vs best HF incl. graphs",
-              "roofline / moe_fx")
+              "roofline / moe_fx", "GEMMs alone", "roofline / GEMMs alone")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         t, ours = r.times_us, best_moe_fx(r)
@@ -285,6 +320,7 @@ def table(rows: list[Row]) -> str:
             fmt(t["hf_eager"]), fmt(t["hf_batched_mm"]), fmt(t["hf_grouped_mm"]), fmt(t["hf_grouped_mm_cudagraphs"]),
             fmt(t["moe_fx"]), fmt(t["moe_fx_cudagraphs"]), f"{best_of(r, HF_COLUMNS) / ours:.2f}",
             f"{best_of(r, HF_COLUMNS + HF_GRAPH_COLUMNS) / ours:.2f}", f"{r.roofline_us / ours:.2f}",
+            fmt(t[GEMM_FLOOR]), f"{r.roofline_us / t[GEMM_FLOOR]:.2f}",
         )) + " |")
     return "\n".join(lines)
 
@@ -319,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--routing", nargs="+", choices=("random", "skewed"), default=["random", "skewed"])
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per row (iters split among them)")
     parser.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth, TB/s (H100 SXM: 3.35)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak, TFLOP/s (H100 SXM: 989)")
     parser.add_argument("--png", help="also plot fraction of roofline vs tokens to this file")
@@ -345,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for key in args.shapes:
         rows += bench_shape(SHAPES[key], tokens=tuple(sorted(args.tokens)), routings=tuple(args.routing), hw=hw,
-                            device="cuda", warmup=args.warmup, iters=args.iters, log=log)
+                            device="cuda", warmup=args.warmup, iters=args.iters, rounds=args.rounds, log=log)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"transformers {__import__('transformers').__version__}; bf16; median us; "
           f"roofline from {args.hbm_tbps} TB/s and {args.peak_tflops} TFLOP/s; "

@@ -20,12 +20,12 @@ def test_roofline_is_weight_bound_at_decode_and_flop_bound_at_prefill():
 
 def test_table_ratios_use_the_fastest_of_each_side():
     times = {"hf_eager": 900.0, "hf_batched_mm": None, "hf_grouped_mm": 300.0, "hf_grouped_mm_cudagraphs": 120.0,
-             "moe_fx": 250.0, "moe_fx_cudagraphs": 100.0}
+             "moe_fx": 250.0, "moe_fx_cudagraphs": 100.0, bench.GEMM_FLOOR: 80.0}
     row = bench.Row(shape=bench.SHAPES["qwen3"], tokens=16, routing="random", touched_experts=86,
                     busiest_share=0.05, roofline_us=50.0, times_us=times)
     line = bench.table([row]).splitlines()[-1]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[-3:] == ["3.00", "1.20", "0.50"]  # 300/100, 120/100, 50/100
+    assert cells[-5:] == ["3.00", "1.20", "0.50", "80", "0.62"]  # 300/100, 120/100, 50/100; 50/80
     assert cells[6] == "-"  # batched_mm skipped
 
 
