@@ -41,3 +41,22 @@ def test_gradients_and_op_contract():
 def test_no_tokens():
     y, position, w = _case(0, 2, 4, torch.float32, torch.float32)
     assert torch.ops.moe_fx.unsort_weighted_sum(y, position, w).shape == (0, 4)
+
+
+def test_output_dtype_is_the_models_cast_folded_in():
+    """out_dtype=bf16 gives the bits of the fp32 result cast to bf16, and the same gradients."""
+    y, position, w = _case(6, 4, 9, torch.bfloat16, torch.float32, seed=3)
+    folded = torch.ops.moe_fx.unsort_weighted_sum(y, position, w, torch.bfloat16)
+    two_step = torch.ops.moe_fx.unsort_weighted_sum(y, position, w).to(torch.bfloat16)
+    assert folded.dtype == torch.bfloat16 and torch.equal(folded, two_step)
+    probe = torch.randn(folded.shape).to(torch.bfloat16)
+    grads = []
+    for fn in (lambda y, w: torch.ops.moe_fx.unsort_weighted_sum(y, position, w, torch.bfloat16),
+               lambda y, w: torch.ops.moe_fx.unsort_weighted_sum(y, position, w).to(torch.bfloat16)):
+        yi, wi = y.clone().requires_grad_(), w.clone().requires_grad_()
+        (fn(yi, wi).float() * probe.float()).sum().backward()
+        grads.append((yi.grad, wi.grad))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.moe_fx.unsort_weighted_sum, (*_case(3, 2, 4, torch.bfloat16, torch.float32),
+                                                                   torch.bfloat16))

@@ -131,14 +131,16 @@ class LocalLowering:
         )
 
     def combine(
-        self, out_RH: torch.Tensor, dispatched: Dispatched, topk_weights_TK: torch.Tensor
+        self, out_RH: torch.Tensor, dispatched: Dispatched, topk_weights_TK: torch.Tensor,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
+        """``out_dtype``: the dtype the model casts the result to, folded into the same pass."""
         assert isinstance(dispatched, LocalDispatched)
         # Unsort through the inverse permutation (a scatter of S indices, not of S rows), fused
         # with the weighted sum over top-k (moe_fx/runtime/unsort.py).
         order = dispatched.order
         position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
-        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, topk_weights_TK)
+        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, topk_weights_TK, out_dtype)
 
 
 def _narrow_sort_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ The dead traced experts code is erased; the router and everything else stay as t
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -104,13 +105,17 @@ def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | Re
     y = project(a, region.down)
     if region.post is not None:
         y = region.post.replay(graph, y, row_expert, block_row_ids=block_ids)
-    out = graph.call_function(lowering.combine, (y, dispatched, topk_weights))
+    dtype = _dtype(region.output)
+    cast = dtype is not None and dtype != _dtype_of_combine(region)
+    # A combine that can return the output dtype itself saves the cast a pass over [T, H].
+    fold_cast = (cast and not region.weights_on_input and region.base is None
+                 and "out_dtype" in inspect.signature(lowering.combine).parameters)
+    out = graph.call_function(lowering.combine, (y, dispatched, topk_weights), {"out_dtype": dtype} if fold_cast else {})
     if region.weights_on_input:
         out = graph.call_function(sum_over_slots, (out, region.topk_ids))
     if region.base is not None:
         out = graph.call_function(operator.add, (region.base, out))
-    dtype = _dtype(region.output)
-    if dtype is not None and dtype != _dtype_of_combine(region):
+    if cast and not fold_cast:
         out = graph.call_method("to", (out, dtype))
     return out
 

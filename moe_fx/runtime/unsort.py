@@ -23,38 +23,44 @@ except ImportError:  # CPU-only installs; the op's torch implementation serves e
     triton = None
 
 
-def _reference(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _reference(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
     t, k = w.shape
-    return (y[position] * w.reshape(-1, 1)).view(t, k, y.shape[1]).sum(dim=1)
+    out = (y[position] * w.reshape(-1, 1)).view(t, k, y.shape[1]).sum(dim=1)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::unsort_weighted_sum", mutates_args=())
-def unsort_weighted_sum(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y [S, H] expert-major, position [S], w [T, K] -> [T, H] in promote(y, w)'s dtype."""
-    return _reference(y, position, w)
+def unsort_weighted_sum(
+    y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y [S, H] expert-major, position [S], w [T, K] -> [T, H]: computed in promote(y, w)'s dtype,
+    returned in ``out_dtype`` (default: that dtype). Casting here spares the model's own cast a
+    pass over the output (bf16 rows times fp32 router weights sum in fp32, then go back to bf16)."""
+    return _reference(y, position, w, out_dtype)
 
 
 @unsort_weighted_sum.register_fake
-def _(y, position, w):
+def _(y, position, w, out_dtype=None):
     torch._check(position.shape[0] == w.shape[0] * w.shape[1], lambda: f"{position.shape} vs {w.shape}")
-    return y.new_empty((w.shape[0], y.shape[1]), dtype=torch.promote_types(y.dtype, w.dtype))
+    return y.new_empty((w.shape[0], y.shape[1]), dtype=out_dtype or torch.promote_types(y.dtype, w.dtype))
 
 
 def _setup(ctx, inputs, output):
-    y, position, w = inputs
+    y, position, w, _ = inputs
     ctx.save_for_backward(y, position, w)
 
 
 def _backward(ctx, grad_out):
     y, position, w = ctx.saved_tensors
     t, k = w.shape
+    grad_out = grad_out.to(torch.promote_types(y.dtype, w.dtype))  # what the cast's backward gave
     grad_y = grad_w = None
     if ctx.needs_input_grad[0]:
         rows = (grad_out.unsqueeze(1) * w.unsqueeze(-1)).reshape(t * k, -1).to(y.dtype)
         grad_y = torch.empty_like(y).index_copy_(0, position, rows)
     if ctx.needs_input_grad[2]:
         grad_w = (grad_out.unsqueeze(1) * y[position].view(t, k, -1)).sum(-1).to(w.dtype)
-    return grad_y, None, grad_w
+    return grad_y, None, grad_w, None
 
 
 torch.library.register_autograd(f"{LIB}::unsort_weighted_sum", _backward, setup_context=_setup)
@@ -70,26 +76,30 @@ if triton is not None:
     )
     @triton.jit
     def _unsort_weighted_sum_kernel(y_ptr, position_ptr, w_ptr, out_ptr, hidden, K: tl.constexpr,
-                                    BLOCK_H: tl.constexpr):
+                                    PRODUCT_IN_W_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr):
         token = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         in_row = cols < hidden
-        out_dtype = out_ptr.dtype.element_ty
+        # Products in promote(y, w)'s dtype, as torch computes them.
+        product_dtype = w_ptr.dtype.element_ty if PRODUCT_IN_W_DTYPE else y_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # torch's sum accumulates in fp32 too
         for k in tl.static_range(K):
             row = tl.load(position_ptr + token * K + k).to(tl.int64)
-            weight = tl.load(w_ptr + token * K + k).to(out_dtype)
+            weight = tl.load(w_ptr + token * K + k).to(product_dtype)
             values = tl.load(y_ptr + row * hidden + cols, mask=in_row, other=0.0)
-            acc += (values.to(out_dtype) * weight).to(tl.float32)
-        tl.store(out_ptr + token.to(tl.int64) * hidden + cols, acc.to(out_dtype), mask=in_row)
+            acc += (values.to(product_dtype) * weight).to(tl.float32)
+        # One rounding to the output dtype: the sum's own (to the promoted dtype) then the
+        # model's cast would give the same value, since fp32 -> narrower rounds once either way.
+        tl.store(out_ptr + token.to(tl.int64) * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
     @unsort_weighted_sum.register_kernel("cuda")
-    def _(y, position, w):
+    def _(y, position, w, out_dtype=None):
         t, k = w.shape
-        out = y.new_empty((t, y.shape[1]), dtype=torch.promote_types(y.dtype, w.dtype))
+        product_dtype = torch.promote_types(y.dtype, w.dtype)
+        out = y.new_empty((t, y.shape[1]), dtype=out_dtype or product_dtype)
         if t == 0:
             return out
         grid = lambda meta: (t, triton.cdiv(y.shape[1], meta["BLOCK_H"]))  # noqa: E731
         _unsort_weighted_sum_kernel[grid](y.contiguous(), position.contiguous(), w.contiguous(), out, y.shape[1],
-                                          K=k)
+                                          K=k, PRODUCT_IN_W_DTYPE=product_dtype == w.dtype)
         return out
