@@ -60,3 +60,21 @@ def test_output_dtype_is_the_models_cast_folded_in():
         assert torch.equal(got, want)
     torch.library.opcheck(torch.ops.moe_fx.unsort_weighted_sum, (*_case(3, 2, 4, torch.bfloat16, torch.float32),
                                                                    torch.bfloat16))
+
+
+def test_the_models_output_cast_moves_into_the_combine():
+    """transformers' experts sum bf16 rows times fp32 router weights in fp32 and the model casts
+    back to bf16: the rewrite hands that dtype to the local combine and drops the separate cast;
+    the output stays bit-identical to eager."""
+    from tests.tiny_models import build_tiny, make_input_ids
+
+    model = build_tiny("mixtral", experts_implementation="grouped_mm", dtype=torch.bfloat16)
+    ids = make_input_ids(9, seed=3)
+    torch._dynamo.reset()
+    with torch.no_grad(), moe_fx.config.patch(inner_backend="aot_eager"), moe_fx.recording() as graphs:
+        got = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids).logits
+        want = model(ids).logits
+    combines = [n for g in graphs for n in g.rewritten.graph.nodes if getattr(n.target, "__name__", "") == "combine"]
+    assert [n.kwargs.get("out_dtype") for n in combines] == [torch.bfloat16]
+    assert not any(u.op == "call_method" and u.target == "to" for u in combines[0].users)
+    assert torch.equal(got, want)

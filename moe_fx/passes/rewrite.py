@@ -48,14 +48,37 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering |
     # An accumulator updated in place is replaced after its last update, the rest before the output.
     insert_before = region.last_update.next if region.last_update is not None else region.output
     first_new = insert_before.prev
+    model_cast = None if lowering.inline_stages else _single_cast_user(region)
     with graph.inserting_before(insert_before):
-        emit = _emit_traced if lowering.inline_stages else _emit_calls
-        out = emit(graph, region, lowering)
+        if lowering.inline_stages:
+            out = _emit_traced(graph, region, lowering)
+        else:
+            out = _emit_calls(graph, region, lowering, cast_to=model_cast[1] if model_cast else None)
     new_nodes = _nodes_between(first_new, insert_before)
     created = set(new_nodes)
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
+    if model_cast is not None and out.kwargs.get("out_dtype") == model_cast[1]:  # the combine cast already
+        model_cast[0].replace_all_uses_with(out)
+        graph.erase_node(model_cast[0])
     _erase_dead(region.nodes | {region.output})
     return new_nodes
+
+
+def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:
+    """The model's ``.to(dtype)`` of the experts' output and its dtype, when that cast is the
+    output's only use (the traced code's ``final_hidden_states.to(hidden_states.dtype)``)."""
+    users = [u for u in region.output.users if u not in region.nodes]
+    if len(users) != 1 or region.last_update is not None:
+        return None
+    user = users[0]
+    if user.op != "call_method" or user.target != "to" or user.args[0] is not region.output:
+        return None
+    rest = (*user.args[1:], *user.kwargs.values())
+    if len(rest) != 1 or not isinstance(rest[0], torch.dtype) or not rest[0].is_floating_point:
+        return None
+    if user.kwargs and "dtype" not in user.kwargs:
+        return None
+    return user, rest[0]
 
 
 def _not_inline(region: MoERegion) -> str:
@@ -71,8 +94,10 @@ def _not_inline(region: MoERegion) -> str:
     return ""
 
 
-def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens) -> fx.Node:
-    """Each stage is one call of the lowering's method, run as Python when the graph runs."""
+def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | ReplicatedTokens, *,
+                cast_to: torch.dtype | None = None) -> fx.Node:
+    """Each stage is one call of the lowering's method, run as Python when the graph runs.
+    ``cast_to``: the dtype the model casts the result to next, for a combine that can produce it."""
     hidden, topk_ids, topk_weights = region.hidden, region.topk_ids, region.topk_weights
     if region.dense_scores:
         topk_weights = graph.call_method("gather", (topk_weights, 1, topk_ids))
@@ -107,15 +132,17 @@ def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | Re
         y = region.post.replay(graph, y, row_expert, block_row_ids=block_ids)
     dtype = _dtype(region.output)
     cast = dtype is not None and dtype != _dtype_of_combine(region)
-    # A combine that can return the output dtype itself saves the cast a pass over [T, H].
-    fold_cast = (cast and not region.weights_on_input and region.base is None
-                 and "out_dtype" in inspect.signature(lowering.combine).parameters)
-    out = graph.call_function(lowering.combine, (y, dispatched, topk_weights), {"out_dtype": dtype} if fold_cast else {})
+    # A combine that returns the final dtype itself saves a pass over [T, H]: the region's own
+    # cast, or else the model's cast right after the region.
+    target = dtype if cast else (cast_to if cast_to != _dtype_of_combine(region) else None)
+    fold = (target is not None and not region.weights_on_input and region.base is None
+            and "out_dtype" in inspect.signature(lowering.combine).parameters)
+    out = graph.call_function(lowering.combine, (y, dispatched, topk_weights), {"out_dtype": target} if fold else {})
     if region.weights_on_input:
         out = graph.call_function(sum_over_slots, (out, region.topk_ids))
     if region.base is not None:
         out = graph.call_function(operator.add, (region.base, out))
-    if cast and not fold_cast:
+    if cast and not fold:
         out = graph.call_method("to", (out, dtype))
     return out
 

@@ -96,6 +96,9 @@ if triton is not None:
     def _(y, position, w, out_dtype=None):
         t, k = w.shape
         product_dtype = torch.promote_types(y.dtype, w.dtype)
+        if out_dtype not in (None, product_dtype) and product_dtype != torch.float32:
+            # The fp32 accumulator is rounded once; the contract rounds to product_dtype first.
+            return unsort_weighted_sum(y, position, w).to(out_dtype)
         out = y.new_empty((t, y.shape[1]), dtype=out_dtype or product_dtype)
         if t == 0:
             return out
