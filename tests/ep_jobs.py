@@ -318,3 +318,22 @@ def symm_mem_backward_case(*, rank: int = 0, world_size: int = 1) -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def symm_mem_contract_case(*, rank: int = 0, world_size: int = 2) -> dict:
+    """The emulator's all_to_all_vdev_2d / _offset on the contract's example (2 ranks, 2 experts
+    each); rank r's input row i holds 100 * r + i."""
+    from moe_fx.testing.symm_mem_emulator import EmulatedTransport
+
+    transport = EmulatedTransport("emulated")
+    group_name = dist.group.WORLD.group_name
+    in_splits = torch.tensor([[1, 2, 0, 3], [2, 0, 0, 1]][rank])
+    inp = (torch.arange(6, dtype=torch.float32) + 100 * rank)[:, None]
+    out = transport.empty((8, 1), torch.float32, "cpu", group_name)
+    layout = transport.empty((2, 4), torch.int64, "cpu", group_name)
+    transport.to_experts(inp, out, in_splits, layout, group_name)
+    back = transport.empty((6, 1), torch.float32, "cpu", group_name)
+    back_layout = transport.empty((2, 4), torch.int64, "cpu", group_name)
+    transport.to_sources(out, back, layout.clone(), back_layout, group_name)
+    return {"out": out[:, 0].tolist(), "layout": layout.tolist(), "back": back[:, 0].tolist(),
+            "back_layout": back_layout.tolist()}

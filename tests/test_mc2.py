@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.tolerances import within
 
@@ -111,3 +112,22 @@ def test_symm_mem_transport_has_no_backward(rank_pool):
     """Compiling a training step fails while the backward is traced, before any step runs."""
     for res in rank_pool(2).run("tests.ep_jobs:symm_mem_backward_case"):
         assert "NotImplementedError: moe_fx: the symmetric-memory MC2 transport has no backward" in res, res
+
+
+def test_symm_mem_emulator_follows_the_contract(rank_pool):
+    """The docstring example of torch's all_to_all_vdev_2d: rank 0 sends rows to experts (c0, c1,
+    c2, c3) = (1, 2, 0, 3), rank 1 (d0, d1, d2, d3) = (2, 0, 0, 1). Each rank receives its experts'
+    chunks expert-major (c0 d0 c1 d1 on rank 0); expert 2 receives nothing and still takes one row.
+    The offset variant returns every row to its sender, packed rank-major."""
+    nan = float("nan")
+    got = rank_pool(2).run("tests.ep_jobs:symm_mem_contract_case")
+    want = [
+        {"out": [0, 100, 101, 1, 2, nan, nan, nan], "layout": [[1, 2, 2, 0], [0, 1, 3, 5]],
+         "back": [0, 1, 2, 3, 4, 5], "back_layout": [[1, 2, 0, 3], [0, 1, 3, 3]]},
+        {"out": [nan, 3, 4, 5, 102, nan, nan, nan], "layout": [[0, 0, 3, 1], [0, 0, 1, 4]],
+         "back": [100, 101, 102, nan, nan, nan], "back_layout": [[2, 0, 0, 1], [0, 2, 2, 2]]},
+    ]
+    for rank, (g, w) in enumerate(zip(got, want)):
+        assert g["layout"] == w["layout"] and g["back_layout"] == w["back_layout"], (rank, g)
+        for key in ("out", "back"):
+            torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key], dtype=torch.float32), equal_nan=True, msg=f"rank {rank} {key}")
