@@ -6,8 +6,8 @@ Two implementations behind one op:
 - CUDA, bf16/fp16/fp32: a Triton kernel with no host sync (so it can be captured in a CUDA graph).
   Groups are cut into row tiles on the device; neighbouring programs take the row tiles of one
   expert for the same column block, so they share its weight tile through L2. experts.py still
-  prefers torch._grouped_mm where that compiles (aligned bf16): on the bench shapes on an H100 this
-  kernel ran at 0.4x to 1.09x of it (docs/bench_h100.md).
+  prefers torch._grouped_mm where that compiles (aligned bf16): on the benchmark's layer shapes
+  this kernel is slower in most cases (scripts/cuda_grouped_mm_check.py times the two).
 """
 
 from __future__ import annotations
