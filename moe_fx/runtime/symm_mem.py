@@ -41,11 +41,14 @@ class Transport:
     """The three calls the ops make; ``moe_fx.testing.symm_mem_emulator`` swaps in a gloo version."""
 
     name: str
+    _backend_selected: bool = False
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, group_name: str):
         import torch.distributed._symmetric_memory as symm_mem
 
-        symm_mem.set_backend("NVSHMEM")
+        if not self._backend_selected:  # once, before the first allocation
+            symm_mem.set_backend("NVSHMEM")
+            self._backend_selected = True
         buffer = symm_mem.empty(shape, dtype=dtype, device=device)
         symm_mem.rendezvous(buffer, group_name)
         return buffer
