@@ -130,11 +130,11 @@ def _emit_calls(graph: fx.Graph, region: MoERegion, lowering: LocalLowering | Re
     y = project(a, region.down)
     if region.post is not None:
         y = region.post.replay(graph, y, row_expert, block_row_ids=block_ids)
-    dtype = _dtype(region.output)
-    cast = dtype is not None and dtype != _dtype_of_combine(region)
+    dtype, combined = _dtype(region.output), _dtype_of_combine(region)
+    cast = dtype is not None and dtype != combined
     # A combine that returns the final dtype itself saves a pass over [T, H]: the region's own
     # cast, or else the model's cast right after the region.
-    target = dtype if cast else (cast_to if cast_to != _dtype_of_combine(region) else None)
+    target = dtype if cast else (cast_to if cast_to != combined else None)
     fold = (target is not None and not region.weights_on_input and region.base is None
             and "out_dtype" in inspect.signature(lowering.combine).parameters)
     out = graph.call_function(lowering.combine, (y, dispatched, topk_weights), {"out_dtype": target} if fold else {})
