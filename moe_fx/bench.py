@@ -11,9 +11,11 @@ For each layer shape and token count it times, in one process and on the same we
   FLOPs / bf16 peak), from datasheet figures (``--hbm-tbps``, ``--peak-tflops``).
 
 Times are medians of CUDA-event timings of back-to-back calls after warm-up, in microseconds, taken in
-interleaved rounds (every variant, then again) so that clock drift does not favour one variant.
+interleaved rounds (every variant, then all again in reverse order, ...) so that clock drift and
+the GPU's power limit do not favour one variant.
 "GEMMs alone" times the layer's two ``torch._grouped_mm`` calls on rows already sorted by expert:
-the ceiling for any implementation built on that kernel. "random" routing uses a
+the ceiling for any implementation built on that kernel (moe_fx with CUDA graphs runs its own
+Triton kernel where experts get few rows, so it can go below it). "random" routing uses a
 random router on random tokens; "skewed" biases the router so that a few experts receive most rows
 (the share of rows on the busiest expert is printed).
 
@@ -194,11 +196,14 @@ def median_us(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int,
                         rounds: int) -> dict[str, float]:
     """Median per-call time of each function, timed in ``rounds`` interleaved rounds of
-    ``iters // rounds`` calls: clocks that drift as the GPU heats up over a row shift every
-    variant alike instead of favouring the one timed first."""
+    ``iters // rounds`` calls, alternately in forward and reverse order: clocks that drift as the
+    GPU heats up over a row shift every variant alike instead of favouring one."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for round_ in range(rounds):
+        # Every other round runs in reverse order: a variant timed right after a heavy one meets
+        # lower clocks (the GPU's power limit), and a fixed order would always hand that to the same one.
+        order = list(fns.items()) if round_ % 2 == 0 else list(reversed(fns.items()))
+        for name, fn in order:
             # Blocks cached for another variant's sizes would make this one free and re-allocate
             # (a synchronizing cudaFree) inside the timed loop.
             torch.cuda.empty_cache()
@@ -355,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--routing", nargs="+", choices=("random", "skewed"), default=["random", "skewed"])
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per row (iters split among them)")
+    parser.add_argument("--iters", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds per row (iters split among them)")
     parser.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth, TB/s (H100 SXM: 3.35)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak, TFLOP/s (H100 SXM: 989)")
     parser.add_argument("--png", help="also plot fraction of roofline vs tokens to this file")

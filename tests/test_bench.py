@@ -34,3 +34,18 @@ def test_needs_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "qwen3"])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_rounds_alternate_the_order_of_the_variants(monkeypatch):
+    timed: list[str] = []
+
+    def fake_timed_us(fn, *, warmup, iters):
+        timed.append(fn())
+        return [float(len(timed))] * iters
+
+    monkeypatch.setattr(bench, "timed_us", fake_timed_us)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    medians = bench.interleaved_medians({n: (lambda n=n: n) for n in "abc"}, warmup=0, iters=8, rounds=4)
+    assert timed == list("abccbaabccba")
+    # a's samples are the calls numbered 1, 6, 7 and 12: the median of [1,1,6,6,7,7,12,12]
+    assert medians["a"] == 6.5 and medians["b"] == 6.5 and medians["c"] == 6.5

@@ -8,21 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
-
-# torch._grouped_mm compiles for bf16 only before torch 2.14 and needs 16-byte aligned rows.
-_NATIVE_DTYPES = (torch.bfloat16,)
-_ALIGN_ELEMENTS = 8
-
-
-def _native_grouped_mm_ok(x: torch.Tensor, w_KN: torch.Tensor) -> bool:
-    k, n = w_KN.shape[-2:]
-    return (
-        x.dtype in _NATIVE_DTYPES
-        and w_KN.dtype == x.dtype
-        and k % _ALIGN_ELEMENTS == 0
-        and n % _ALIGN_ELEMENTS == 0
-    )
+from moe_fx.runtime.grouped_mm import native_grouped_mm_ok
 
 
 def expert_matmul(
@@ -31,9 +17,25 @@ def expert_matmul(
     """tokens [R, K] expert-major, weight [e, N, K] or [e, K, N], offsets [e] -> [R, N]."""
     w_KN = weight.transpose(-2, -1) if layout == "out_in" else weight
     x = tokens_RK.to(w_KN.dtype)
-    if _native_grouped_mm_ok(x, w_KN):
+    if native_grouped_mm_ok(x, w_KN) and not (x.is_cuda and _no_grad(x, w_KN) and _recorded_as_cuda_graphs()):
         return torch._grouped_mm(x, w_KN, offs=offsets)
+    # moe_fx's op picks its kernel per call (moe_fx/runtime/grouped_mm.py): in bf16, a Triton kernel
+    # for few rows per expert inside a CUDA graph capture. Outside graphs bf16 stays on
+    # torch._grouped_mm, whose launch costs the host less; so does a training graph, for its
+    # backward, which reads no offsets on the host.
     return torch.ops.moe_fx.grouped_mm(x, w_KN, offsets)
+
+
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _recorded_as_cuda_graphs() -> bool:
+    """Whether the graph being compiled will run as CUDA graphs: inductor's cudagraphs, which
+    ``moe_fx.config.inner_mode = "reduce-overhead"`` turns on while it compiles."""
+    from torch._inductor import config as inductor_config
+
+    return bool(inductor_config.triton.cudagraphs)
 
 
 def add_expert_bias(rows_RN: torch.Tensor, bias, row_expert_R: torch.Tensor) -> torch.Tensor:
