@@ -200,8 +200,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, it
     GPU heats up over a row shift every variant alike instead of favouring one."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(rounds):
-        # Every other round runs in reverse order: a variant timed right after a heavy one meets
-        # lower clocks (the GPU's power limit), and a fixed order would always hand that to the same one.
+        # Every other round runs in reverse order: under the GPU's power limit the clocks can depend
+        # on what ran just before, and a fixed order would always hand that effect to the same variant.
         order = list(fns.items()) if round_ % 2 == 0 else list(reversed(fns.items()))
         for name, fn in order:
             # Blocks cached for another variant's sizes would make this one free and re-allocate

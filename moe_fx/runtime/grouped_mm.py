@@ -207,6 +207,10 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=in_group[:, None] & out_cols[None, :])
 
+    def _size_buckets(rows: int, groups: int) -> tuple[int, int]:
+        """The kernel's autotuning buckets: (rows per group, rows), each as a power of two."""
+        return triton.next_power_of_2(max(1, rows // groups)), triton.next_power_of_2(rows)
+
     def _tuning_key(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> tuple:
         """What selects a compiled and tuned variant of the kernel (a superset): its autotuning key,
         and the integer values and pointer alignments Triton specializes on. A new key means a
@@ -214,7 +218,7 @@ if triton is not None:
         m, g = x.shape[0], w.shape[0]
         ints = (m, min(g, m), *x.stride(), *w.stride())
         pointers = (x.data_ptr(), w.data_ptr(), offsets.data_ptr())
-        return (x.dtype, *w.shape, triton.next_power_of_2(max(1, m // g)), triton.next_power_of_2(m),
+        return (x.dtype, *w.shape, *_size_buckets(m, g),
                 *(v % 16 == 0 or v == 1 for v in ints), *(p % 16 == 0 for p in pointers))
 
     def _grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -225,24 +229,24 @@ if triton is not None:
             return out
         busy_groups_bound = min(g, m)
         grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + busy_groups_bound) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _grouped_mm_kernel[grid](x, w, out, offsets, m, n, k, triton.next_power_of_2(max(1, m // g)),
-                                 triton.next_power_of_2(m), busy_groups_bound, x.stride(0), x.stride(1),
-                                 w.stride(0), w.stride(1), w.stride(2), out.stride(0), G=g,
-                                 G_POW2=triton.next_power_of_2(g),
+        _grouped_mm_kernel[grid](x, w, out, offsets, m, n, k, *_size_buckets(m, g), busy_groups_bound,
+                                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
+                                 G=g, G_POW2=triton.next_power_of_2(g),
                                  # fp32 stays fp32 (tl.dot would round it to tf32; torch.mm does not by default)
                                  PRECISION="ieee" if x.dtype == torch.float32 else None)
-        _tuned_keys.add(_tuning_key(x, w, offsets))
         return out
 
-    _tuned_keys: set[tuple] = set()
+    _tuned_keys: set[tuple] = set()  # sizes the Triton kernel has run at (so compiled and tuned)
 
     @grouped_mm.register_kernel("cuda")
     def _(x, w, offsets):
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype != x.dtype:
             return _grouped_mm_loop(x, w, offsets)
+        key = _tuning_key(x, w, offsets)
         kernel = cuda_kernel_for(rows=x.shape[0], groups=w.shape[0], native_ok=native_grouped_mm_ok(x, w),
-                                 capturing=torch.cuda.is_current_stream_capturing(),
-                                 tuned=_tuning_key(x, w, offsets) in _tuned_keys)
+                                 capturing=torch.cuda.is_current_stream_capturing(), tuned=key in _tuned_keys)
         if kernel == "torch":
             return torch._grouped_mm(x, w, offs=offsets)
-        return _grouped_mm_triton(x, w, offsets)
+        out = _grouped_mm_triton(x, w, offsets)
+        _tuned_keys.add(key)
+        return out
