@@ -337,3 +337,23 @@ def symm_mem_contract_case(*, rank: int = 0, world_size: int = 2) -> dict:
     transport.to_sources(out, back, layout.clone(), back_layout, group_name)
     return {"out": out[:, 0].tolist(), "layout": layout.tolist(), "back": back[:, 0].tolist(),
             "back_layout": back_layout.tolist()}
+
+
+def output_cast_case(*, rank: int = 0, world_size: int = 1, lowering: str = "auto",
+                     config_patch: dict | None = None) -> dict:
+    """bf16 mixtral: transformers' experts sum bf16 rows times fp32 router weights in fp32 and the
+    model casts back to bf16. Reports whether that cast survived the rewrite as a separate node
+    after the region, the region's output dtype, and the difference to eager."""
+    model = build_tiny("mixtral", experts_implementation="grouped_mm", dtype=torch.bfloat16)
+    ids = make_input_ids(TOKENS_PER_RANK[rank], seed=3 + rank)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    zero_foreign_experts(model, model.config.num_local_experts)
+    torch._dynamo.reset()
+    settings = {"lowering": lowering, "inner_backend": "aot_eager", **(config_patch or {})}
+    with torch.no_grad(), moe_fx.config.patch(**settings), moe_fx.recording() as graphs:
+        got = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids).logits.float()
+    block = graphs[0].report.blocks[0]
+    separate_cast = any(u.op == "call_method" and u.target == "to" for u in block.output.users)
+    return {"separate_cast": separate_cast, "dtype": str(block.output.meta["example_value"].dtype),
+            "diff": (got - want).abs().max().item(), "strategy": block.choice.strategy.value}

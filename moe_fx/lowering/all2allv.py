@@ -10,45 +10,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
-import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
 from moe_fx.lowering.base import Dispatched, LocalLowering, Strategy, weighted_sum_over_topk
 
 
 @dataclass(frozen=True, kw_only=True)
 class All2AllVDispatched(Dispatched):
-    send_order: torch.Tensor  # [S] routed row sent at each position (rows sorted by expert)
-    send_splits: torch.Tensor  # [ep] rows sent to each rank
-    recv_splits: torch.Tensor  # [ep] rows received from each rank
-    regroup: torch.Tensor  # [R] received (rank-major) row at each expert-major position
+    send_order: fx.Proxy  # [S] routed row sent at each position (rows sorted by expert)
+    send_splits: fx.Proxy  # [ep] rows sent to each rank
+    recv_splits: fx.Proxy  # [ep] rows received from each rank
+    regroup: fx.Proxy  # [R] received (rank-major) row at each expert-major position
 
 
 class All2AllVLowering(LocalLowering):
     strategy = Strategy.ALL2ALLV
 
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
-        p = self.plan
-        tokens, row_expert, offsets, send_order, send_splits, recv_splits, regroup = (
-            torch.ops.moe_fx.all2allv_dispatch(hidden_TH, topk_ids_TK, p.num_experts, p.group_name)
-        )
+        p = self.ep
+        out = torch.ops.moe_fx.all2allv_dispatch(hidden_TH, topk_ids_TK, p.num_experts, p.group_name)
         return All2AllVDispatched(
-            tokens=tokens,
-            offsets=offsets,
-            row_expert=row_expert,
-            send_order=send_order,
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            regroup=regroup,
+            tokens=out[0], expert_ids=out[1], offsets=out[2], send_order=out[3], send_splits=out[4],
+            recv_splits=out[5], regroup=out[6],
         )
 
-    def combine(self, out_RH, dispatched, topk_weights_TK) -> torch.Tensor:
+    def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
         assert isinstance(dispatched, All2AllVDispatched)
+        d = dispatched
         rows_SH = torch.ops.moe_fx.all2allv_combine(
-            out_RH,
-            dispatched.send_order,
-            dispatched.send_splits,
-            dispatched.recv_splits,
-            dispatched.regroup,
-            self.plan.group_name,
+            out_RH, d.send_order, d.send_splits, d.recv_splits, d.regroup, self.ep.group_name
         )
-        return weighted_sum_over_topk(rows_SH, topk_weights_TK)
+        return weighted_sum_over_topk(rows_SH, topk_weights_TK, out_dtype)

@@ -1,9 +1,17 @@
 """AllGather lowering: gather every rank's tokens and routing, compute the local experts on the
 rows routed to them, weight by the router on the expert side, reduce-scatter the partial sums.
 
-NOTE: two host reads per block: the largest token count (one scalar all-gather: ranks may hold
-different counts and the collectives need equal sizes) and the number of rows routed here (a
-data-dependent size). Unlike All2AllV, no split sizes are exchanged.
+Two forms, by what the plan knows:
+
+- a token bound C (``config.max_tokens_per_rank``, or ceil(T/tp) for replicated tokens): every rank
+  pads to C rows and the exchange is two c10d functional all-gathers (tokens; ids and weights
+  packed) and one reduce-scatter, all with static shapes. No host sync, no Python op on the
+  path: it can be captured in a CUDA graph. The partial sums travel in the model's output dtype
+  (bf16 models: the per-rank partials are rounded to bf16 before the cross-rank sum, one more
+  rounding than on one device, within bf16's tolerance).
+- no bound: ``moe_fx::allgather_dispatch`` / ``allgather_combine``. NOTE: two host reads per
+  block: the largest token count (one scalar all-gather: ranks may hold different counts and the
+  collectives need equal sizes) and the number of rows routed here (a data-dependent size).
 """
 
 from __future__ import annotations
@@ -11,50 +19,102 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 
-import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
-from moe_fx.lowering.base import Dispatched, LocalLowering, Strategy
+from moe_fx.errors import UnsupportedMoEError
+from moe_fx.lowering.base import (
+    Dispatched, LocalLowering, Strategy, _meta, arange, inverse_permutation, size, sort_keys, stable_sort,
+)
+from moe_fx.lowering.collectives import all_gather_rows, reduce_scatter_rows
 
 
 @dataclass(frozen=True, kw_only=True)
 class AllGatherDispatched(Dispatched):
-    row_weight: torch.Tensor  # [R] router weight of each row
-    row_index: torch.Tensor  # [R] (t, k) row index in the gathered, padded, rank-major space
-    tokens_per_rank: torch.Tensor  # [ep] token count of each rank
-    top_k: int
-    num_tokens: int  # T on this rank
+    row_weight: fx.Proxy  # [R] router weight of each row
+    row_index: fx.Proxy  # [R] (t, k) row index in the gathered, padded, rank-major space
+    tokens_per_rank: fx.Proxy  # [ep] token count of each rank
+    num_tokens: fx.Proxy | int  # T on this rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticGatherDispatched(Dispatched):
+    order: fx.Proxy  # [ep*C*K] gathered (t, k) row at each sorted position; this rank's first
+    local_TK: fx.Proxy  # [ep*C, K] bool: the gathered routing slot is one of this rank's experts
+    weights_TK: fx.Proxy  # [ep*C, K] gathered router weights
+    num_tokens: fx.Proxy | int  # T on this rank
 
 
 class AllGatherLowering(LocalLowering):
     strategy = Strategy.ALLGATHER
 
+    folds_out_dtype = True  # the partial sums cross ranks in the output dtype
+
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
-        p = self.plan
-        tokens, row_expert, row_weight, row_index, offsets, tokens_per_rank = (
-            torch.ops.moe_fx.allgather_dispatch(
-                hidden_TH, topk_ids_TK, topk_weights_TK, p.expert_start, p.num_local_experts, p.group_name
-            )
+        if self.plan.capacity_tokens is not None:
+            return self._dispatch_bounded(hidden_TH, topk_ids_TK, topk_weights_TK)
+        p = self.ep
+        out = torch.ops.moe_fx.allgather_dispatch(
+            hidden_TH, topk_ids_TK, topk_weights_TK, p.expert_start, p.num_local_experts, p.group_name
         )
         return AllGatherDispatched(
-            tokens=tokens,
-            offsets=offsets,
-            row_expert=row_expert,
-            row_weight=row_weight,
-            row_index=row_index,
-            top_k=topk_ids_TK.shape[1],
-            tokens_per_rank=tokens_per_rank,
-            num_tokens=hidden_TH.shape[0],
+            tokens=out[0], expert_ids=out[1], row_weight=out[2], row_index=out[3], offsets=out[4],
+            tokens_per_rank=out[5], num_tokens=size(hidden_TH, 0),
         )
 
-    def combine(self, out_RH, dispatched, topk_weights_TK) -> torch.Tensor:
+    def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
+        if isinstance(dispatched, StaticGatherDispatched):
+            d = dispatched
+            # Rows of other ranks' experts (position -1) are skipped: the sum is this rank's part.
+            position = torch.where(d.local_TK.reshape(-1), inverse_permutation(d.order), -1)
+            partial = torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, d.weights_TK, out_dtype)
+            return reduce_scatter_rows(partial, self.plan).narrow(0, 0, d.num_tokens)
         assert isinstance(dispatched, AllGatherDispatched)
         # Weighting before the reduce-scatter keeps the traffic at one row per token.
         partial_RH = out_RH * dispatched.row_weight.unsqueeze(-1)
         return torch.ops.moe_fx.allgather_combine(
-            partial_RH,
-            dispatched.row_index,
-            dispatched.tokens_per_rank,
-            dispatched.top_k,
-            dispatched.num_tokens,
-            self.plan.group_name,
+            partial_RH, dispatched.row_index, dispatched.tokens_per_rank, self.plan.top_k, dispatched.num_tokens,
+            self.ep.group_name, out_dtype,
         )
+
+    def _dispatch_bounded(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> StaticGatherDispatched:
+        p, capacity, k = self.ep, self.plan.capacity_tokens, self.plan.top_k
+        tokens = size(hidden_TH, 0)
+        padding = self._padding(hidden_TH, tokens, capacity)
+        # Ids and weights travel in one all-gather: ids as int32, weights as fp32 bits (exact for
+        # fp32/bf16/fp16). Padding rows carry id -1, which no rank owns.
+        weights_dtype = _meta(topk_weights_TK).dtype
+        routing = torch.cat([F.pad(topk_ids_TK.to(torch.int32), (0, 0, 0, padding), value=-1),
+                             F.pad(topk_weights_TK.to(torch.float32).view(torch.int32), (0, 0, 0, padding))], 1)
+        routing = all_gather_rows(routing, self.plan)  # [ep*C, 2K]
+        x_all = all_gather_rows(F.pad(hidden_TH, (0, 0, 0, padding)), self.plan)  # [ep*C, H]
+        ids_TK = routing.narrow(1, 0, k)
+        weights_TK = routing.narrow(1, k, k).contiguous().view(torch.float32).to(weights_dtype)
+        local_id = ids_TK - p.expert_start
+        local_TK = (local_id >= 0) & (local_id < p.num_local_experts)
+        # Other ranks' slots sort after every local expert (key e) and are excluded from offsets.
+        keys = sort_keys(torch.where(local_TK, local_id, p.num_local_experts).reshape(-1), p.num_local_experts + 1)
+        sorted_keys, order = stable_sort(keys)
+        bounds = arange(sorted_keys, p.num_local_experts, dtype=_meta(sorted_keys).dtype)
+        offsets = torch.searchsorted(sorted_keys, bounds, right=True).to(torch.int32)
+        # Rows past offsets[-1] are other ranks' slots: the grouped matmul leaves them unwritten
+        # and the combine never reads them. Their expert id is clamped to a local one (a valid
+        # index for biases).
+        expert_ids = sorted_keys.clamp(max=p.num_local_experts - 1) + p.expert_start
+        return StaticGatherDispatched(
+            tokens=x_all.index_select(0, order // k), offsets=offsets, expert_ids=expert_ids, order=order,
+            local_TK=local_TK, weights_TK=weights_TK, num_tokens=tokens,
+        )
+
+    def _padding(self, hidden_TH: fx.Proxy, tokens, capacity: int):
+        """C - T rows of padding; a rank with T > C raises (naming the block) rather than drop rows."""
+        message = (f"MoE block {self.ep.block!r}: more tokens on rank {self.ep.ep_rank} than the allgather bound "
+                   f"moe_fx.config.max_tokens_per_rank={capacity}; raise the bound")
+        if isinstance(tokens, int):
+            if tokens > capacity:
+                raise UnsupportedMoEError(f"{message} ({tokens} tokens)")
+            return capacity - tokens
+        fits = tokens <= capacity
+        hidden_TH.tracer.create_proxy("call_function", torch.ops.aten._assert_scalar.default, (fits, message), {})
+        return capacity - tokens
+

@@ -1,20 +1,26 @@
-"""The contract every EP lowering implements.
+"""The contract every lowering implements, and ep == 1.
 
     [router] -> topk_ids [T, K], topk_weights [T, K]          (left as traced)
         |
     dispatch   hidden [T, H] -> Dispatched: tokens [R, H] grouped by local expert,
-        |      offsets [e], row_expert [R]   (communication + permutation)
+        |      offsets [e] (communication + permutation)
     experts    grouped matmul (gate_up) -> activation as traced -> grouped matmul (down)
-        |      (moe_fx.lowering.experts; the activation is copied from the original graph)
+        |      (``expert_matmul``; the activation is copied from the original graph)
     combine    expert outputs [R, H] -> out [T, H]   (inverse of dispatch, router weights,
                                                       sum over top-k)
 
 Legend: T tokens on this rank, K top-k, S = T*K routed rows, H hidden, E experts, e = E/ep local
-experts, R rows this rank's experts process (data-dependent under EP).
+experts, R rows this rank's experts process (data-dependent under EP, or a static bound).
+
+A lowering *emits*: the rewrite calls its methods once, at compile time, on ``fx.Proxy`` values,
+and what they compute lands in the graph as op calls (``torch.ops.moe_fx.*``, ``torch.ops.npu.*``,
+aten and torch functions, tensor methods). Nothing of the lowering object is left in the graph:
+the ``Dispatched`` record holds proxies and exists only while the region is emitted. Write the
+methods with what a Proxy supports: tensor methods and torch functions, ``x.size(d)`` (not
+``x.shape``), ``narrow`` (not slices), and Python ints from the plan.
 
 ep == 1 is the base class (``LocalLowering``): sort, grouped matmul, unsort. The EP strategies
-refine dispatch and combine. Lowering objects are immutable; each rewritten region holds one and
-calls its bound ``dispatch`` / ``combine`` from the graph.
+refine dispatch and combine.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import enum
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
-from moe_fx.errors import UnsupportedMoEError
-from moe_fx.runtime.comm import current_ep_group
+import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
+from moe_fx.runtime.grouped_mm import native_grouped_mm_ok
 
 
 class Strategy(enum.Enum):
@@ -46,21 +53,6 @@ class EPPlan:
     ep_rank: int = 0
     group_name: str | None = None  # None only when ep_size == 1
 
-    @classmethod
-    def for_block(cls, block: str, num_experts: int) -> "EPPlan":
-        """This rank's plan for ``block`` in the configured EP group (ep == 1 without one)."""
-        group = current_ep_group()
-        if group is None or group.size() == 1:
-            return cls(block=block, num_experts=num_experts)
-        ep = group.size()
-        if num_experts % ep:
-            raise UnsupportedMoEError(
-                f"MoE block {block!r}: {num_experts} experts cannot be split evenly over an "
-                f"expert-parallel group of {ep} ranks ({num_experts} % {ep} = {num_experts % ep}). "
-                f"Use a group whose size divides {num_experts} (moe_fx.config.ep_group)."
-            )
-        return cls(block=block, num_experts=num_experts, ep_size=ep, ep_rank=group.rank(), group_name=group.group_name)
-
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
@@ -75,85 +67,182 @@ class EPPlan:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Dispatched:
-    """What dispatch hands to the experts stage and, as the handle, to combine."""
+class LoweringPlan:
+    """Everything a lowering reads, resolved once per block by the pass (moe_fx/passes/plan.py).
+    Nothing below the pass reads ``moe_fx.config``."""
 
-    tokens: torch.Tensor  # [R, H] rows grouped by local expert (expert-major)
-    offsets: torch.Tensor  # [e] int32, cumulative end row of each local expert
-    row_expert: torch.Tensor  # [R] global expert id of each row
+    ep: EPPlan
+    strategy: Strategy
+    top_k: int  # routing slots per token as dispatched (1 when router weights scale the input)
+    capacity_tokens: int | None = None  # mc2: buffer size in tokens per rank; switch: its switch point
+    transport: str = "all_to_all"  # mc2 off Ascend: "all_to_all" or "symm_mem"
+    device_type: str = "cpu"
+    cuda_graphs: bool = False  # the inner compiler records CUDA graphs (inductor's cudagraphs)
+    training: bool = False  # the graph computes gradients of the experts' inputs or weights
+
+    @property
+    def capacity_rows(self) -> int | None:
+        """Routed rows each rank may send per destination (mc2's buffer): C * K."""
+        return None if self.capacity_tokens is None else self.capacity_tokens * self.top_k
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dispatched:
+    """What dispatch hands to the experts stage and, as the handle, to combine (emit time only)."""
+
+    tokens: fx.Proxy  # [R, H] rows grouped by local expert (expert-major)
+    offsets: fx.Proxy  # [e] int32, cumulative end row of each local expert
+    expert_ids: fx.Proxy  # [R] global expert id of each row (any integer dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LocalDispatched(Dispatched):
-    order: torch.Tensor  # [S] routed row (t*K + k) that each sorted row came from
+    order: fx.Proxy  # [S] routed row (t*K + k) that each sorted row came from
 
 
 class LocalLowering:
     """ep == 1: one sort by expert, grouped matmuls, one unsort. No communication."""
 
     strategy = Strategy.LOCAL
-    # How the rewrite places the stages: False, one graph call per stage (run as Python); True,
-    # the stages' ops traced into the graph (moe_fx/lowering/npu/base.py says what that asks).
-    inline_stages = False
+    # combine(..., out_dtype=) returns the model's dtype itself (one pass over [T, H] fewer).
+    folds_out_dtype = True
 
-    def __init__(self, plan: EPPlan):
+    def __init__(self, plan: LoweringPlan):
         self.plan = plan
+        self.ep = plan.ep
 
     @property
     def render_name(self) -> str:
-        """The strategy's name in render_region's output."""
         return self.strategy.value
 
     def __repr__(self) -> str:
-        p = self.plan
-        return f"{self.strategy.value}(experts {p.expert_start}..{p.expert_start + p.num_local_experts - 1} of {p.num_experts}, ep {p.ep_rank}/{p.ep_size})"
+        p = self.ep
+        return f"{self.render_name}(experts {p.expert_start}..{p.expert_start + p.num_local_experts - 1} of {p.num_experts}, ep {p.ep_rank}/{p.ep_size})"
 
-    def local_weights(self, weight: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def unsupported(self, region) -> str | None:
+        """Why this lowering cannot emit ``region`` (an MoERegion), or None."""
+        return None
+
+    # -- experts ---------------------------------------------------------------------------------
+
+    def local_weights(self, weight: fx.Proxy | tuple[fx.Proxy, ...]) -> fx.Proxy:
         """[E, ...] -> this rank's contiguous block [e, ...] (a view). One tensor per expert (a
         ModuleList of nn.Linear): only the local ones are stacked (a copy per call)."""
-        p = self.plan
+        p = self.ep
         if isinstance(weight, (list, tuple)):
-            return torch.stack(weight[p.expert_start : p.expert_start + p.num_local_experts])
+            return torch.stack(list(weight[p.expert_start : p.expert_start + p.num_local_experts]))
         if p.ep_size == 1:
             return weight
-        return weight[p.expert_start : p.expert_start + p.num_local_experts]
+        return weight.narrow(0, p.expert_start, p.num_local_experts)
 
-    def dispatch(
-        self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
-    ) -> Dispatched:
-        top_k = topk_ids_TK.shape[1]
-        sorted_ids, order = torch.sort(_narrow_sort_keys(topk_ids_TK.reshape(-1), self.plan.num_experts), stable=True)
+    def expert_matmul(self, x: fx.Proxy, weight: fx.Proxy, dispatched: Dispatched, *, layout: str) -> fx.Proxy:
+        """x [R, K] expert-major, weight [e, N, K] ("out_in", nn.Linear style) or [e, K, N]
+        ("in_out"), already this rank's block -> [R, N]."""
+        w_KN = weight.transpose(-2, -1) if layout == "out_in" else weight
+        w_meta, x_meta = _meta(weight), _meta(x)
+        if x_meta is not None and w_meta is not None and x_meta.dtype != w_meta.dtype:
+            x = x.to(w_meta.dtype)
+        if self._native_grouped_mm(w_meta, layout):
+            return torch._grouped_mm(x, w_KN, offs=dispatched.offsets)
+        # moe_fx's op picks its kernel per call (moe_fx/runtime/grouped_mm.py): in bf16, a Triton
+        # kernel for few rows per expert inside a CUDA graph capture.
+        return torch.ops.moe_fx.grouped_mm(x, w_KN, dispatched.offsets)
+
+    def _native_grouped_mm(self, w_meta: torch.Tensor | None, layout: str) -> bool:
+        """torch._grouped_mm where it computes this projection; not in CUDA-graph inference graphs,
+        whose few rows per expert run faster on moe_fx's Triton kernel (a training graph keeps the
+        native op for its backward, which reads no offsets on the host)."""
+        if w_meta is None:
+            return False
+        w_KN = w_meta.transpose(-2, -1) if layout == "out_in" else w_meta
+        if not native_grouped_mm_ok(w_KN.new_empty((0, w_KN.shape[-2])), w_KN):
+            return False
+        return not (self.plan.device_type == "cuda" and self.plan.cuda_graphs and not self.plan.training)
+
+    def swiglu(self, h: fx.Proxy) -> fx.Proxy | None:
+        """A fused silu(h[:, :N/2]) * h[:, N/2:], or None: the traced activation is replayed."""
+        return None
+
+    def row_expert(self, dispatched: Dispatched) -> fx.Proxy:
+        """[R] global expert id (int64) of each row, for biases read as ``bias[row_expert]``."""
+        return dispatched.expert_ids.long()
+
+    # -- dispatch / combine -----------------------------------------------------------------------
+
+    def dispatch(self, hidden_TH: fx.Proxy, topk_ids_TK: fx.Proxy, topk_weights_TK: fx.Proxy) -> Dispatched:
+        sorted_ids, order = sort_by_expert(topk_ids_TK, self.ep.num_experts)
         # offsets[j] = number of rows routed to experts <= j (static shape, no host sync)
-        bounds = torch.arange(self.plan.num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+        bounds = arange(sorted_ids, self.ep.num_experts, dtype=_meta(sorted_ids).dtype)
         offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
-        return LocalDispatched(
-            tokens=hidden_TH[order // top_k], offsets=offsets, row_expert=sorted_ids.long(), order=order
-        )
+        tokens = hidden_TH.index_select(0, order // self.plan.top_k)
+        return LocalDispatched(tokens=tokens, offsets=offsets, expert_ids=sorted_ids, order=order)
 
-    def combine(
-        self, out_RH: torch.Tensor, dispatched: Dispatched, topk_weights_TK: torch.Tensor,
-        out_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
+    def combine(self, out_RH: fx.Proxy, dispatched: Dispatched, topk_weights_TK: fx.Proxy,
+                out_dtype: torch.dtype | None = None) -> fx.Proxy:
         """``out_dtype``: the dtype the model casts the result to, folded into the same pass."""
         assert isinstance(dispatched, LocalDispatched)
         # Unsort through the inverse permutation (a scatter of S indices, not of S rows), fused
         # with the weighted sum over top-k (moe_fx/runtime/unsort.py).
-        order = dispatched.order
-        position = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
-        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, topk_weights_TK, out_dtype)
+        return torch.ops.moe_fx.unsort_weighted_sum(out_RH, inverse_permutation(dispatched.order), topk_weights_TK,
+                                                    out_dtype)
 
 
-def _narrow_sort_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Expert ids as the narrowest integer type that holds them: a radix sort's passes grow with
-    the key width (int16 takes a quarter of int64's)."""
-    if num_experts <= torch.iinfo(torch.int16).max:
-        return expert_ids.to(torch.int16)
-    return expert_ids
+def sort_by_expert(topk_ids_TK: fx.Proxy, num_experts: int) -> tuple[fx.Proxy, fx.Proxy]:
+    """The S routed rows' expert ids sorted (stable) and the routed row at each sorted position."""
+    return stable_sort(sort_keys(topk_ids_TK.reshape(-1), num_experts))
 
 
-def weighted_sum_over_topk(rows_SH: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+def stable_sort(keys: fx.Proxy) -> tuple[fx.Proxy, fx.Proxy]:
+    """(sorted keys, the index each came from)."""
+    result = torch.sort(keys, stable=True)
+    return result[0], result[1]
+
+
+def sort_keys(ids: fx.Proxy, num_keys: int) -> fx.Proxy:
+    """Integer keys in [0, num_keys) as the narrowest type that holds them: a radix sort's passes
+    grow with the key width (int16 takes a quarter of int64's)."""
+    return ids.to(torch.int16) if num_keys <= torch.iinfo(torch.int16).max else ids
+
+
+def inverse_permutation(order: fx.Proxy) -> fx.Proxy:
+    """position[order[i]] = i."""
+    positions = arange(order, size(order, 0))
+    return torch.empty_like(order).index_copy_(0, order, positions)
+
+
+def weighted_sum_over_topk(rows_SH: fx.Proxy, topk_weights_TK: fx.Proxy,
+                           out_dtype: torch.dtype | None = None) -> fx.Proxy:
     """Rows in (t, k) order -> [T, H]: the same product and sum the traced experts code did, so
     the result keeps its dtype promotion (bf16 outputs times fp32 weights sum in fp32)."""
-    t, k = topk_weights_TK.shape
     weighted_SH = rows_SH * topk_weights_TK.reshape(-1, 1)
-    return weighted_SH.view(t, k, rows_SH.shape[-1]).sum(dim=1)
+    out = weighted_SH.view(size(topk_weights_TK, 0), size(topk_weights_TK, 1), -1).sum(dim=1)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def arange(like: fx.Proxy, n: int | fx.Proxy, dtype: torch.dtype | None = None) -> fx.Proxy:
+    """torch.arange(n) on ``like``'s device, emitted into the graph (a call with no Proxy argument
+    would run now and put a constant in the graph)."""
+    kwargs = {"device": _device(like), **({"dtype": dtype} if dtype is not None else {})}
+    return like.tracer.create_proxy("call_function", torch.arange, (n,), kwargs)
+
+
+def size(proxy: fx.Proxy, dim: int) -> int | fx.Proxy:
+    """``proxy.size(dim)``: a Python int when the example value's size is static, so the graph
+    holds the constant rather than a size call."""
+    meta = _meta(proxy)
+    static = meta.shape[dim] if meta is not None else None
+    return static if isinstance(static, int) else proxy.size(dim)
+
+
+def _meta(proxy: fx.Proxy) -> torch.Tensor | None:
+    """The example value of a proxy's node (set on the graph's own nodes, and on emitted ones by
+    the rewrite's propagation), or None."""
+    value = proxy.node.meta.get("example_value") if isinstance(proxy, fx.Proxy) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _device(proxy: fx.Proxy) -> torch.device:
+    meta = _meta(proxy)
+    if meta is None:
+        raise AssertionError(f"moe_fx: no example value on {proxy.node.format_node()}")
+    return meta.device

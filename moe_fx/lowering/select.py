@@ -60,7 +60,9 @@ class BlockFacts:
 class LoweringChoice:
     strategy: Strategy
     reason: str
-    capacity_tokens: int | None = None  # mc2: its buffer size in tokens; mc2|all2allv: the switch point
+    # mc2 and allgather: the token bound their static buffers hold (allgather without one reads the
+    # largest count at run time); mc2|all2allv: the switch point
+    capacity_tokens: int | None = None
 
 
 # Device-specific "auto" rules, by device type. A device without an entry uses _generic_rule.
@@ -98,8 +100,8 @@ def _requested(block: str) -> tuple[str, str]:
 
 
 def _forced_capacity(strategy: Strategy, facts: BlockFacts) -> int | None:
-    if strategy is Strategy.MC2:
-        return facts.token_bound  # None: Mc2Lowering raises and says what to set
+    if strategy in (Strategy.MC2, Strategy.ALLGATHER):
+        return facts.token_bound  # None: mc2 raises and says what to set; allgather reads counts at run time
     if strategy is Strategy.TOKEN_SWITCH:
         return config.auto_mc2_max_tokens
     return None
@@ -119,6 +121,7 @@ def _generic_rule(f: BlockFacts) -> LoweringChoice:
     if f.ep_size <= limit:
         return LoweringChoice(
             strategy=Strategy.ALLGATHER,
+            capacity_tokens=f.token_bound,
             reason=f"auto: ep={f.ep_size} <= top_k*{factor:g}={limit:g} (gathering all tokens moves no "
             "more rows than the all-to-all)",
         )

@@ -13,43 +13,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
-import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
-from moe_fx.lowering.base import Dispatched, EPPlan, LocalLowering, Strategy, weighted_sum_over_topk
+from moe_fx.lowering.base import Dispatched, LocalLowering, Strategy, weighted_sum_over_topk
 
 
 @dataclass(frozen=True, kw_only=True)
 class SwitchDispatched(Dispatched):
-    pick: torch.Tensor  # [S] position of each (t, k) row in the send buffer
-    send_splits: torch.Tensor  # [ep] rows sent to each rank
-    recv_splits: torch.Tensor  # [ep] rows received from each rank
-    regroup: torch.Tensor  # [R] received (rank-major) row at each expert-major position
+    pick: fx.Proxy  # [S] position of each (t, k) row in the send buffer
+    send_splits: fx.Proxy  # [ep] rows sent to each rank
+    recv_splits: fx.Proxy  # [ep] rows received from each rank
+    regroup: fx.Proxy  # [R] received (rank-major) row at each expert-major position
 
 
 class TokenSwitchLowering(LocalLowering):
     strategy = Strategy.TOKEN_SWITCH
 
-    def __init__(self, plan: EPPlan, *, capacity_tokens: int):
-        super().__init__(plan)
-        self.capacity_tokens = capacity_tokens
-
     def __repr__(self) -> str:
-        return f"{super().__repr__()} [mc2 while max tokens per rank <= {self.capacity_tokens}]"
+        return f"{super().__repr__()} [mc2 while max tokens per rank <= {self.plan.capacity_tokens}]"
 
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
-        p = self.plan
-        tokens, row_expert, offsets, pick, send_splits, recv_splits, regroup = torch.ops.moe_fx.switch_dispatch(
-            hidden_TH, topk_ids_TK, p.num_experts, self.capacity_tokens, p.group_name
+        p = self.ep
+        out = torch.ops.moe_fx.switch_dispatch(
+            hidden_TH, topk_ids_TK, p.num_experts, self.plan.capacity_tokens, p.group_name
         )
         return SwitchDispatched(
-            tokens=tokens, offsets=offsets, row_expert=row_expert, pick=pick,
-            send_splits=send_splits, recv_splits=recv_splits, regroup=regroup,
+            tokens=out[0], expert_ids=out[1], offsets=out[2], pick=out[3], send_splits=out[4],
+            recv_splits=out[5], regroup=out[6],
         )
 
-    def combine(self, out_RH, dispatched, topk_weights_TK) -> torch.Tensor:
+    def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
         assert isinstance(dispatched, SwitchDispatched)
         d = dispatched
         rows_SH = torch.ops.moe_fx.switch_combine(
-            out_RH, d.pick, d.send_splits, d.recv_splits, d.regroup, self.plan.group_name
+            out_RH, d.pick, d.send_splits, d.recv_splits, d.regroup, self.ep.group_name
         )
-        return weighted_sum_over_topk(rows_SH, topk_weights_TK)
+        return weighted_sum_over_topk(rows_SH, topk_weights_TK, out_dtype)

@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 
-import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
-from moe_fx import config
-from moe_fx.lowering.base import Dispatched, EPPlan, LocalLowering
-from moe_fx.runtime.comm import resolve_group
+from moe_fx.lowering.base import Dispatched, LocalLowering, size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,47 +31,39 @@ class TokenGroup:
     group_name: str | None
 
 
-def token_group(plan: EPPlan) -> TokenGroup:
-    """``config.tp_group`` when set, else the EP group of ``plan``."""
-    if config.tp_group is None:
-        return TokenGroup(size=plan.ep_size, rank=plan.ep_rank, group_name=plan.group_name)
-    group = resolve_group(config.tp_group)
-    return TokenGroup(size=group.size(), rank=group.rank(), group_name=group.group_name)
-
-
 class ReplicatedTokens:
     """Wraps a strategy: prepare = this rank's slice, finalize = gather every rank's slice."""
 
-    inline_stages = False
-
-    def __init__(self, inner: LocalLowering):
+    def __init__(self, inner: LocalLowering, tokens: TokenGroup):
         self.inner = inner
         self.plan = inner.plan
         self.strategy = inner.strategy
         self.render_name = inner.render_name
-        self.tokens = token_group(inner.plan)
+        self.folds_out_dtype = inner.folds_out_dtype
+        self.tokens = tokens
 
     def __repr__(self) -> str:
         return f"replicated(tp {self.tokens.rank}/{self.tokens.size}, {self.inner!r})"
 
-    def local_weights(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.inner.local_weights(weight)
+    def __getattr__(self, name):  # the experts stage is the inner strategy's
+        return getattr(self.inner, name)
 
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
         return self.inner.dispatch(
             self._my_rows(hidden_TH), self._my_rows(topk_ids_TK), self._my_rows(topk_weights_TK)
         )
 
-    def combine(self, out_RH, dispatched: Dispatched, topk_weights_TK) -> torch.Tensor:
-        mine = self.inner.combine(out_RH, dispatched, self._my_rows(topk_weights_TK))
+    def combine(self, out_RH, dispatched: Dispatched, topk_weights_TK, out_dtype=None) -> fx.Proxy:
+        mine = self.inner.combine(out_RH, dispatched, self._my_rows(topk_weights_TK), out_dtype)
         if self.tokens.size == 1:
             return mine
         gathered = torch.ops.moe_fx.gather_rows(mine, self.tokens.group_name)
-        return gathered[: topk_weights_TK.shape[0]]
+        return gathered.narrow(0, 0, size(topk_weights_TK, 0))
 
-    def _my_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's ceil(T/tp) rows of ``t``, zero-padded past T (fewer tokens than ranks too)."""
+    def _my_rows(self, t: fx.Proxy) -> fx.Proxy:
+        """This rank's ceil(T/tp) rows of 2-D ``t``, zero-padded past T (fewer tokens than ranks too)."""
         g = self.tokens
-        chunk = -(-t.shape[0] // g.size)
-        padded = torch.cat([t, t.new_zeros((chunk * g.size - t.shape[0], *t.shape[1:]))])
-        return padded[g.rank * chunk : (g.rank + 1) * chunk]
+        rows = size(t, 0)
+        chunk = (rows + (g.size - 1)) // g.size
+        padded = F.pad(t, (0, 0, 0, chunk * g.size - rows))
+        return padded.narrow(0, chunk * g.rank, chunk)

@@ -35,12 +35,13 @@ class RowFn:
 
     def replay(
         self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, new_side_inputs: tuple[fx.Node, ...] = (),
-        block_row_ids: fx.Node | None = None,
+        block_row_ids: fx.Node | None = None, on_copy: Callable[[fx.Node], None] | None = None,
     ) -> fx.Node:
         """Copy the nodes at the graph's insertion point, reading ``new_input`` / ``new_row_ids``
         (and ``new_side_inputs`` for ``side_inputs``). With ``block_row_ids`` (the region's
         parameters hold only this rank's block of experts), ``param[row_ids]`` reads
-        ``param[block_row_ids]`` instead; every other use of the ids still sees the global ids."""
+        ``param[block_row_ids]`` instead; every other use of the ids still sees the global ids.
+        ``on_copy`` sees each new node (the rewrite sets its example value)."""
         env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
         env.update(zip(self.side_inputs, new_side_inputs, strict=True))
         for node in self.nodes:
@@ -48,6 +49,8 @@ class RowFn:
             if block_row_ids is not None and is_expert_gather(node, self.row_ids):
                 ids = block_row_ids
             env[node] = graph.node_copy(node, lambda n: ids if n is self.row_ids else env.get(n, n))
+            if on_copy is not None:
+                on_copy(env[node])
         return env.get(self.output, new_input)
 
     def expert_params(self) -> list[fx.Node]:

@@ -67,19 +67,22 @@ def allgather_combine(
     top_k: int,
     num_tokens: int,
     group_name: str,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """partial [R, H] (already router-weighted) -> this rank's [T, H] sum over every rank's experts."""
+    """partial [R, H] (already router-weighted) -> this rank's [T, H] sum over every rank's experts.
+    Each rank sums its rows in partial's dtype, then the sums cross ranks in ``out_dtype`` (the
+    model's: half the bytes of fp32 for bf16 models, one rounding more than on one device)."""
     group = resolve_group(group_name)
     world = dist.get_world_size(group)
     t_max = int(tokens_per_rank.max())
     summed = partial.new_zeros((world * t_max, partial.shape[1]))
     summed.index_add_(0, row_index // top_k, partial)
-    return reduce_scatter_rows(summed, group)[:num_tokens]
+    return reduce_scatter_rows(summed.to(out_dtype or partial.dtype), group)[:num_tokens]
 
 
 @allgather_combine.register_fake
-def _(partial, row_index, tokens_per_rank, top_k, num_tokens, group_name):
-    return partial.new_empty((num_tokens, partial.shape[1]))
+def _(partial, row_index, tokens_per_rank, top_k, num_tokens, group_name, out_dtype=None):
+    return partial.new_empty((num_tokens, partial.shape[1]), dtype=out_dtype or partial.dtype)
 
 
 @torch.library.custom_op(f"{LIB}::allgather_scatter_grad", mutates_args=())
@@ -144,17 +147,17 @@ def _(grad_out, row_token, tokens_per_rank, group_name):
 
 
 def _allgather_combine_setup(ctx, inputs, output):
-    _, row_index, tokens_per_rank, top_k, _, group_name = inputs
+    partial, row_index, tokens_per_rank, top_k, _, group_name, _ = inputs
     ctx.save_for_backward(row_index, tokens_per_rank)
-    ctx.top_k, ctx.group_name = top_k, group_name
+    ctx.top_k, ctx.group_name, ctx.partial_dtype = top_k, group_name, partial.dtype
 
 
 def _allgather_combine_backward(ctx, grad):
     row_index, tokens_per_rank = ctx.saved_tensors
     grad_partial = torch.ops.moe_fx.allgather_gather_grad(
         grad, row_index // ctx.top_k, tokens_per_rank, ctx.group_name
-    )
-    return grad_partial, None, None, None, None, None
+    ).to(ctx.partial_dtype)
+    return grad_partial, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

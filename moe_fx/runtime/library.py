@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import torch
 
+from moe_fx.errors import UnsupportedMoEError
+
 LIB = "moe_fx"
 
 
 def fake_rows() -> int:
     """A fresh unbacked size for the data-dependent number of rows routed to this rank."""
     return torch.library.get_ctx().new_dynamic_size()
+
+
+def check_capacity(block: str, tokens: int, capacity_tokens: int, rank: int) -> None:
+    """A rank with more tokens than a static buffer holds raises: a dropped row would be a
+    silently wrong answer."""
+    if tokens > capacity_tokens:
+        raise UnsupportedMoEError(
+            f"MoE block {block!r}: {tokens} tokens on rank {rank} exceed the mc2 capacity "
+            f"moe_fx.config.max_tokens_per_rank={capacity_tokens}; raise the bound or use lowering='all2allv'"
+        )

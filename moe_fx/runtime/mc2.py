@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moe_fx.runtime.comm import resolve_group
-from moe_fx.runtime.library import LIB
+from moe_fx.runtime.library import LIB, check_capacity
 
 
 def _mc2_slots(topk_ids: torch.Tensor, num_experts: int, world: int, rows_per_rank: int) -> torch.Tensor:
@@ -55,12 +55,15 @@ def return_rows_from_experts(
 
 @torch.library.custom_op(f"{LIB}::mc2_dispatch", mutates_args=())
 def mc2_dispatch(
-    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, capacity_tokens: int, group_name: str
+    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, capacity_tokens: int, group_name: str,
+    block: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (tokens [ep*C*K, H] expert-sorted, row_expert [ep*C*K], offsets [e],
-    send_slot [S], recv_order [ep*C*K]). Rows past offsets[-1] are padding."""
+    send_slot [S], recv_order [ep*C*K]). Rows past offsets[-1] are padding. ``block`` names the
+    MoE block in the error a rank with more than C tokens raises."""
     group = resolve_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_capacity(block, x.shape[0], capacity_tokens, rank)
     k = topk_ids.shape[1]
     rows_per_rank = capacity_tokens * k
     per_rank = num_experts // world
@@ -79,7 +82,7 @@ def mc2_dispatch(
 
 
 @mc2_dispatch.register_fake
-def _(x, topk_ids, num_experts, capacity_tokens, group_name):
+def _(x, topk_ids, num_experts, capacity_tokens, group_name, block=""):
     world = dist.get_world_size(resolve_group(group_name))
     rows = world * capacity_tokens * topk_ids.shape[1]
     return (
@@ -118,7 +121,7 @@ def _(grad_rows, send_slot, recv_order, group_name):
 
 
 def _mc2_dispatch_setup(ctx, inputs, output):
-    x, topk_ids, _, _, group_name = inputs
+    x, topk_ids, _, _, group_name, _ = inputs
     _, _, _, send_slot, recv_order = output
     ctx.save_for_backward(send_slot, recv_order)
     ctx.shape = (x.shape[0], topk_ids.shape[1], group_name)
@@ -128,7 +131,7 @@ def _mc2_dispatch_backward(ctx, g_tokens, *unused):
     send_slot, recv_order = ctx.saved_tensors
     t, k, group_name = ctx.shape
     rows = torch.ops.moe_fx.mc2_combine(g_tokens, send_slot, recv_order, group_name)
-    return rows.view(t, k, -1).sum(1), None, None, None, None
+    return rows.view(t, k, -1).sum(1), None, None, None, None, None
 
 
 torch.library.register_autograd(f"{LIB}::mc2_dispatch", _mc2_dispatch_backward, setup_context=_mc2_dispatch_setup)

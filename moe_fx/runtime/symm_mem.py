@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from moe_fx.runtime.comm import resolve_group
-from moe_fx.runtime.library import LIB
+from moe_fx.runtime.library import LIB, check_capacity
 
 # Limits of torch's kernels (see the module docstring).
 MAX_EXPERTS_PER_RANK = 16
@@ -101,7 +101,8 @@ def _rows_out(world: int, experts_per_rank: int, capacity_rows: int) -> int:
 
 @torch.library.custom_op(f"{LIB}::symm_mc2_dispatch", mutates_args=())
 def symm_mc2_dispatch(
-    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, capacity_tokens: int, group_name: str
+    x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, capacity_tokens: int, group_name: str,
+    block: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (tokens [ep*C*K + e, H] expert-major, row_expert, offsets [e] (end row of each local
     expert), order [S] (sorted position -> routed row t*K + k), splits_offsets [2, E] (the layout,
@@ -109,6 +110,7 @@ def symm_mc2_dispatch(
     counters["moe_fx"]["ran_symm_mem"] += 1
     group = resolve_group(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_capacity(block, x.shape[0], capacity_tokens, rank)
     k, hidden = topk_ids.shape[1], x.shape[1]
     per_rank = num_experts // world
     capacity_rows = capacity_tokens * k
@@ -131,7 +133,7 @@ def symm_mc2_dispatch(
 
 
 @symm_mc2_dispatch.register_fake
-def _(x, topk_ids, num_experts, capacity_tokens, group_name):
+def _(x, topk_ids, num_experts, capacity_tokens, group_name, block=""):
     world = dist.get_world_size(resolve_group(group_name))
     rows = _rows_out(world, num_experts // world, capacity_tokens * topk_ids.shape[1])
     return (

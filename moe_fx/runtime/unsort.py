@@ -1,9 +1,10 @@
 """Unsort + weighted sum over top-k in one pass: the local lowering's combine.
 
-    out[t] = sum_k w[t, k] * y[position[t*K + k]]
+    out[t] = sum_k w[t, k] * y[position[t*K + k]]      (terms with position -1 left out)
 
-``y`` [S, H] holds the expert outputs expert-major, ``position`` [S] says where routed row
-t*K + k landed. Written out in torch ops the compiler emits a reduction that re-loads the
+``y`` [R, H] holds the expert outputs expert-major, ``position`` [S] says where routed row
+t*K + k landed, or -1 for a slot this rank did not compute (another rank's expert: AllGather's
+partial sums). Rows of ``y`` no position names are never read (they may be unwritten padding). Written out in torch ops the compiler emits a reduction that re-loads the
 position index for every output element; the CUDA kernel below reads each index once per token
 and each row of ``y`` once, which is what the memory traffic allows. The arithmetic matches the
 traced experts code: each product in the promoted dtype (bf16 rows times fp32 router weights in
@@ -25,8 +26,20 @@ except ImportError:  # CPU-only installs; the op's torch implementation serves e
 
 def _reference(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
     t, k = w.shape
-    out = (y[position] * w.reshape(-1, 1)).view(t, k, y.shape[1]).sum(dim=1)
+    out = _terms(y, position, w).view(t, k, y.shape[1]).sum(dim=1)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def _rows(y: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y's row at each position, zero where the position is -1; the mask of valid positions)."""
+    valid = position >= 0
+    rows = y[position.clamp(min=0)] if y.shape[0] else y.new_zeros((position.shape[0], y.shape[1]))
+    return torch.where(valid.unsqueeze(1), rows, 0), valid
+
+
+def _terms(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    rows, valid = _rows(y, position)
+    return torch.where(valid.unsqueeze(1), rows * w.reshape(-1, 1), 0)
 
 
 @torch.library.custom_op(f"{LIB}::unsort_weighted_sum", mutates_args=())
@@ -55,11 +68,14 @@ def _backward(ctx, grad_out):
     t, k = w.shape
     grad_out = grad_out.to(torch.promote_types(y.dtype, w.dtype))  # what the cast's backward gave
     grad_y = grad_w = None
+    valid = position >= 0
     if ctx.needs_input_grad[0]:
         rows = (grad_out.unsqueeze(1) * w.unsqueeze(-1)).reshape(t * k, -1).to(y.dtype)
-        grad_y = torch.empty_like(y).index_copy_(0, position, rows)
+        # Skipped slots write to one extra row, dropped after: no host read of how many there are.
+        target = torch.where(valid, position, y.shape[0])
+        grad_y = y.new_zeros((y.shape[0] + 1, y.shape[1])).index_copy_(0, target, rows)[: y.shape[0]]
     if ctx.needs_input_grad[2]:
-        grad_w = (grad_out.unsqueeze(1) * y[position].view(t, k, -1)).sum(-1).to(w.dtype)
+        grad_w = (grad_out.unsqueeze(1) * _rows(y, position)[0].view(t, k, -1)).sum(-1).to(w.dtype)
     return grad_y, None, grad_w, None
 
 
@@ -85,8 +101,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # torch's sum accumulates in fp32 too
         for k in tl.static_range(K):
             row = tl.load(position_ptr + token * K + k).to(tl.int64)
-            weight = tl.load(w_ptr + token * K + k).to(product_dtype)
-            values = tl.load(y_ptr + row * hidden + cols, mask=in_row, other=0.0)
+            computed = row >= 0  # -1: another rank's slot, left out
+            weight = tl.where(computed, tl.load(w_ptr + token * K + k), 0).to(product_dtype)
+            values = tl.load(y_ptr + row * hidden + cols, mask=in_row & computed, other=0.0)
             acc += (values.to(product_dtype) * weight).to(tl.float32)
         # One rounding to the output dtype: the sum's own (to the promoted dtype) then the
         # model's cast would give the same value, since fp32 -> narrower rounds once either way.

@@ -8,10 +8,8 @@
         |      -> npu_grouped_matmul
     combine    npu unpermute / MC2 combine, router weights, sum over top-k -> [T, H]
 
-Unlike the generic lowerings, whose stages run as Python calls from the graph, these are traced
-into the graph (``inline_stages``): the rewritten region holds the torch.ops.npu calls themselves,
-so torchair converts them and tests can read them. The methods therefore receive fx Proxies:
-only tensor methods, torch functions and ops on them, plus Python ints known at compile time.
+Like every lowering (moe_fx/lowering/base.py), these emit: the rewritten region holds the
+torch.ops.npu calls themselves, so torchair converts them and tests can read them.
 
 Rows past a group_list total are undefined on Ascend (padded, statically shaped outputs); nothing
 here reads them except through the op that owns them, and combine zeroes them where an op could.
@@ -66,11 +64,23 @@ class NpuLocalLowering(LocalLowering):
     """ep == 1 on Ascend: npu_moe_init_routing_v2 over every expert, grouped matmuls, unpermute."""
 
     strategy = Strategy.LOCAL
-    inline_stages = True
+    folds_out_dtype = False
 
     def __init__(self, plan: EPPlan, shape: BlockShape):
-        super().__init__(plan)
+        self.plan = self.ep = plan
         self.shape = shape
+
+    def unsupported(self, region) -> str | None:
+        reason = None
+        if region.shard is not None:
+            reason = "weights sharded by moe_fx.shard_experts"
+        elif region.side_up or region.up.bias is not None or region.down.bias is not None:
+            reason = "separate w1/w3 projections or nn.Linear biases"
+        elif region.base is not None or region.last_update is not None:
+            reason = "an expert loop accumulating in place"
+        elif region.weights_on_input or region.dense_scores:
+            reason = "router weights on the experts' input or a dense score matrix"
+        return None if reason is None else f"{reason} is not supported by the Ascend (NPU) lowering yet"
 
     @property
     def render_name(self) -> str:
@@ -82,9 +92,9 @@ class NpuLocalLowering(LocalLowering):
     # -- experts ---------------------------------------------------------------------------------
 
     def expert_matmul(self, x: fx.Proxy, weight: fx.Proxy, dispatched: NpuDispatched, *, layout: str) -> fx.Proxy:
-        """x [R, K] grouped by local expert, weight [E, N, K] ("out_in") or [E, K, N] -> [R, N]."""
-        w = self.local_weights(weight)
-        w_KN = w.transpose(1, 2) if layout == "out_in" else w
+        """x [R, K] grouped by local expert, weight [e, N, K] ("out_in") or [e, K, N] (this rank's
+        block) -> [R, N]."""
+        w_KN = weight.transpose(1, 2) if layout == "out_in" else weight
         return npu_ops().npu_grouped_matmul(
             [x], [w_KN], group_list=dispatched.group_list, split_item=2, group_type=0,
             group_list_type=dispatched.group_list_type,

@@ -1,0 +1,167 @@
+"""Deciding one block's lowering: config and the block's facts -> a ``LoweringPlan`` -> a lowering.
+
+This is the only place below the backend that reads ``moe_fx.config`` for a block: the plan holds
+every decision (strategy, capacity, transport, groups, device family, CUDA graphs, training), and
+the lowering reads nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from moe_fx import config
+from moe_fx.errors import UnsupportedMoEError
+from moe_fx.lowering import LOWERINGS, BlockFacts, EPPlan, LocalLowering, LoweringChoice, LoweringPlan, Strategy
+from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering, npu_soc
+from moe_fx.lowering.token_layout import ReplicatedTokens, TokenGroup
+from moe_fx.passes.graph_utils import fake
+from moe_fx.passes.region import MoERegion
+from moe_fx.runtime import symm_mem
+from moe_fx.runtime.comm import current_ep_group, resolve_group
+
+MC2_TRANSPORTS = ("all_to_all", "symm_mem")
+
+
+def ep_plan(region: MoERegion) -> EPPlan:
+    """This rank's place for ``region`` in the configured EP group (ep == 1 without one)."""
+    group = current_ep_group()
+    if group is None or group.size() == 1:
+        return EPPlan(block=region.block, num_experts=region.num_experts)
+    ep, num_experts = group.size(), region.num_experts
+    if num_experts % ep:
+        raise UnsupportedMoEError(
+            f"MoE block {region.block!r}: {num_experts} experts cannot be split evenly over an "
+            f"expert-parallel group of {ep} ranks ({num_experts} % {ep} = {num_experts % ep}). "
+            f"Use a group whose size divides {num_experts} (moe_fx.config.ep_group)."
+        )
+    return EPPlan(block=region.block, num_experts=num_experts, ep_size=ep, ep_rank=group.rank(),
+                  group_name=group.group_name)
+
+
+def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
+    """The rank-invariant facts the lowering choice reads for ``region``."""
+    device_type = _device_type(region)
+    bound, source = _token_bound(region, plan)
+    return BlockFacts(
+        block=region.block,
+        ep_size=plan.ep_size,
+        num_experts=region.num_experts,
+        top_k=region.top_k,
+        hidden_size=region.hidden_size,
+        dtype=region.dtype,
+        device_type=device_type,
+        soc=npu_soc() if device_type == "npu" else None,
+        token_bound=bound,
+        token_bound_source=source,
+    )
+
+
+def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> LoweringPlan:
+    """Every decision for ``region``, from the choice and config, checked against the block."""
+    rows_per_token = 1 if region.weights_on_input else region.top_k  # input-side weights: K tokens per token
+    capacity = choice.capacity_tokens
+    if choice.strategy is Strategy.MC2:
+        if capacity is None or capacity < 1:
+            raise UnsupportedMoEError(
+                f"MoE block {region.block!r}: lowering='mc2' sizes its buffers from a token bound, and "
+                f"moe_fx.config.max_tokens_per_rank is {config.max_tokens_per_rank!r}. Set it to the largest "
+                "number of tokens any rank feeds this block (the same value on every rank)."
+            )
+    if capacity is not None and region.weights_on_input:
+        capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
+    device_type = _device_type(region)
+    return LoweringPlan(
+        ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
+        transport=_mc2_transport(region, ep, choice.strategy, device_type), device_type=device_type,
+        cuda_graphs=_records_cuda_graphs(), training=_training(region),
+    )
+
+
+def make_lowering(region: MoERegion, plan: LoweringPlan) -> LocalLowering:
+    if plan.device_type == "npu":
+        shape = BlockShape(top_k=region.top_k, hidden_size=region.hidden_size, dtype=region.dtype)
+        return make_npu_lowering(plan.strategy, plan.ep, shape, fake(region.hidden).device)
+    lowering = LOWERINGS[plan.strategy](plan)
+    if plan.ep.ep_size > 1 and token_layout() == "replicated":
+        return ReplicatedTokens(lowering, token_group(plan.ep))
+    return lowering
+
+
+def token_layout() -> str:
+    if config.tokens not in ("per_rank", "replicated"):
+        raise ValueError(f"moe_fx.config.tokens={config.tokens!r} is not one of ['per_rank', 'replicated']")
+    if config.tp_group is not None and config.tokens != "replicated":
+        raise ValueError(f"moe_fx.config.tp_group={config.tp_group!r} names the ranks that hold the same tokens; "
+                         "it needs moe_fx.config.tokens='replicated'")
+    return config.tokens
+
+
+def token_group(plan: EPPlan) -> TokenGroup:
+    """``config.tp_group`` when set, else the EP group of ``plan``."""
+    if config.tp_group is None:
+        return TokenGroup(size=plan.ep_size, rank=plan.ep_rank, group_name=plan.group_name)
+    group = resolve_group(config.tp_group)
+    return TokenGroup(size=group.size(), rank=group.rank(), group_name=group.group_name)
+
+
+def _device_type(region: MoERegion) -> str:
+    device = fake(region.hidden).device
+    return "npu" if is_npu_target(device) else device.type
+
+
+def _token_bound(region: MoERegion, plan: EPPlan) -> tuple[int | None, str]:
+    """Most tokens any rank feeds the block's dispatch, if known on every rank alike: the configured
+    bound, or ceil(T/tp) for replicated tokens with a static T (every rank holds the same T)."""
+    bound, source = config.max_tokens_per_rank, "config.max_tokens_per_rank"
+    tokens = region.num_tokens
+    if plan.ep_size > 1 and token_layout() == "replicated" and isinstance(tokens, int):
+        tp = token_group(plan).size
+        per_rank = -(-tokens // tp)
+        if bound is None or per_rank < bound:
+            bound, source = per_rank, f"tokens='replicated': ceil({tokens}/{tp})"
+    return bound, source
+
+
+def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_type: str) -> str:
+    """config.mc2_transport, after checking the block fits the symmetric-memory kernels' limits."""
+    transport = config.mc2_transport
+    if transport not in MC2_TRANSPORTS:
+        raise ValueError(f"moe_fx.config.mc2_transport={transport!r} is not one of {list(MC2_TRANSPORTS)}")
+    if transport != "symm_mem" or strategy is not Strategy.MC2 or device_type == "npu":
+        return "all_to_all"
+    limits = ((ep.num_local_experts, symm_mem.MAX_EXPERTS_PER_RANK, "experts per rank"),
+              (ep.ep_size, symm_mem.MAX_RANKS, "ranks"))
+    for value, limit, what in limits:
+        if value > limit:
+            raise UnsupportedMoEError(
+                f"MoE block {region.block!r}: mc2_transport='symm_mem' handles at most {limit} {what} "
+                f"(torch's all_to_all_vdev_2d); this block has {value}. Use mc2_transport='all_to_all'."
+            )
+    if unavailable := symm_mem.unavailable_reason(device_type):
+        raise UnsupportedMoEError(f"MoE block {region.block!r}: mc2_transport='symm_mem' cannot run: {unavailable}")
+    return transport
+
+
+def _records_cuda_graphs() -> bool:
+    """Whether the graph being compiled will run as CUDA graphs: inductor's cudagraphs, which
+    ``moe_fx.config.inner_mode = "reduce-overhead"`` turns on while it compiles."""
+    from torch._inductor import config as inductor_config
+
+    return bool(inductor_config.triton.cudagraphs)
+
+
+def _training(region: MoERegion) -> bool:
+    """Whether the graph will compute gradients through the experts (AOTAutograd builds a
+    backward when grad mode is on and an input requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    inputs = [region.hidden, *_nodes(region.up.weight), *_nodes(region.down.weight)]
+    return any(getattr(fake(n), "requires_grad", False) for n in inputs)
+
+
+def _nodes(value) -> list[fx.Node]:
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+__all__ = ["block_facts", "ep_plan", "lowering_plan", "make_lowering", "token_group", "token_layout"]
