@@ -21,6 +21,9 @@ random router on random tokens; "skewed" biases the router so that a few experts
 
     python -m moe_fx.bench                        # the full table (about 3 minutes on an H100)
     python -m moe_fx.bench --shapes qwen3 --tokens 1 16 --png bench.png
+
+With ``--ep N`` (under ``torchrun --nproc-per-node N``) it runs the multi-GPU benchmark instead:
+moe_fx/bench_ep.py.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import moe_fx
-from moe_fx.bench import SHAPES, LayerShape, build_blocks, configured_backend, interleaved_medians, make_tokens, timed_us
+from moe_fx.bench import (SHAPES, LayerShape, build_blocks, configured_backend, interleaved_medians, make_tokens,
+                          timed_us)
 
 EP_SHAPES = {
     **{key: SHAPES[key] for key in ("deepseek_v3", "gpt_oss", "qwen3", "mixtral")},
@@ -288,17 +289,21 @@ def bench_tokens(shape: LayerShape, block: torch.nn.Module, tokens: int, ctx: Ra
     x = make_tokens(shape, tokens, skew=False, device=ctx.device, seed=1 + 7919 * ctx.rank)
     with torch.no_grad():
         ref = block(x).float()
-    picked = auto_pick(block, x, tokens, ctx)
+    try:
+        picked = auto_pick(block, x, tokens, ctx)
+    except Exception as exc:  # then "auto" is compiled and timed on its own
+        picked = f"unknown ({_reason(exc)})"
     use_graphs = ctx.device == "cuda" and tokens <= GRAPHS_MAX_TOKENS and not args.no_graphs
     variants = variants_for(tokens, ctx, strategies=tuple(args.strategies), graphs=use_graphs)
     calls: dict[str, Callable[[], object]] = {}
     facts: dict[str, dict] = {}
     for variant in variants:
-        call, facts[variant.name] = prepare(variant, block, x, ref, ctx)
+        call, fact = prepare(variant, block, x, ref, ctx)
+        facts[variant.name] = fact
         if call is not None:
             calls[variant.name] = call
         log(f"  {shape.name} T={tokens} {variant.name}: "
-            + (f"skipped: {facts[variant.name]['skip']}" if call is None else f"ok, diff {facts[variant.name]['diff']:.3g}"))
+            + (f"skipped: {fact['skip']}" if call is None else f"ok, diff {fact['diff']:.3g}"))
     auto_as = picked if picked in STRATEGIES and picked in args.strategies else None
     if auto_as is None:  # a pick the strategy variants do not cover: compile it on its own
         common = {"inner_backend": ctx.inner_backend, "max_tokens_per_rank": tokens, "lowering": "auto"}

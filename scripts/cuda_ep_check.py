@@ -91,7 +91,8 @@ class Checker:
         ok = not problems
         self.passed += ok
         self.failed += not ok
-        self.say(f"{label}  {detail}  {'PASS' if ok else 'FAIL'}" + ("" if ok or errors else f": {'; '.join(problems)}"))
+        why = "" if ok or errors else f": {'; '.join(problems)}"
+        self.say(f"{label}  {detail}  {'PASS' if ok else 'FAIL'}{why}")
 
 
 def references(model, inputs, dtype: str, inner_used: bool) -> list[dict]:
@@ -110,7 +111,8 @@ def references(model, inputs, dtype: str, inner_used: bool) -> list[dict]:
     return refs
 
 
-def compare(outs: list[torch.Tensor], refs: list[dict], dtype: str, *, inductor: bool) -> tuple[float, float, list[str]]:
+def compare(outs: list[torch.Tensor], refs: list[dict], dtype: str, *,
+            inductor: bool) -> tuple[float, float, list[str]]:
     """(the difference that decides, its bound, problems): on each input the closer of the
     references, relative to its bound; plain inductor's only for a bf16 case compiled by inductor."""
     bound_of = (lambda ref: FP32_ATOL) if dtype == "float32" else (lambda ref: BF16_RTOL * ref.abs().max().item())
