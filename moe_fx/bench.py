@@ -21,6 +21,9 @@ random router on random tokens; "skewed" biases the router so that a few experts
 
     python -m moe_fx.bench                        # the full table (about 3 minutes on an H100)
     python -m moe_fx.bench --shapes qwen3 --tokens 1 16 --png bench.png
+
+With ``--ep N`` (under ``torchrun --nproc-per-node N``) it runs the multi-GPU benchmark instead:
+moe_fx/bench_ep.py.
 """
 
 from __future__ import annotations
@@ -108,9 +111,10 @@ def _mixtral_config(shape: LayerShape, impl: str):
     )
 
 
-def build_blocks(shape: LayerShape, *, device: str, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """One ``MixtralSparseMoeBlock`` per transformers experts implementation, sharing one set of
-    bf16 weights."""
+def build_blocks(shape: LayerShape, *, device: str, seed: int = 0,
+                 impls: tuple[str, ...] = HF_IMPLS) -> dict[str, torch.nn.Module]:
+    """One ``MixtralSparseMoeBlock`` per transformers experts implementation in ``impls``, sharing
+    one set of bf16 weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -128,7 +132,7 @@ def build_blocks(shape: LayerShape, *, device: str, seed: int = 0) -> dict[str, 
     weights["gate.weight"] += lean[:, None] / shape.hidden
     weights = {k: v.to(torch.bfloat16) for k, v in weights.items()}
     blocks = {}
-    for impl in HF_IMPLS:
+    for impl in impls:
         with torch.device("meta"):
             block = MixtralSparseMoeBlock(_mixtral_config(shape, impl))
         block.load_state_dict(weights, assign=True)
@@ -193,11 +197,15 @@ def median_us(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
     return statistics.median(timed_us(fn, warmup=warmup, iters=iters))
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int,
-                        rounds: int) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int, rounds: int,
+                        timer: Callable[..., list[float]] | None = None,
+                        before_each: Callable[[], None] | None = None) -> dict[str, float]:
     """Median per-call time of each function, timed in ``rounds`` interleaved rounds of
     ``iters // rounds`` calls, alternately in forward and reverse order: clocks that drift as the
-    GPU heats up over a row shift every variant alike instead of favouring one."""
+    GPU heats up over a row shift every variant alike instead of favouring one. ``timer`` replaces
+    :func:`timed_us` (the host clock on CPU); ``before_each`` runs before each function's calls
+    (the multi-GPU benchmark lines its ranks up there)."""
+    timer = timer or timed_us
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(rounds):
         # Every other round runs in reverse order: under the GPU's power limit the clocks can depend
@@ -207,12 +215,14 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, it
             # Blocks cached for another variant's sizes would make this one free and re-allocate
             # (a synchronizing cudaFree) inside the timed loop.
             torch.cuda.empty_cache()
+            if before_each is not None:
+                before_each()
             with torch.no_grad():
-                samples[name] += timed_us(fn, warmup=warmup, iters=max(1, iters // rounds))
+                samples[name] += timer(fn, warmup=warmup, iters=max(1, iters // rounds))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _moe_fx_backend(**settings) -> Callable:
+def configured_backend(**settings) -> Callable:
     """moe_fx.backend under ``settings``, as its own backend object: dynamo caches compiled code
     per backend, and the settings must hold while a (re)compilation runs."""
 
@@ -229,10 +239,10 @@ def variants_for(blocks: dict[str, torch.nn.Module]) -> dict[str, Callable]:
     since a replay overwrites the previous call's outputs."""
     grouped = blocks["grouped_mm"]
     variants = {f"hf_{impl}": torch.compile(blocks[impl], backend="inductor") for impl in HF_IMPLS}
-    variants["moe_fx"] = torch.compile(grouped, backend=_moe_fx_backend())
+    variants["moe_fx"] = torch.compile(grouped, backend=configured_backend())
     graphs = {
         "hf_grouped_mm_cudagraphs": torch.compile(grouped, backend="inductor", mode="reduce-overhead"),
-        "moe_fx_cudagraphs": torch.compile(grouped, backend=_moe_fx_backend(inner_mode="reduce-overhead")),
+        "moe_fx_cudagraphs": torch.compile(grouped, backend=configured_backend(inner_mode="reduce-overhead")),
     }
     for name, fn in graphs.items():
         variants[name] = lambda x, fn=fn: (torch.compiler.cudagraph_mark_step_begin(), fn(x))[1]
@@ -355,7 +365,13 @@ def plot(rows: list[Row], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--ep" or a.startswith("--ep=") for a in argv):
+        from moe_fx import bench_ep  # the multi-GPU benchmark, under torchrun
+
+        return bench_ep.main(argv)
     parser = argparse.ArgumentParser(prog="python -m moe_fx.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ep", type=int, help="expert-parallel over N processes (torchrun): see moe_fx/bench_ep.py")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--routing", nargs="+", choices=("random", "skewed"), default=["random", "skewed"])
