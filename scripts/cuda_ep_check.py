@@ -199,11 +199,12 @@ def main(argv=None) -> int:
                     check.verdict(label, run_case(model, inputs[:1], refs[:1], dtype, settings, strategy=lowering,
                                                   graphs=False))
                 if key in graph_models:
-                    for transport in ("all_to_all", "symm_mem"):
-                        settings = {"lowering": "mc2", "mc2_transport": transport, "inner_backend": "inductor",
-                                    "inner_mode": "reduce-overhead", "max_tokens_per_rank": max(TOKENS)}
-                        label = f"{key:12s} {dtype:9s} {'mc2':13s} {transport:10s} {'reduce-overhead':15s}"
-                        check.verdict(label, run_case(model, inputs, refs, dtype, settings, strategy="mc2",
+                    for lowering, transport in (("allgather", None), ("mc2", "all_to_all"), ("mc2", "symm_mem")):
+                        settings = {"lowering": lowering, "inner_backend": "inductor",
+                                    "inner_mode": "reduce-overhead", "max_tokens_per_rank": max(TOKENS),
+                                    **({"mc2_transport": transport} if transport else {})}
+                        label = f"{key:12s} {dtype:9s} {lowering:13s} {transport or '-':10s} {'reduce-overhead':15s}"
+                        check.verdict(label, run_case(model, inputs, refs, dtype, settings, strategy=lowering,
                                                       graphs=True))
                 del model
         check.say(f"{check.passed} passed, {check.failed} failed ({time.perf_counter() - started:.0f} s)")

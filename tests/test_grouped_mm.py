@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_fx.lowering.experts import _recorded_as_cuda_graphs, expert_matmul
+from moe_fx.passes.plan import _records_cuda_graphs
 from moe_fx.runtime.grouped_mm import TRITON_MAX_ROWS_PER_GROUP, cuda_kernel_for
 
 
@@ -43,22 +43,28 @@ def test_cuda_graphs_are_seen_from_inductor_config():
     from torch._inductor import config as inductor_config
 
     with inductor_config.patch({"triton.cudagraphs": False}):
-        assert not _recorded_as_cuda_graphs()
+        assert not _records_cuda_graphs()
     with inductor_config.patch({"triton.cudagraphs": True}):
-        assert _recorded_as_cuda_graphs()
+        assert _records_cuda_graphs()
 
 
-def test_bf16_on_cpu_keeps_torch_grouped_mm_even_under_cuda_graphs(monkeypatch):
-    from torch._inductor import config as inductor_config
+def _plan(**kw):
+    from moe_fx.lowering import EPPlan, LoweringPlan, Strategy
 
-    calls = []
-    native = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a) or native(*a, **k))
-    x = torch.randn(6, 16, dtype=torch.bfloat16)
-    w = torch.randn(2, 8, 16, dtype=torch.bfloat16)
-    offsets = torch.tensor([2, 6], dtype=torch.int32)
-    with inductor_config.patch({"triton.cudagraphs": True}), torch.no_grad():
-        out = expert_matmul(x, w, offsets, layout="out_in")
-    assert len(calls) == 1
-    torch.testing.assert_close(out[:2], x[:2] @ w[0].T)
-    torch.testing.assert_close(out[2:], x[2:] @ w[1].T)
+    return LoweringPlan(ep=EPPlan(block="b", num_experts=2), strategy=Strategy.LOCAL, top_k=2, **kw)
+
+
+@pytest.mark.parametrize("device_type,cuda_graphs,training,dtype,native", [
+    ("cpu", True, False, torch.bfloat16, True),     # CPU keeps torch._grouped_mm even under CUDA graphs
+    ("cuda", False, False, torch.bfloat16, True),   # outside graphs bf16 keeps the cheaper launch
+    ("cuda", True, False, torch.bfloat16, False),   # inference under CUDA graphs: moe_fx's Triton kernel
+    ("cuda", True, True, torch.bfloat16, True),     # a training graph keeps the native op for its backward
+    ("cuda", False, False, torch.float32, False),   # fp32: torch._grouped_mm cannot compile it
+])
+def test_kernel_choice_per_projection(device_type, cuda_graphs, training, dtype, native):
+    from moe_fx.lowering import LocalLowering
+
+    lowering = LocalLowering(_plan(device_type=device_type, cuda_graphs=cuda_graphs, training=training))
+    assert lowering._native_grouped_mm(torch.empty(2, 8, 16, dtype=dtype), "out_in") is native
+    # unaligned sizes never go to torch._grouped_mm
+    assert not lowering._native_grouped_mm(torch.empty(2, 7, 16, dtype=dtype), "out_in")

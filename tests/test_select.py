@@ -25,12 +25,14 @@ def _choose(**changes) -> LoweringChoice:
         ({"token_bound": 16, "token_bound_source": "config.max_tokens_per_rank"}, "mc2", 16,
          "at most 16 tokens per rank (config.max_tokens_per_rank) <= auto_mc2_max_tokens=256"),
         ({"token_bound": 256}, "mc2", 256, "CUDA-graph capturable"),
-        ({"token_bound": 16, "ep_size": 2}, "mc2", 16, "no host sync"),  # a small bound beats allgather
+        # ep <= top_k: allgather at every size, static with a bound (2 H200s: fastest at 8, 128, 4096)
+        ({"token_bound": 16, "ep_size": 2}, "allgather", 16, "bounded by 16 tokens per rank"),
         ({"ep_size": 2}, "allgather", None, "ep=2 <= top_k*1=2"),
-        ({"token_bound": 4096, "ep_size": 2}, "allgather", None, "ep=2 <= top_k*1=2"),
+        ({"token_bound": 4096, "ep_size": 2}, "allgather", 4096, "ep=2 <= top_k*1=2"),
         ({}, "mc2|all2allv", 256, "no token bound: per call, mc2 while the largest rank's token count"),
         ({"token_bound": 257}, "all2allv", None, "bound 257 > auto_mc2_max_tokens=256"),
         ({"top_k": 8, "ep_size": 8, "num_experts": 64}, "allgather", None, "ep=8 <= top_k*1=8"),
+        ({"top_k": 8, "ep_size": 8, "num_experts": 64, "token_bound": 8}, "allgather", 8, "static shapes"),
     ],
 )
 def test_auto_rule(changes, strategy, capacity, reason):

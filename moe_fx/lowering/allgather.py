@@ -79,8 +79,8 @@ class AllGatherLowering(LocalLowering):
 
     def _dispatch_bounded(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> StaticGatherDispatched:
         p, capacity, k = self.ep, self.plan.capacity_tokens, self.plan.top_k
-        tokens = size(hidden_TH, 0)
-        padding = self._padding(hidden_TH, tokens, capacity)
+        num_tokens = size(hidden_TH, 0)
+        padding = self._padding(hidden_TH, num_tokens, capacity)
         # Ids and weights travel in one all-gather: ids as int32, weights as fp32 bits (exact for
         # fp32/bf16/fp16). Padding rows carry id -1, which no rank owns.
         weights_dtype = _meta(topk_weights_TK).dtype
@@ -101,9 +101,11 @@ class AllGatherLowering(LocalLowering):
         # and the combine never reads them. Their expert id is clamped to a local one (a valid
         # index for biases).
         expert_ids = sorted_keys.clamp(max=p.num_local_experts - 1) + p.expert_start
+        # Only the rows routed here are moved (on CUDA; elsewhere all ep*C*K).
+        rows = torch.ops.moe_fx.gather_rows_upto(x_all, order // k, offsets)
         return StaticGatherDispatched(
-            tokens=x_all.index_select(0, order // k), offsets=offsets, expert_ids=expert_ids, order=order,
-            local_TK=local_TK, weights_TK=weights_TK, num_tokens=tokens,
+            tokens=rows, offsets=offsets, expert_ids=expert_ids, order=order, local_TK=local_TK,
+            weights_TK=weights_TK, num_tokens=num_tokens,
         )
 
     def _padding(self, hidden_TH: fx.Proxy, tokens, capacity: int):
