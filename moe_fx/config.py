@@ -4,7 +4,7 @@ Read and set attributes directly (``moe_fx.config.lowering = "all2allv"``) or sc
 ``moe_fx.config.patch(lowering="all2allv")``, which works as a context manager and as a decorator.
 Settings are read when a graph is compiled: change them before the first call of a compiled model
 (or call ``torch._dynamo.reset()``). Each value is checked when it is set (moe_fx/config_check.py):
-a wrong type or value raises ``moe_fx.ConfigError`` naming the option and its allowed values.
+a wrong type or value raises ``moe_fx.errors.ConfigError`` naming the option and its allowed values.
 """
 
 import sys
