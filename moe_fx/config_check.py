@@ -1,11 +1,12 @@
 """Checks of ``moe_fx.config`` values: each option's type and range.
 
-``install_checked_config_module(module)`` (config.py's last line) makes every assignment to an option go through
-``validate_option``: plain assignment, ``config.patch``, ``config.load_config``, and the values the
-environment variables give (checked at import). ``check_config()`` checks every current value again;
-the pass calls it when it compiles a graph, which also catches a dict edited in place
-(``config.lowering_overrides[pattern] = strategy``). ``warn_unmatched_overrides(blocks)`` logs each
-``lowering_overrides`` pattern that matches none of a graph's MoE blocks.
+``install_checked_config_module(module)`` (config.py's last line) sends every value an option gets
+through ``validate_option``: plain assignment, ``config.patch`` (all changes before any is applied),
+``config.load_config``, and the environment variables' values (checked at import).
+``check_config()`` checks every current value again; the pass calls it when it compiles a graph,
+which also catches a dict edited in place (``config.lowering_overrides[pattern] = strategy``).
+``warn_unmatched_overrides(blocks)`` logs each ``lowering_overrides`` pattern that matches none of a
+graph's MoE blocks.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import inspect
+import logging
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,8 @@ from torch import nn
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 
 SHARD_ATTR = "_moe_fx_expert_shard"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +132,12 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     if ep == 1:
         return []
     found = find_experts_modules(model)
+    if not found:
+        log.warning(
+            "moe_fx.shard_experts: %s holds no experts module (two or more [E, ...] parameters, E >= 2), so "
+            "nothing was sharded. Experts kept as an nn.ModuleList of modules stay whole on every rank (moe_fx "
+            "still runs them expert-parallel).", type(model).__name__,
+        )
     for path, module, e, names in found:  # every block is checked before any is changed
         if any(expert_shard(getattr(module, n)) is not None for n in names):
             raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")

@@ -14,21 +14,12 @@ from safetensors.torch import load_file, save_file
 
 import moe_fx
 from moe_fx.errors import CheckpointError
+from tests.test_shard import _Pair
 from tests.tiny_models import build_tiny
 
 # fused [E, ...] expert tensors in one file; one tensor per expert, split over files with an index
 FUSED, PER_EXPERT = "gpt_oss", "mixtral"
 EXPERT_KEY = "model.layers.0.block_sparse_moe.experts.3.w1.weight"  # mixtral's, in its checkpoint names
-
-
-class _Pair:
-    """Rank 0 of two (shard_experts reads only rank() and size())."""
-
-    def rank(self) -> int:
-        return 0
-
-    def size(self) -> int:
-        return 2
 
 
 @pytest.fixture(scope="module")

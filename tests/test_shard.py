@@ -6,6 +6,7 @@ the unsharded model's eager output on each rank's own tokens.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -197,3 +198,15 @@ def test_shard_keeps_forms_that_do_not_read_the_expert_count():
     (block,) = moe_fx.shard_experts(grouped, _Pair())
     experts = grouped.get_submodule(block.block)
     assert (experts.num_experts, experts.gate_up_proj.shape[0]) == (4, 4)
+
+
+def test_shard_says_when_it_finds_nothing(caplog):
+    """An nn.ModuleList of expert modules has no [E, ...] parameters: nothing is sharded, and it says so."""
+    from tests.form_modules import LoopMoE
+
+    model = LoopMoE(16, 8, 4, 2, experts="modulelist")
+    before = _expert_shapes(model)
+    with caplog.at_level(logging.WARNING, logger="moe_fx.shard"):
+        assert moe_fx.shard_experts(model, _Pair()) == []
+    assert "moe_fx.shard_experts: LoopMoE holds no experts module" in caplog.text and "nothing was sharded" in caplog.text
+    assert _expert_shapes(model) == before
