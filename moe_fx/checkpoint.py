@@ -20,6 +20,10 @@ operations are refused with an error rather than guessed.
 
 Every tensor read is recorded in ``ShardedLoad.reads`` (key, file, rows), so callers and tests can
 check that no other expert's bytes were touched.
+
+A checkpoint that cannot be used (no such directory, no config.json, a truncated or garbage
+safetensors file, a tensor whose shape is not the model's) raises ``CheckpointError`` naming the
+file, the checkpoint tensor and the shapes, before the tensor is read.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_fx.errors import MoEFxError
+from moe_fx.errors import CheckpointError, MoEFxError
 from moe_fx.shard import ExpertShard, ShardedBlock, expert_shard, replace_param, shard_experts
 
 
@@ -87,11 +91,11 @@ def load_sharded(
     except ImportError as exc:
         raise MoEFxError(f"moe_fx.load_sharded needs transformers and safetensors: pip install 'moe_fx[hf]' ({exc})") from exc
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, **config_kwargs)
+    config = _read_config(transformers, model_dir, config_kwargs)
     architectures = getattr(config, "architectures", None) or []
     model_cls = getattr(transformers, architectures[0], None) if architectures else None
     if model_cls is None:
-        raise MoEFxError(f"{model_dir}: config.json names no transformers architecture ({architectures!r})")
+        raise CheckpointError(f"{model_dir}: config.json names no transformers architecture ({architectures!r})")
     with _parameters_on_meta():
         model = model_cls(config)
     sharded = shard_experts(model, ep_group)
@@ -99,6 +103,36 @@ def load_sharded(
     _materialize(model, model_dir, dtype, loaded.reads)
     model.eval()
     return loaded
+
+
+def _read_config(transformers, model_dir: str, config_kwargs: dict):
+    """The saved config, read from the directory only (never the hub), with ``config_kwargs`` applied."""
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(
+            f"moe_fx.load_sharded: {model_dir!r} is not a directory (it reads the directory save_pretrained "
+            "wrote: config.json and *.safetensors)"
+        )
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file (load_sharded reads the directory save_pretrained wrote)")
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, **config_kwargs)
+    except (OSError, ValueError, KeyError) as exc:  # json errors are ValueErrors
+        given = f" with {config_kwargs}" if config_kwargs else ""
+        raise CheckpointError(f"{path}: transformers cannot build a config from it{given}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _reading(path: str, key: str | None = None) -> Iterator[None]:
+    """File-system and safetensors errors inside the block -> ``CheckpointError`` naming the file
+    (and checkpoint tensor ``key``); safetensors' own messages name neither."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        what = f"checkpoint tensor {key!r} in " if key is not None else ""
+        raise CheckpointError(f"cannot read {what}{path}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -123,16 +157,24 @@ def _checkpoint_files(model_dir: str) -> dict[str, str]:
     """checkpoint key -> safetensors file (relative), from the index when the checkpoint is split."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return dict(json.load(f)["weight_map"])
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(exc).__name__}: {exc})") from exc
+        for key, name in weight_map.items():
+            if not os.path.isfile(os.path.join(model_dir, name)):
+                raise CheckpointError(f"{os.path.join(model_dir, name)}: no such file ({index} names it for tensor {key!r})")
+        return dict(weight_map)
     from safetensors import safe_open
 
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:
-        raise MoEFxError(f"{model_dir}: no *.safetensors checkpoint (save it with save_pretrained)")
+        raise CheckpointError(f"{model_dir}: no *.safetensors checkpoint (save it with save_pretrained)")
     out = {}
     for name in files:
-        with safe_open(os.path.join(model_dir, name), "pt") as f:  # reads the header only
+        path = os.path.join(model_dir, name)
+        with _reading(path), safe_open(path, "pt") as f:  # reads the header only
             out.update(dict.fromkeys(f.keys(), name))
     return out
 
@@ -156,7 +198,7 @@ def _source_plan(model: nn.Module, keys: list[str]) -> dict[str, _Whole | _PerEx
         converter = next(c for c in converters if pattern in c.source_patterns)
         expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed)
         if expert is None:
-            raise MoEFxError(f"checkpoint key {key!r} matches {pattern!r} but names no expert index")
+            raise CheckpointError(f"checkpoint key {key!r} matches {pattern!r} but names no expert index")
         entry = plan.setdefault(target, _PerExpert(converter=converter))
         entry.keys.setdefault(pattern, {})[int(expert.group(1))] = key
     return plan
@@ -169,35 +211,47 @@ class _Reader:
         self.model_dir, self.files, self.reads, self.stack = model_dir, files, reads, stack
         self.handles: dict[str, object] = {}
 
-    def _handle(self, key: str):
+    def _path(self, key: str) -> str:
+        return os.path.join(self.model_dir, self.files[key])
+
+    def _slice(self, key: str, expected: list[int | None], target: str):
+        """(open file, safetensors' lazy slice of ``key``), after checking its shape against
+        ``expected`` (None: any size) for model tensor ``target``; none of its data is read yet."""
         from safetensors import safe_open
 
-        name = self.files[key]
-        if name not in self.handles:
-            self.handles[name] = self.stack.enter_context(safe_open(os.path.join(self.model_dir, name), "pt"))
-        return self.handles[name]
+        path = self._path(key)
+        with _reading(path, key):
+            if path not in self.handles:
+                self.handles[path] = self.stack.enter_context(safe_open(path, "pt"))
+            part = self.handles[path].get_slice(key)
+            found = list(part.get_shape())
+        if len(found) != len(expected) or any(w is not None and w != f for w, f in zip(expected, found)):
+            want = "[" + ", ".join("*" if w is None else str(w) for w in expected) + "]"
+            raise CheckpointError(
+                f"{path}: checkpoint tensor {key!r} has shape {found}, but the model's {target} needs {want}"
+            )
+        return self.handles[path], part
 
-    def whole(self, key: str) -> torch.Tensor:
-        tensor = self._handle(key).get_tensor(key)
+    def whole(self, key: str, expected: list[int | None], target: str) -> torch.Tensor:
+        handle, _ = self._slice(key, expected, target)
+        with _reading(self._path(key), key):
+            tensor = handle.get_tensor(key)
         self.reads.append(TensorRead(key=key, file=self.files[key], rows=None, nbytes=tensor.nbytes))
         return tensor
 
-    def rows(self, key: str, shard: ExpertShard) -> torch.Tensor:
-        part = self._handle(key).get_slice(key)
-        if part.get_shape()[0] != shard.num_experts:
-            raise MoEFxError(
-                f"MoE block {shard.block!r}: checkpoint tensor {key!r} has shape {part.get_shape()}, "
-                f"expected {shard.num_experts} experts along dim 0"
-            )
+    def rows(self, key: str, shard: ExpertShard, expected: list[int], target: str) -> torch.Tensor:
+        _, part = self._slice(key, [shard.num_experts, *expected[1:]], f"{target} (MoE block {shard.block!r}, all experts)")
         # safetensors hands back a view into a map of the whole tensor: only these rows' pages are
         # read, but the view would keep the whole tensor mapped. Copy the rows out.
-        tensor = part[shard.start : shard.stop].clone()
+        with _reading(self._path(key), key):
+            tensor = part[shard.start : shard.stop].clone()
         rows = (shard.start, shard.stop)
         self.reads.append(TensorRead(key=key, file=self.files[key], rows=rows, nbytes=tensor.nbytes))
         return tensor
 
 
-def _read_per_expert(reader: _Reader, name: str, source: _PerExpert, shard: ExpertShard | None, size: int) -> torch.Tensor:
+def _read_per_expert(reader: _Reader, name: str, source: _PerExpert, shard: ExpertShard | None,
+                     shape: list[int]) -> torch.Tensor:
     """Stack this rank's experts of each source pattern, then join the patterns (gate, up)."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
@@ -209,17 +263,23 @@ def _read_per_expert(reader: _Reader, name: str, source: _PerExpert, shard: Expe
             f"{name}: the checkpoint stores it per expert with conversion {ops!r}; moe_fx reads only "
             "MergeModulelist(dim=0) optionally followed by Concatenate(dim>0). Load the full model instead."
         )
-    num_experts = shard.num_experts if shard is not None else size
-    experts = range(shard.start, shard.stop) if shard is not None else range(size)
+    num_experts = shard.num_experts if shard is not None else shape[0]
+    experts = range(shard.start, shard.stop) if shard is not None else range(shape[0])
+    patterns = source.converter.source_patterns
+    # one expert's tensor: the model's [e, ...] without e, the joined dim split evenly between the patterns
+    expected: list[int | None] = list(shape[1:])
+    if concat is not None:
+        d = concat.dim - 1 if concat.dim > 0 else concat.dim
+        expected[d] = expected[d] // len(patterns) if expected[d] % len(patterns) == 0 else None
     parts = []
-    for pattern in source.converter.source_patterns:
+    for pattern in patterns:
         by_expert = source.keys.get(pattern, {})
         if sorted(by_expert) != list(range(num_experts)):
-            raise MoEFxError(
+            raise CheckpointError(
                 f"{name}: the checkpoint has {pattern!r} tensors for experts {sorted(by_expert)}, expected "
                 f"0..{num_experts - 1}"
             )
-        parts.append(torch.stack([reader.whole(by_expert[e]) for e in experts]))
+        parts.append(torch.stack([reader.whole(by_expert[e], expected, f"{name} (expert {e})") for e in experts]))
     return torch.cat(parts, dim=concat.dim) if concat is not None else parts[0]
 
 
@@ -234,14 +294,15 @@ def _materialize(model: nn.Module, model_dir: str, dtype: torch.dtype | None, re
             if source is None:
                 continue  # tied weights are tied below; anything else is reported as missing
             shard = expert_shard(meta)
+            shape = list(meta.shape)
             if isinstance(source, _PerExpert):
-                value = _read_per_expert(reader, name, source, shard, meta.shape[0])
+                value = _read_per_expert(reader, name, source, shard, shape)
             elif shard is not None:
-                value = reader.rows(source.key, shard)
+                value = reader.rows(source.key, shard, shape, name)
             else:
-                value = reader.whole(source.key)
-            if tuple(value.shape) != tuple(meta.shape):
-                raise MoEFxError(f"{name}: the checkpoint gives shape {list(value.shape)}, the model expects {list(meta.shape)}")
+                value = reader.whole(source.key, shape, name)
+            if list(value.shape) != shape:  # the pieces fit but do not join to the model's shape
+                raise CheckpointError(f"{name}: the checkpoint gives shape {list(value.shape)}, the model expects {shape}")
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             module_name, _, leaf = name.rpartition(".")
@@ -254,4 +315,4 @@ def _materialize(model: nn.Module, model_dir: str, dtype: torch.dtype | None, re
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise MoEFxError(f"{model_dir}: the checkpoint holds no tensor for {missing[:8]} ({len(missing)} in all)")
+        raise CheckpointError(f"{model_dir}: the checkpoint holds no tensor for {missing[:8]} ({len(missing)} in all)")

@@ -3,13 +3,16 @@
 Read and set attributes directly (``moe_fx.config.lowering = "all2allv"``) or scope a change with
 ``moe_fx.config.patch(lowering="all2allv")``, which works as a context manager and as a decorator.
 Settings are read when a graph is compiled: change them before the first call of a compiled model
-(or call ``torch._dynamo.reset()``).
+(or call ``torch._dynamo.reset()``). Each value is checked when it is set (moe_fx/config_check.py):
+a wrong type or value raises ``moe_fx.errors.ConfigError`` naming the option and its allowed values.
 """
 
 import sys
 from typing import Optional
 
-from torch.utils._config_module import Config, install_config_module
+from torch.utils._config_module import Config
+
+from moe_fx.config_check import install_checked_config_module
 
 # Which EP lowering replaces each MoE experts region:
 #   "auto"      pick per block from shape hints (see moe_fx/lowering/select.py and the README)
@@ -92,4 +95,4 @@ class npu:
     compiler_config: Optional[object] = None
 
 
-install_config_module(sys.modules[__name__])
+install_checked_config_module(sys.modules[__name__])

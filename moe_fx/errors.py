@@ -7,3 +7,16 @@ class MoEFxError(Exception):
 
 class UnsupportedMoEError(MoEFxError, ValueError):
     """An MoE block cannot be rewritten as configured (sizes, group, form)."""
+
+
+class ConfigError(MoEFxError, ValueError):
+    """A ``moe_fx.config`` option set to a value outside its allowed values; names the option."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A ``moe_fx.config`` option set to a value of the wrong type (also a ``ConfigError``)."""
+
+
+class CheckpointError(MoEFxError, ValueError):
+    """``moe_fx.load_sharded`` cannot use a checkpoint (missing, unreadable, or not the model's
+    shapes); names the file and the tensor."""

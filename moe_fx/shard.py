@@ -18,6 +18,13 @@ transformers experts modules keep a ``num_experts`` attribute that their traced 
 number of weight groups (``histc(bins=num_experts)``); it is set to e, as transformers' own expert
 parallelism does, so the traced code still type-checks against the [e, ...] weights.
 
+Modules whose code reads ``num_experts`` as the router's id range are refused before anything
+changes: an expert loop (``one_hot(ids, num_classes=num_experts)``, ``for e in range(num_experts)``,
+transformers' ``experts_implementation="eager"``), a dense or split form. With e there, the loop's
+``one_hot`` would fail on the ids >= e the router still produces (or index experts the rank lacks);
+with E, it would index rows [e, E) of the [e, ...] weights. moe_fx rewrites such blocks
+expert-parallel unsharded (every rank holds every expert, computes its own).
+
 After sharding the eager model raises ``MoEFxError`` (its experts code would need every expert):
 only the model compiled with ``moe_fx.backend`` runs. Shard before compiling.
 """
@@ -26,6 +33,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import inspect
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,6 +43,8 @@ from torch import nn
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 
 SHARD_ATTR = "_moe_fx_expert_shard"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,9 +132,23 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     if ep == 1:
         return []
     found = find_experts_modules(model)
+    if not found:
+        log.warning(
+            "moe_fx.shard_experts: %s holds no experts module (two or more [E, ...] parameters, E >= 2), so "
+            "nothing was sharded. Experts kept as an nn.ModuleList of modules stay whole on every rank (moe_fx "
+            "still runs them expert-parallel).", type(model).__name__,
+        )
     for path, module, e, names in found:  # every block is checked before any is changed
         if any(expert_shard(getattr(module, n)) is not None for n in names):
             raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")
+        refusal = _reads_expert_count(module, e)
+        if refusal is not None:
+            why, fix = refusal
+            raise UnsupportedMoEError(
+                f"MoE block {path!r} ({type(module).__name__}): {why}. With {e // ep} of its {e} experts on this "
+                f"rank that code would see router ids it holds no experts for, so moe_fx.shard_experts refuses it "
+                f"(nothing was sharded). {fix}"
+            )
         if e % ep:
             raise UnsupportedMoEError(
                 f"MoE block {path!r}: {e} experts cannot be split evenly over an expert-parallel group of "
@@ -144,6 +170,34 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
         done.append(ShardedBlock(block=path, shard=shard, params=names, bytes_before=before,
                                  bytes_after=held_bytes(getattr(module, n) for n in names)))
     return done
+
+
+# transformers' experts implementations whose code moe_fx rewrites whole (hf_experts.py); "eager"
+# is an expert loop over one_hot(num_classes=num_experts + 1), kernels ("deepgemm", ...) index every expert.
+_HF_SHARDABLE = ("grouped_mm", "batched_mm")
+
+
+def _reads_expert_count(module: nn.Module, e: int) -> tuple[str, str] | None:
+    """(why, what to do) if ``module``'s own code would break with fewer than its e experts, else None.
+    It does when it reads ``num_experts`` as the router's id range, unless it is a transformers
+    experts module in a form moe_fx rewrites whole."""
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if impl is not None and hasattr(type(module).forward, "__wrapped__"):  # @use_experts_implementation
+        if impl in _HF_SHARDABLE:
+            return None
+        return (f"its transformers experts_implementation={impl!r} runs its own loop or kernel over all {e} experts",
+                f"Set experts_implementation to one of {list(_HF_SHARDABLE)} before sharding.")
+    if getattr(module, "num_experts", None) != e:
+        return None
+    unsharded = "Compile it unsharded: moe_fx still runs it expert-parallel, each rank computing its own experts."
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return f"its forward's source cannot be read to check how it uses num_experts={e}", unsharded
+    if "num_experts" in source:
+        return (f"its forward reads num_experts={e} (e.g. one_hot(num_classes=num_experts), histc(bins=num_experts) "
+                "or a `for e in range(num_experts)` expert loop)", unsharded)
+    return None
 
 
 def replace_param(module: nn.Module, name: str, value: torch.Tensor, shard: ExpertShard | None) -> None:

@@ -91,7 +91,7 @@ def test_mc2_at_ep1_is_the_local_path():
     [("lowering", "alltoall"), ("on_unmatched", "ignore"), ("tokens", "sharded")],
 )
 def test_unknown_config_values_are_rejected(rank_pool, setting, value):
-    """Checked where they are read: lowering and on_unmatched on every compile, tokens under EP."""
+    """Checked when set (moe_fx/config_check.py), before any graph is compiled; tokens under EP too."""
     if setting == "tokens":
         results = rank_pool(2).run("tests.ep_jobs:plain_case", lowerings=("allgather",),
                                    config_patch={"tokens": value})
@@ -100,8 +100,8 @@ def test_unknown_config_values_are_rejected(rank_pool, setting, value):
         return
     torch._dynamo.reset()
     model = build_plain("batched", hidden=16, intermediate=8, num_experts=4, top_k=2, dtype="float32")
-    with moe_fx.config.patch(**{setting: value}, inner_backend="eager"):
-        with pytest.raises(Exception, match=rf"{setting}={value!r} is not one of"):
+    with pytest.raises(Exception, match=rf"{setting}={value!r} is not one of"):
+        with moe_fx.config.patch(**{setting: value}, inner_backend="eager"):
             torch.compile(model, backend=moe_fx.backend, fullgraph=True)(torch.randn(4, 16))
 
 

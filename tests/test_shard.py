@@ -6,6 +6,7 @@ the unsharded model's eager output on each rank's own tokens.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -140,3 +141,72 @@ def test_sharded_backward(rank_pool):
     for rank, diffs in enumerate(rank_pool(2).run("tests.shard_jobs:sharded_grad_case", lowering="all2allv")):
         assert set(diffs) == {"x", "w_up", "w_down", "b_up", "b_down", "router.weight"}
         assert all(d <= 1e-5 for d in diffs.values()), f"rank {rank}: {diffs}"
+
+
+class _Pair:
+    """Rank 0 of a two-rank expert-parallel group, for shard_experts in this process (it reads only
+    rank() and size(); nothing is exchanged before the model is compiled)."""
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 2
+
+
+def _expert_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("select", ("one_hot", "eq"))
+def test_shard_refuses_an_expert_loop(select):
+    """A ``for e in range(num_experts)`` loop reads num_experts as the router's id range: sharding
+    used to change it (one_hot: "Class values must be smaller than num_classes"); it is refused
+    before anything changes."""
+    from tests.form_modules import LoopMoE
+
+    model = LoopMoE(16, 8, 4, 2, experts="params", select=select)
+    before = _expert_shapes(model)
+    with pytest.raises(moe_fx.UnsupportedMoEError) as info:
+        moe_fx.shard_experts(model, _Pair())
+    assert re.search(r"MoE block '<root module>' \(LoopMoE\): its forward reads num_experts=4 .*range\(num_experts\)"
+                     r".*With 2 of its 4 experts on this rank .*nothing was sharded.*Compile it unsharded",
+                     str(info.value)), str(info.value)
+    assert _expert_shapes(model) == before and model.num_experts == 4
+
+
+def test_shard_refuses_transformers_eager_experts():
+    model = build_tiny("mixtral", experts_implementation="eager")
+    before = _expert_shapes(model)
+    with pytest.raises(moe_fx.UnsupportedMoEError) as info:
+        moe_fx.shard_experts(model, _Pair())
+    assert re.search(r"MoE block 'model\.layers\.0\.mlp\.experts' \(MixtralExperts\): its transformers "
+                     r"experts_implementation='eager' .*Set experts_implementation to one of \['grouped_mm', "
+                     r"'batched_mm'\]", str(info.value)), str(info.value)
+    assert _expert_shapes(model) == before
+
+
+def test_shard_keeps_forms_that_do_not_read_the_expert_count():
+    """The gather form indexes weights by router id only; transformers' grouped_mm reads num_experts
+    as its weight-group count (set to e, as transformers' own EP does)."""
+    from tests.form_modules import WeightGatherMoE
+
+    gather = WeightGatherMoE(16, 8, 4, 2)
+    (block,) = moe_fx.shard_experts(gather, _Pair())
+    assert (block.shard.start, block.shard.num_local, gather.w1.shape[0]) == (0, 2, 2)
+    grouped = build_tiny("mixtral", experts_implementation="grouped_mm")
+    (block,) = moe_fx.shard_experts(grouped, _Pair())
+    experts = grouped.get_submodule(block.block)
+    assert (experts.num_experts, experts.gate_up_proj.shape[0]) == (4, 4)
+
+
+def test_shard_says_when_it_finds_nothing(caplog):
+    """An nn.ModuleList of expert modules has no [E, ...] parameters: nothing is sharded, and it says so."""
+    from tests.form_modules import LoopMoE
+
+    model = LoopMoE(16, 8, 4, 2, experts="modulelist")
+    before = _expert_shapes(model)
+    with caplog.at_level(logging.WARNING, logger="moe_fx.shard"):
+        assert moe_fx.shard_experts(model, _Pair()) == []
+    assert "moe_fx.shard_experts: LoopMoE holds no experts module" in caplog.text and "nothing was sharded" in caplog.text
+    assert _expert_shapes(model) == before
