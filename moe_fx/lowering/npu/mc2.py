@@ -48,8 +48,8 @@ class Mc2Tokens(NpuDispatched):
     active: fx.Proxy  # [C] bool, the real rows
     handle: fx.Proxy  # assist_info_for_combine (v2) or expand_idx (v1)
     ep_recv_counts: fx.Proxy
-    tp_recv_counts: fx.Proxy
-    expand_scales: fx.Proxy
+    tp_recv_counts: fx.Proxy | None  # A3 only
+    expand_scales: fx.Proxy | None  # A2 only
     num_tokens: fx.Proxy
 
 
@@ -93,10 +93,11 @@ class NpuMc2Lowering(NpuLocalLowering):
             t <= c, f"MoE block {self.plan.block!r}: more tokens than the mc2 capacity "
             f"moe_fx.config.max_tokens_per_rank={c}",
         )
-        pad = (0, 0, 0, c - t)
+        padding = c - t
+        pad = (0, 0, 0, padding)
         # Padding rows go to experts 0..K-1: the K ids of a row must be distinct (DISPATCH "expert_ids");
         # x_active_mask keeps them out of the exchange.
-        pad_ids = arange(hidden_TH, k).to(torch.int32).expand(c - t, k)
+        pad_ids = arange(hidden_TH, k).to(torch.int32).expand(padding, k)
         ids = torch.cat([topk_ids_TK.to(torch.int32), pad_ids])
         active = arange(hidden_TH, c) < t
         weights = torch.nn.functional.pad(topk_weights_TK.float(), pad)
@@ -107,8 +108,8 @@ class NpuMc2Lowering(NpuLocalLowering):
         out = dispatch(torch.nn.functional.pad(hidden_TH, pad), ids, *self._attrs(), **kw)
         return Mc2Tokens(
             tokens=out[0], group_list=out[3], group_list_type=0, padded_ids=ids, padded_weights=weights,
-            active=active, handle=out[2], ep_recv_counts=out[4], tp_recv_counts=out[5], expand_scales=out[6],
-            num_tokens=t,
+            active=active, handle=out[2], ep_recv_counts=out[4], num_tokens=t,
+            tp_recv_counts=None if self.soc == "A2" else out[5], expand_scales=out[6] if self.soc == "A2" else None,
         )
 
     def combine(self, out_RH, dispatched, topk_weights_TK) -> fx.Proxy:
