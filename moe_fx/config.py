@@ -93,6 +93,10 @@ class npu:
     mc2_version: str = "auto"
     # torchair.CompilerConfig for inner_backend="torchair"; None: torchair.CompilerConfig().
     compiler_config: Optional[object] = None
+    # The process group MC2 (npu_moe_distribute_dispatch/combine) runs on, by name. The torch_npu
+    # doc forbids other operators in MC2's communication domain, so it must not be the EP group
+    # itself. None: one group with the EP group's ranks, created by moe_fx once per EP group.
+    mc2_group: Optional[str] = None
 
 
 install_checked_config_module(sys.modules[__name__])

@@ -4,12 +4,14 @@ the rewritten regions hold the torch.ops.npu calls (snapshots), MC2's kernel lim
 documented error (forced) or fallback (auto), and the torchair hand-off fails clearly off Ascend.
 
 ep=2 and ep=4 each run all three models (mixtral and deepseek_v3 in fp32, qwen3_moe in bf16) x all
-three strategies.
+three strategies; MC2 takes bf16/fp16 only (torch_npu doc), so for the fp32 models a forced mc2 is
+refused at compile time with that reason.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import expecttest
 import pytest
@@ -32,9 +34,16 @@ def _run(ep: int, key: str, dtype: str, lowerings: tuple[str, ...] = STRATEGIES,
     return get_pool(ep).run("tests.npu_jobs:npu_model_case", key=key, dtype=dtype, lowerings=lowerings, impl=impl)
 
 
+MC2_DTYPE_REFUSAL = "the MC2 ops take bfloat16/float16 tokens, not torch.float32"
+
+
 def _assert_matches_eager(results: list[dict], dtype: str) -> None:
     for rank, res in enumerate(results):
         for lowering, r in res.items():
+            if lowering == "mc2" and dtype == "float32":
+                assert MC2_DTYPE_REFUSAL in r.get("error", ""), (rank, r)
+                continue
+            assert "error" not in r, (rank, lowering, r["error"])
             assert r["strategies"] == [lowering], (rank, lowering, r["strategies"])
             assert within(r, dtype), f"rank {rank} {lowering}: max |diff| {r['diff']:.3g} of {r['scale']:.3g}"
 
@@ -68,33 +77,113 @@ def _plain(config_patch: dict, **kw) -> list[dict]:
 
 
 def test_forced_mc2_beyond_its_limits_raises():
-    for res in _plain({"npu.soc": "A3"}, hidden=32):
+    for res in _plain({"npu.soc": "A3"}, hidden=32, dtype="bfloat16"):
         assert ("lowering='mc2' on Ascend is beyond the MC2 kernels' limits: hidden size 32 not in 1024..8192 on A3"
                 in res["mc2"]["error"])
-    for res in _plain({"npu.soc": "A2", "max_tokens_per_rank": 300}, hidden=32):
-        assert "max_tokens_per_rank=300 > 256 on A2" in res["mc2"]["error"]
+    for res in _plain({"npu.soc": "A2", "max_tokens_per_rank": 300}, hidden=32, dtype="bfloat16"):
+        assert "max_tokens_per_rank=300 not in 1..256 on A2" in res["mc2"]["error"]
 
 
 def test_mc2_v1_ops_when_configured():
     """config.npu.mc2_version="v1": npu_moe_distribute_dispatch/combine (torch_npu without v2)."""
-    for rank, res in enumerate(_plain({"npu.mc2_version": "v1"}, hidden=32)):
+    for rank, res in enumerate(_plain({"npu.mc2_version": "v1"}, hidden=32, dtype="bfloat16")):
         assert "error" not in res["mc2"], res["mc2"]
-        assert [s for _, s in res["mc2"]["blocks"]] == ["mc2"] and within(res["mc2"], "float32"), (rank, res)
+        assert [s for _, s in res["mc2"]["blocks"]] == ["mc2"] and within(res["mc2"], "bfloat16"), (rank, res)
 
 
-@pytest.mark.parametrize("soc,ep,experts,hidden,tokens,expected", [
-    ("A2", 16, 256, 7168, 128, Strategy.MC2),        # vllm-ascend A2 decode: ep >= 16, 16 experts/rank
-    ("A2", 8, 64, 4096, 128, Strategy.ALLGATHER),    # ep < 16
-    ("A2", 16, 512, 4096, 128, Strategy.ALLGATHER),  # 32 experts/rank > 24
-    ("A2", 16, 256, 4096, 300, Strategy.ALLGATHER),  # above the A2 fullmesh MC2 limit of 256 tokens
-    ("A3", 4, 64, 4096, 512, Strategy.MC2),
-    ("A3", 4, 64, 4096, None, Strategy.ALL2ALLV),    # no token bound: may be a large prefill
-    ("A3", 4, 64, 64, 16, Strategy.ALL2ALLV),        # hidden size below the A3 kernel's 1024
-    (None, 4, 64, 4096, 16, Strategy.ALLGATHER),     # SoC unknown
+def test_mc2_on_a3_matches_eager():
+    """A3's arguments (tp_send_counts, no expert_scales / expand_scales, group_tp "") pass the
+    emulator's A3 rules; A3 needs a hidden size of 1024..8192."""
+    for rank, res in enumerate(_plain({"npu.soc": "A3"}, hidden=1024, intermediate=16, dtype="bfloat16")):
+        assert "error" not in res["mc2"], res["mc2"]
+        assert [s for _, s in res["mc2"]["blocks"]] == ["mc2"] and within(res["mc2"], "bfloat16"), (rank, res)
+
+
+def test_mc2_group_must_not_be_the_ep_group():
+    for res in _plain({"npu.mc2_group": "0"}, hidden=32, dtype="bfloat16"):  # "0": WORLD, the EP group
+        assert "moe_fx.config.npu.mc2_group='0' is the expert-parallel group itself" in res["mc2"]["error"], res
+
+
+def test_all2allv_rank_receiving_no_rows():
+    """Every token goes to expert 0 and 1 (rank 0's): rank 1 receives no rows, and the permute,
+    grouped matmuls, swiglu and unpermute still never see an empty tensor (the emulator refuses one)."""
+    for rank, res in enumerate(get_pool(2).run("tests.npu_jobs:npu_plain_case", lowerings=("all2allv",),
+                                               num_experts=8, hidden=32, routing="one_expert")):
+        assert "error" not in res["all2allv"], res["all2allv"]
+        assert within(res["all2allv"], "float32"), (rank, res)
+
+
+def test_mc2_hccl_buffer_checked_up_front(monkeypatch):
+    """The HCCL_BUFFSIZE the doc's formula needs, checked when the block is lowered: the error
+    names the block, the sizes and the variable to set; "auto" falls back instead."""
+    from moe_fx.errors import UnsupportedMoEError
+    from moe_fx.lowering.base import EPPlan
+    from moe_fx.lowering.npu import BlockShape
+    from moe_fx.lowering.npu.mc2 import NpuMc2Lowering
+
+    # A2 fullmesh: 2 * (256 tokens * 16 ranks * min(16, 8) * 7168 * 2 bytes + 2 MB) = 900 MB
+    plan = EPPlan(block="model.layers.3.mlp", num_experts=256, ep_size=16, ep_rank=0, group_name="unused")
+    shape = BlockShape(top_k=8, hidden_size=7168, dtype=torch.bfloat16)
+    monkeypatch.setenv("HCCL_BUFFSIZE", "899")
+    with moe_fx.config.patch(max_tokens_per_rank=256), pytest.raises(UnsupportedMoEError) as info:
+        NpuMc2Lowering(plan, shape, soc="A2", device=torch.device("cpu"))
+    assert ("MoE block 'model.layers.3.mlp': lowering='mc2' on Ascend is beyond the MC2 kernels' limits: "
+            "HCCL_BUFFSIZE=899 MB < the 900 MB the torch_npu doc requires on A2 for max_tokens_per_rank=256, ep=16, "
+            "16 experts/rank, top_k=8, hidden size 7168: set the environment variable HCCL_BUFFSIZE=900") in str(info.value)
+    strategy, reason = choose_npu_strategy(soc="A2", ep_size=16, num_experts=256, top_k=8, hidden_size=7168,
+                                           max_tokens_per_rank=256, dtype=torch.bfloat16)
+    assert strategy is Strategy.ALLGATHER and "HCCL_BUFFSIZE=899 MB" in reason
+    monkeypatch.setenv("HCCL_BUFFSIZE", "900")
+    assert choose_npu_strategy(soc="A2", ep_size=16, num_experts=256, top_k=8, hidden_size=7168,
+                               max_tokens_per_rank=256, dtype=torch.bfloat16)[0] is Strategy.MC2
+
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def test_a2_group_tp_in_graph_mode_only():
+    """DISPATCH doc, A2 group_tp: the default in eager mode, group_ep in (torchair GE) graph mode."""
+    from types import SimpleNamespace
+
+    from moe_fx.lowering.npu.mc2 import _ge_graph_mode
+
+    assert not _ge_graph_mode()  # aot_eager / inductor run the ops one by one
+    with moe_fx.config.patch(inner_backend="torchair"):
+        assert _ge_graph_mode()  # torchair's default mode, max-autotune, is GE graph mode
+    with moe_fx.config.patch({"inner_backend": "torchair", "npu.compiler_config": SimpleNamespace(mode="reduce-overhead")}):
+        assert not _ge_graph_mode()  # aclgraph: captured, but the ops still run as single ops
+
+
+def test_float64_is_refused_by_the_ascend_lowering():
+    from moe_fx.errors import UnsupportedMoEError
+    from moe_fx.lowering.base import EPPlan
+    from moe_fx.lowering.npu import BlockShape, make_npu_lowering
+
+    shape = BlockShape(top_k=2, hidden_size=64, dtype=torch.float64)
+    with pytest.raises(UnsupportedMoEError, match=r"MoE block 'b': .* take torch.bfloat16, torch.float16, "
+                                                  r"torch.float32, not torch.float64"):
+        make_npu_lowering(Strategy.ALLGATHER, EPPlan(block="b", num_experts=8), shape, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("soc,ep,experts,top_k,hidden,tokens,dtype,expected", [
+    ("A2", 16, 256, 8, 7168, 128, BF16, Strategy.MC2),        # vllm-ascend A2 decode: ep >= 16, 16 experts/rank
+    ("A2", 8, 64, 8, 4096, 128, BF16, Strategy.ALLGATHER),    # ep < 16
+    ("A2", 16, 512, 8, 4096, 128, BF16, Strategy.ALLGATHER),  # 32 experts/rank > 24
+    ("A2", 16, 256, 8, 4096, 300, BF16, Strategy.ALLGATHER),  # above the A2 fullmesh MC2 limit of 256 tokens
+    ("A2", 16, 256, 8, 7168, 128, FP32, Strategy.ALLGATHER),  # MC2 takes bf16/fp16 only
+    ("A3", 4, 64, 8, 4096, 512, BF16, Strategy.MC2),
+    ("A3", 4, 64, 8, 4096, None, BF16, Strategy.ALL2ALLV),    # no token bound: may be a large prefill
+    ("A3", 4, 64, 8, 64, 16, BF16, Strategy.ALL2ALLV),        # hidden size below the A3 kernel's 1024
+    ("A3", 4, 64, 16, 4096, 16, BF16, Strategy.ALL2ALLV),     # top-k 16 > 12 with A3's default comm_alg
+    ("A3", 4, 64, 8, 4096, 16, FP32, Strategy.ALL2ALLV),      # MC2 takes bf16/fp16 only
+    (None, 4, 64, 8, 4096, 16, BF16, Strategy.ALLGATHER),     # SoC unknown
 ])
-def test_auto_on_npu_follows_vllm_ascend(soc, ep, experts, hidden, tokens, expected):
-    strategy, reason = choose_npu_strategy(soc=soc, ep_size=ep, num_experts=experts, top_k=8, hidden_size=hidden,
-                                           max_tokens_per_rank=tokens)
+def test_auto_on_npu_follows_vllm_ascend(monkeypatch, soc, ep, experts, top_k, hidden, tokens, dtype, expected):
+    # A2 decode at 128 tokens, ep 16, H 7168 needs 452 MB of HCCL buffer (above the 200 MB default):
+    # deployments set HCCL_BUFFSIZE; test_mc2_hccl_buffer_checked_up_front covers the check.
+    monkeypatch.setenv("HCCL_BUFFSIZE", "1024")
+    strategy, reason = choose_npu_strategy(soc=soc, ep_size=ep, num_experts=experts, top_k=top_k, hidden_size=hidden,
+                                           max_tokens_per_rank=tokens, dtype=dtype)
     assert strategy is expected, reason
 
 
@@ -138,6 +227,11 @@ class NpuRegionSnapshots(expecttest.TestCase):
 
     def _rendering(self, lowering: str) -> str:
         return _run(2, "mixtral", "float32")[0][lowering]["rendering"]
+
+    def _rendering_bf16(self, lowering: str) -> str:
+        # MC2's own group: a hashed name that depends on how many groups the process made before.
+        rendering = _run(2, "qwen3_moe", "bfloat16")[0][lowering]["rendering"]
+        return re.sub(r"'emulated_hccl:[0-9a-f]{40}'", "'<mc2 group>'", rendering)
 
     def test_allgather(self):
         self.assertExpectedInline(self._rendering("allgather"), """\
@@ -189,53 +283,62 @@ v9 = getattr(v7, 'device')
 v10 = arange(4, device=v9)
 v11 = repeat(v10, 2)
 v12 = repeat_interleave(v11, v7)
-v13 = to(v12, int32)
-v14 = npu.npu_moe_token_permute(v8, v13)
-v15 = getitem(v14, 0)
-v16 = getitem(v14, 1)
-v17 = view(v7, 2, 4)
-v18 = sum(v17, 0)
-v19 = getitem(gate_up_proj, 0:4)
-v20 = transpose(v19, 1, 2)
-v21 = npu.npu_grouped_matmul([v15], [v20], group_list=v18, split_item=2, group_type=0, group_list_type=1)
-v22 = getitem(v21, 0)
-v23 = npu.npu_swiglu(v22, dim=-1)
-v24 = getitem(down_proj, 0:4)
-v25 = transpose(v24, 1, 2)
-v26 = npu.npu_grouped_matmul([v23], [v25], group_list=v18, split_item=2, group_type=0, group_list_type=1)
-v27 = getitem(v26, 0)
-v28 = npu.npu_moe_token_unpermute(v27, v16)
-v29 = moe_fx.all_to_all_rows(v28, v7, v6, '0')
-v30 = npu.npu_moe_token_unpermute(v29, v3, probs=topk_weights)""")
+v13 = pad(v8, (0, 0, 0, 1), mode='constant', value=None)
+v14 = pad(v12, (0, 1), mode='constant', value=4)
+v15 = to(v14, int32)
+v16 = npu.npu_moe_token_permute(v13, v15)
+v17 = getitem(v16, 0)
+v18 = getitem(v16, 1)
+v19 = view(v7, 2, 4)
+v20 = sum(v19, 0)
+v21 = getitem(gate_up_proj, 0:4)
+v22 = transpose(v21, 1, 2)
+v23 = npu.npu_grouped_matmul([v17], [v22], group_list=v20, split_item=2, group_type=0, group_list_type=1)
+v24 = getitem(v23, 0)
+v25 = npu.npu_swiglu(v24, dim=-1)
+v26 = getitem(down_proj, 0:4)
+v27 = transpose(v26, 1, 2)
+v28 = npu.npu_grouped_matmul([v25], [v27], group_list=v20, split_item=2, group_type=0, group_list_type=1)
+v29 = getitem(v28, 0)
+v30 = npu.npu_moe_token_unpermute(v29, v18)
+v31 = getitem(v30, :-1)
+v32 = moe_fx.all_to_all_rows(v31, v7, v6, '0')
+v33 = npu.npu_moe_token_unpermute(v32, v3, probs=topk_weights)""")
 
     def test_mc2(self):
-        self.assertExpectedInline(self._rendering("mc2"), """\
+        """qwen3_moe in bf16 (MC2 refuses fp32) on A2: expert_scales / expand_scales, comm_alg
+        "fullmesh", padding rows routed to experts 0..K-1, MC2's own group (not WORLD's '0')."""
+        self.assertExpectedInline(self._rendering_bf16("mc2"), """\
 v0 = size(hidden, 0)
 v1 = le(v0, 16)
 v2 = aten._assert_scalar.default(v1, "MoE block 'model.layers.0.mlp.experts': more tokens than the mc2 capacity moe_fx.config.max_tokens_per_rank=16")
 v3 = sub(16, v0)
-v4 = to(topk_ids, int32)
-v5 = pad(v4, (0, 0, 0, v3), mode='constant', value=None)
-v6 = getattr(hidden, 'device')
-v7 = arange(16, device=v6)
-v8 = lt(v7, v0)
-v9 = pad(hidden, (0, 0, 0, v3), mode='constant', value=None)
-v10 = npu.npu_moe_distribute_dispatch_v2(v9, v5, 'emulated_hccl:0', 2, 0, 8, x_active_mask=v8, expert_token_nums_type=0)
-v11 = getitem(v10, 0)
-v12 = getitem(v10, 3)
+v4 = getattr(hidden, 'device')
+v5 = arange(2, device=v4)
+v6 = to(v5, int32)
+v7 = expand(v6, v3, 2)
+v8 = to(topk_ids, int32)
+v9 = cat([v8, v7])
+v10 = getattr(hidden, 'device')
+v11 = arange(16, device=v10)
+v12 = lt(v11, v0)
 v13 = float(topk_weights)
 v14 = pad(v13, (0, 0, 0, v3), mode='constant', value=None)
-v15 = getitem(v10, 2)
-v16 = getitem(v10, 4)
-v17 = getitem(v10, 5)
-v18 = getitem(gate_up_proj, 0:4)
-v19 = transpose(v18, 1, 2)
-v20 = npu.npu_grouped_matmul([v11], [v19], group_list=v12, split_item=2, group_type=0, group_list_type=0)
-v21 = getitem(v20, 0)
-v22 = npu.npu_swiglu(v21, dim=-1)
-v23 = getitem(down_proj, 0:4)
-v24 = transpose(v23, 1, 2)
-v25 = npu.npu_grouped_matmul([v22], [v24], group_list=v12, split_item=2, group_type=0, group_list_type=0)
-v26 = getitem(v25, 0)
-v27 = npu.npu_moe_distribute_combine_v2(v26, v5, v15, v16, v14, 'emulated_hccl:0', 2, 0, 8, tp_send_counts=v17, x_active_mask=v8)
-v28 = getitem(v27, :v0)""")
+v15 = pad(hidden, (0, 0, 0, v3), mode='constant', value=None)
+v16 = npu.npu_moe_distribute_dispatch_v2(v15, v9, '<mc2 group>', 2, 0, 8, x_active_mask=v12, expert_token_nums_type=0, comm_alg='fullmesh', expert_scales=v14)
+v17 = getitem(v16, 0)
+v18 = getitem(v16, 3)
+v19 = getitem(v16, 2)
+v20 = getitem(v16, 4)
+v21 = getitem(v16, 6)
+v22 = getitem(gate_up_proj, 0:4)
+v23 = transpose(v22, 1, 2)
+v24 = npu.npu_grouped_matmul([v17], [v23], group_list=v18, split_item=2, group_type=0, group_list_type=0)
+v25 = getitem(v24, 0)
+v26 = npu.npu_swiglu(v25, dim=-1)
+v27 = getitem(down_proj, 0:4)
+v28 = transpose(v27, 1, 2)
+v29 = npu.npu_grouped_matmul([v26], [v28], group_list=v18, split_item=2, group_type=0, group_list_type=0)
+v30 = getitem(v29, 0)
+v31 = npu.npu_moe_distribute_combine_v2(v30, v9, v19, v20, v14, '<mc2 group>', 2, 0, 8, x_active_mask=v12, comm_alg='fullmesh', expand_scales=v21)
+v32 = getitem(v31, :v0)""")

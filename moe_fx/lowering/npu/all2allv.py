@@ -2,10 +2,15 @@
 
     npu_moe_token_permute (rows by global expert) -> per-expert counts (histc)
       -> count exchange -> all_to_all_single with host split sizes (rank-major rows)
-      -> npu_moe_token_permute by local expert (expert-major)
+      -> one spare row -> npu_moe_token_permute by local expert (expert-major, spare row last)
       -> npu_grouped_matmul (group_list_type 1) -> npu_swiglu -> npu_grouped_matmul
-      -> npu_moe_token_unpermute (back to rank-major) -> all_to_all_single back
+      -> npu_moe_token_unpermute (back to rank-major), spare row dropped -> all_to_all_single back
       -> npu_moe_token_unpermute with the router weights -> [T, H]
+
+A rank may receive no rows. vllm-ascend calls the permute/unpermute only when shape[0] > 0
+(token_dispatcher.py, TokenDispatcherWithAll2AllV); a traced graph has no branch on data, so the
+received rows get one spare row instead: the permute, grouped matmuls, swiglu (whose doc refuses
+empty tensors) and unpermute never see an empty tensor, and the spare row is never counted.
 
 NOTE: host sync: the split sizes are read on the host, so this path cannot be captured in a graph
 (vllm-ascend's own note); it moves the fewest rows.
@@ -27,7 +32,7 @@ class ExchangedTokens(NpuDispatched):
     send_index: fx.Proxy  # [T*K] int32 row of each (t, k) entry in the expert-sorted send buffer
     send_counts: fx.Proxy  # [E] rows sent to each (rank, local expert)
     recv_counts: fx.Proxy  # [E] rows received from each (source rank, local expert)
-    regroup_index: fx.Proxy  # [R] int32 expert-major row of each received (rank-major) row
+    regroup_index: fx.Proxy  # [R + 1] int32 expert-major row of each received (rank-major) row, spare row last
 
 
 class NpuAll2AllVLowering(NpuLocalLowering):
@@ -42,6 +47,9 @@ class NpuAll2AllVLowering(NpuLocalLowering):
         received = torch.ops.moe_fx.all_to_all_rows(sent, send_counts, recv_counts, p.group_name)
         # Received rows are (source rank, local expert)-major; regroup them expert-major.
         local_expert = arange(recv_counts, e).repeat(p.ep_size).repeat_interleave(recv_counts)
+        # The spare row (see the module doc) goes to "expert" e, past every local one: sorted last.
+        received = torch.nn.functional.pad(received, (0, 0, 0, 1))
+        local_expert = torch.nn.functional.pad(local_expert, (0, 1), value=e)
         tokens, regroup_index = _unpack2(npu.npu_moe_token_permute(received, local_expert.to(torch.int32)))
         return ExchangedTokens(
             tokens=tokens, group_list=recv_counts.view(p.ep_size, e).sum(0), group_list_type=1,
@@ -51,7 +59,7 @@ class NpuAll2AllVLowering(NpuLocalLowering):
     def combine(self, out_RH, dispatched, topk_weights_TK) -> fx.Proxy:
         assert isinstance(dispatched, ExchangedTokens)
         p, npu = self.plan, npu_ops()
-        rank_major = npu.npu_moe_token_unpermute(out_RH, dispatched.regroup_index)
+        rank_major = npu.npu_moe_token_unpermute(out_RH, dispatched.regroup_index)[:-1]  # without the spare row
         returned = torch.ops.moe_fx.all_to_all_rows(
             rank_major, dispatched.recv_counts, dispatched.send_counts, p.group_name
         )

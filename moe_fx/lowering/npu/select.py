@@ -10,6 +10,9 @@ restated over what moe_fx knows at compile time.
 | A3  | otherwise                                                                  | all2allv  |
 | ?   | SoC unknown (not A2/A3)                                                    | allgather |
 
+"Within the MC2 limits" (mc2_rules.mc2_limit) includes the dtype: the MC2 ops take bf16/fp16 only,
+so a float32 block gets allgather (A2) or all2allv (A3), whose ops document float32.
+
 vllm-ascend's token count is the largest batch across DP ranks; moe_fx's is the configured
 ``max_tokens_per_rank`` (equal on every rank; unknown means "may be large"). Its capacity caps at
 512 tokens per rank; the MC2 kernels' own limits (``mc2_limit``: 256 tokens on A2 fullmesh, hidden
@@ -19,9 +22,11 @@ FUSED_MC2 (dispatch_ffn_combine, quantized only) is not emitted.
 
 from __future__ import annotations
 
+import torch
+
 from moe_fx import config
 from moe_fx.lowering.base import Strategy
-from moe_fx.lowering.npu.mc2 import mc2_limit
+from moe_fx.lowering.npu.mc2_rules import mc2_limit
 
 MC2_CAPACITY_TOKENS = 512  # vllm-ascend: min(ceil(max_num_tokens / tp), 512) per rank
 A2_MC2_MIN_EP = 16
@@ -32,13 +37,13 @@ NpuChoice = tuple[Strategy, str]
 
 
 def choose_npu_strategy(*, soc: str | None, ep_size: int, num_experts: int, top_k: int, hidden_size: int,
-                        max_tokens_per_rank: int | None) -> NpuChoice:
+                        max_tokens_per_rank: int | None, dtype: torch.dtype) -> NpuChoice:
     if ep_size == 1:
         return Strategy.LOCAL, "ep=1: no expert-parallel group"
     tokens = max_tokens_per_rank
     fits = tokens is not None and tokens <= MC2_CAPACITY_TOKENS
     limit = mc2_limit(soc=soc, ep_size=ep_size, num_experts=num_experts, top_k=top_k,
-                      hidden_size=hidden_size, tokens_per_rank=tokens)
+                      hidden_size=hidden_size, tokens_per_rank=tokens, dtype=dtype)
     capacity = f"max_tokens_per_rank={tokens} {'<=' if fits else 'not <='} {MC2_CAPACITY_TOKENS}"
     if soc == "A2":
         per_rank = num_experts / ep_size

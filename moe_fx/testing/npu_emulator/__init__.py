@@ -9,10 +9,14 @@ upper-bound shapes. Nothing in moe_fx imports this package: a test (or a user, e
 
 Where the contracts leave values undefined (rows past the group totals, MC2's row order within an
 expert, its combine handles), the emulator fills NaN or picks its own encoding, so a lowering that
-reads them shows it.
+reads them shows it. Where the contracts forbid a call (dtypes, arguments required or reserved per
+SoC, repeated expert ids, a shared communication domain, a too small HCCL buffer, empty inputs),
+the emulator raises ``ContractError``, with real torch_npu's / CANN's message where their source
+shows one (mc2_rules.py lists the sources).
 
     from moe_fx.testing import npu_emulator
     npu_emulator.install()                      # torch.ops.npu.npu_moe_init_routing_v2, ...
+    npu_emulator.set_soc("A2")                  # the SoC whose rules the ops enforce (A2 by default)
     with moe_fx.config.patch({"npu.force": True, "npu.soc": "A2"}):
         torch.compile(model, backend=moe_fx.backend)(x)   # CPU tensors, torch_npu ops, gloo
 """
@@ -20,6 +24,8 @@ reads them shows it.
 from __future__ import annotations
 
 import sys
+
+from moe_fx.testing.npu_emulator.common import ContractError, set_soc, soc
 
 _installed = False
 
@@ -44,4 +50,4 @@ def installed() -> bool:
     return _installed
 
 
-__all__ = ["install", "installed"]
+__all__ = ["ContractError", "install", "installed", "set_soc", "soc"]

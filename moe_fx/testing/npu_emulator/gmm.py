@@ -1,11 +1,25 @@
 """Compute ops: npu_grouped_matmul (the split_item=2/3, group_type=0 "split along M" form that
-vllm-ascend uses) and npu_swiglu."""
+vllm-ascend uses) and npu_swiglu.
+
+Refused (ContractError), from Ascend/op-plugin docs/en/custom_APIs/torch_npu/ (26.1.0):
+torch_npu-npu_grouped_matmul.md: unquantized x / weight float16, bfloat16 or float32 (the same
+dtype), group_list int64, at most 1024 groups; (beta)torch_npu-npu_swiglu.md: float32, float16 or
+bfloat16, "empty tensors are not supported".
+
+Not enforced: the grouped-matmul doc asks the group sizes to cover x's rows exactly; vllm-ascend
+passes statically shaped x with fewer routed rows (MC2's A rows) and the rows past the total come
+back undefined (NaN here), which is what moe_fx relies on.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from moe_fx.testing.npu_emulator.common import define, garbage_like, unsupported
+from moe_fx.testing.npu_emulator.common import ContractError, check_dtype, define, garbage_like, unsupported
+
+_GMM_DOC = "torch_npu doc of npu_grouped_matmul"
+_SWIGLU_DOC = "torch_npu doc of npu_swiglu"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 GROUPED_MATMUL = (
     "npu_grouped_matmul(Tensor[] x, Tensor[] weight, *, Tensor[]? bias=None, Tensor? group_list=None, "
@@ -35,6 +49,7 @@ def grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0, group
     if act_type != 0:
         raise unsupported(op, f"act_type={act_type}")
     (h,), (w,) = x, weight
+    _check_gmm(h, w, group_list)
     sizes = group_sizes(group_list, group_list_type)
     if len(sizes) != w.shape[0] or min(sizes, default=0) < 0 or sum(sizes) > h.shape[0]:
         raise ValueError(f"{op}: group sizes {sizes} do not fit x {tuple(h.shape)} and weight {tuple(w.shape)}")
@@ -51,20 +66,34 @@ def grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0, group
     return [out]
 
 
+def _check_gmm(h, w, group_list) -> None:
+    op = "npu_grouped_matmul"
+    check_dtype(op, "x", h, _FLOATS, _GMM_DOC)
+    check_dtype(op, "weight", w, (h.dtype,), _GMM_DOC)
+    check_dtype(op, "group_list", group_list, (torch.int64,), _GMM_DOC)
+    if w.shape[0] > 1024:
+        raise ContractError(op, f"{w.shape[0]} groups > 1024", _GMM_DOC)
+
+
 def _grouped_matmul_fake(x, weight, *, bias=None, group_list=None, split_item=0, group_type=None,
                          group_list_type=0, act_type=0, output_dtype=None):
     (h,), (w,) = x, weight
+    _check_gmm(h, w, group_list)
     torch._check(h.shape[1] == w.shape[1], lambda: f"npu_grouped_matmul: x {h.shape} vs weight {w.shape}")
     return [h.new_empty((h.shape[0], w.shape[2]), dtype=output_dtype or h.dtype)]
 
 
 def swiglu(x, dim=-1):
     """silu(first half) * second half along ``dim``."""
+    check_dtype("npu_swiglu", "x", x, _FLOATS, _SWIGLU_DOC)
+    if x.numel() == 0:
+        raise ContractError("npu_swiglu", f"x is empty {tuple(x.shape)}: empty tensors are not supported", _SWIGLU_DOC)
     gate, up = x.chunk(2, dim=dim)
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(x.dtype)
 
 
 def _swiglu_fake(x, dim=-1):
+    check_dtype("npu_swiglu", "x", x, _FLOATS, _SWIGLU_DOC)
     shape = list(x.shape)
     shape[dim] //= 2
     return x.new_empty(shape)

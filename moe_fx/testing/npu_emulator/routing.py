@@ -2,15 +2,21 @@
 
 Index convention shared by all three: entry f = t*K + k of the flattened [N, K] expert ids;
 "destination row" of an entry is its row in the expert-sorted output.
+
+Refused (ContractError): dtypes outside the docs' lists (Ascend/op-plugin docs/en/custom_APIs/
+torch_npu/torch_npu-npu_moe_init_routing_v2.md); permute / unpermute on 0 rows, which
+vllm-ascend never issues (it guards ``shape[0] > 0``, vllm_ascend/ops/fused_moe/token_dispatcher.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_fx.testing.npu_emulator.common import define, fill_past, unsupported
+from moe_fx.testing.npu_emulator.common import check_dtype, check_rows, define, fill_past, unsupported
 
 _INT32_MAX = torch.iinfo(torch.int32).max
+_INIT_ROUTING_DOC = "torch_npu doc of npu_moe_init_routing_v2"
+_PERMUTE_SOURCE = "vllm-ascend token_dispatcher.py guards shape[0] > 0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,6 +43,7 @@ def init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, ex
                     expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(), row_idx_type=0):
     """Returns (expanded_x [N*K, H], expanded_row_idx [N*K] int32, counts, expanded_scale [N*K])."""
     op = "npu_moe_init_routing_v2"
+    _check_init_routing(x, expert_idx)
     if drop_pad_mode != 0:
         raise unsupported(op, f"drop_pad_mode={drop_pad_mode}")
     if quant_mode != -1:
@@ -74,9 +81,16 @@ def init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, ex
     return expanded_x, row_idx, tokens_num.to(torch.int64), expanded_scale
 
 
+def _check_init_routing(x, expert_idx) -> None:
+    op = "npu_moe_init_routing_v2"
+    check_dtype(op, "x", x, (torch.float16, torch.bfloat16, torch.float32, torch.int8), _INIT_ROUTING_DOC)
+    check_dtype(op, "expert_idx", expert_idx, (torch.int32,), _INIT_ROUTING_DOC)
+
+
 def _init_routing_v2_fake(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1,
                           expert_num=-1, drop_pad_mode=0, expert_tokens_num_type=0,
                           expert_tokens_num_flag=False, quant_mode=-1, active_expert_range=(), row_idx_type=0):
+    _check_init_routing(x, expert_idx)
     n, k = expert_idx.shape
     start, end = _expert_range(active_expert_range, expert_num)
     counts_shape = (expert_num, 2) if expert_tokens_num_type == 2 else (end - start,)
@@ -110,6 +124,7 @@ def token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
     """Returns (permuted [M, H], sorted_indices [N*K] int32): the destination row of each entry."""
     if padded_mode:
         raise unsupported("npu_moe_token_permute", "padded_mode=True")
+    check_rows("npu_moe_token_permute", "tokens", tokens, _PERMUTE_SOURCE)
     k = _top_k(indices)
     s1 = torch.sort(indices.reshape(-1), stable=True).indices
     rows = s1.numel() if num_out_tokens is None or num_out_tokens <= 0 else num_out_tokens
@@ -127,6 +142,7 @@ def token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=Fal
     """out[t] = sum_k probs[t, k] * permuted[sorted_indices[t*K + k]]; an index of -1 contributes 0."""
     if padded_mode:
         raise unsupported("npu_moe_token_unpermute", "padded_mode=True")
+    check_rows("npu_moe_token_unpermute", "permuted_tokens", permuted_tokens, _PERMUTE_SOURCE)
     k = 1 if probs is None else probs.shape[1]
     n = sorted_indices.numel() // k
     idx = sorted_indices.to(torch.int64)
