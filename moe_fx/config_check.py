@@ -144,6 +144,7 @@ CHECKS: dict[str, _Check] = {
     "npu.soc": _one_of(None, "A2", "A3"),
     "npu.mc2_version": _one_of("auto", "v1", "v2"),
     "npu.compiler_config": _compiler_config,
+    "npu.mc2_group": _group_name,
 }
 
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx import config
+from moe_fx.config_check import check_config, warn_unmatched_overrides
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import EPPlan, LoweringChoice, choose_lowering
 from moe_fx.passes.find import find_moe_regions
@@ -48,6 +49,7 @@ class PassReport:
 
 def analyze_graph(graph: fx.Graph) -> PassReport:
     """Find the regions and decide their lowering without touching the graph."""
+    check_config()
     regions, misses = find_moe_regions(graph)
     report = PassReport(misses=misses)
     for region in regions:
@@ -61,6 +63,7 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
 def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     """Rewrite every MoE experts region of ``gm`` in place into its EP lowering."""
     analysis = analyze_graph(gm.graph)
+    warn_unmatched_overrides([d.region.block for d in analysis.blocks])
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
     new_nodes: set[fx.Node] = set()

@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 
 from moe_fx.lowering.base import Strategy
-from moe_fx.lowering.npu.base import NpuDispatched, NpuLocalLowering, arange, npu_ops
+from moe_fx.lowering.base import arange
+from moe_fx.lowering.npu.base import NpuDispatched, NpuLocalLowering, npu_ops
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering.base import EPPlan, LocalLowering, Strategy
+from moe_fx.lowering.base import EPPlan, LocalLowering, Strategy, arange, size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,10 +54,6 @@ def npu_ops():
         )
     return torch.ops.npu
 
-
-def arange(like: fx.Proxy, n) -> fx.Proxy:
-    """torch.arange(n) on ``like``'s device, emitted into the graph (n may be a Proxy)."""
-    return like.tracer.create_proxy("call_function", torch.arange, (n,), {"device": like.device})
 
 
 class NpuLocalLowering(LocalLowering):
@@ -109,7 +105,7 @@ class NpuLocalLowering(LocalLowering):
         the total read the last local expert, a valid index."""
         p = self.plan
         ends = dispatched.group_list if dispatched.group_list_type == 0 else dispatched.group_list.cumsum(0)
-        rows = arange(dispatched.tokens, dispatched.tokens.size(0))
+        rows = arange(dispatched.tokens, size(dispatched.tokens, 0))
         local = torch.searchsorted(ends, rows, right=True).clamp(max=p.num_local_experts - 1)
         return local + p.expert_start if p.expert_start else local
 
@@ -146,7 +142,7 @@ class NpuLocalLowering(LocalLowering):
         if self.plan.ep_size == 1:
             return npu_ops().npu_moe_token_unpermute(out_RH, routed.row_idx, probs=routed.weights)
         total = routed.group_list.sum()
-        valid = (arange(out_RH, out_RH.size(0)) < total).unsqueeze(1)
+        valid = (arange(out_RH, size(out_RH, 0)) < total).unsqueeze(1)
         out_RH = torch.where(valid, out_RH, 0)
         foreign = routed.row_idx < 0
         weights = torch.where(foreign.view_as(routed.weights), 0, routed.weights)

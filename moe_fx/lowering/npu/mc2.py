@@ -36,7 +36,8 @@ import torch.fx as fx
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import EPPlan, Strategy
-from moe_fx.lowering.npu.base import BlockShape, NpuDispatched, NpuLocalLowering, arange, npu_ops
+from moe_fx.lowering.base import arange
+from moe_fx.lowering.npu.base import BlockShape, NpuDispatched, NpuLocalLowering, npu_ops
 from moe_fx.lowering.npu.mc2_group import hccl_comm_name, mc2_group
 from moe_fx.lowering.npu.mc2_rules import mc2_limit
 
