@@ -18,6 +18,9 @@ def test_local_backward():
     _assert_grads([grad_case(lowering="auto")], "local")
 
 
-@pytest.mark.parametrize("lowering", ("allgather", "all2allv"))
-def test_ep2_backward(rank_pool, lowering):
-    _assert_grads(rank_pool(2).run("tests.ep_jobs:grad_case", lowering=lowering), lowering)
+@pytest.mark.parametrize("lowering,patch", [("allgather", {}), ("allgather", {"max_tokens_per_rank": 16}),
+                                            ("all2allv", {})], ids=["allgather", "allgather-bounded", "all2allv"])
+def test_ep2_backward(rank_pool, lowering, patch):
+    """The bounded AllGather runs on c10d functional collectives' autograd (all-gather <->
+    reduce-scatter), and gathers the router weights as floats so the router gets its gradient."""
+    _assert_grads(rank_pool(2).run("tests.ep_jobs:grad_case", lowering=lowering, config_patch=patch), lowering)

@@ -26,9 +26,15 @@ class All2AllVDispatched(Dispatched):
 class All2AllVLowering(LocalLowering):
     strategy = Strategy.ALL2ALLV
 
+    def _exchange_rows(self, hidden_TH, topk_ids_TK):
+        """The dispatch op's outputs: (tokens, expert ids, offsets, send_order, send_splits,
+        recv_splits, regroup)."""
+        return torch.ops.moe_fx.all2allv_dispatch(hidden_TH, topk_ids_TK, self.ep.num_experts, self.ep.group_name)
+
+    _return_rows = torch.ops.moe_fx.all2allv_combine  # (y, send_order, send_splits, recv_splits, regroup, group)
+
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
-        p = self.ep
-        out = torch.ops.moe_fx.all2allv_dispatch(hidden_TH, topk_ids_TK, p.num_experts, p.group_name)
+        out = self._exchange_rows(hidden_TH, topk_ids_TK)
         return All2AllVDispatched(
             tokens=out[0], expert_ids=out[1], offsets=out[2], send_order=out[3], send_splits=out[4],
             recv_splits=out[5], regroup=out[6],
@@ -37,7 +43,6 @@ class All2AllVLowering(LocalLowering):
     def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
         assert isinstance(dispatched, All2AllVDispatched)
         d = dispatched
-        rows_SH = torch.ops.moe_fx.all2allv_combine(
-            out_RH, d.send_order, d.send_splits, d.recv_splits, d.regroup, self.ep.group_name
-        )
+        rows_SH = type(self)._return_rows(out_RH, d.send_order, d.send_splits, d.recv_splits, d.regroup,
+                                          self.ep.group_name)
         return weighted_sum_over_topk(rows_SH, topk_weights_TK, out_dtype)

@@ -10,42 +10,24 @@ CUDA-graph capturable; a known bound (``config.max_tokens_per_rank``) gives plai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.fx as fx
 
-from moe_fx.lowering.base import Dispatched, LocalLowering, Strategy, weighted_sum_over_topk
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwitchDispatched(Dispatched):
-    pick: fx.Proxy  # [S] position of each (t, k) row in the send buffer
-    send_splits: fx.Proxy  # [ep] rows sent to each rank
-    recv_splits: fx.Proxy  # [ep] rows received from each rank
-    regroup: fx.Proxy  # [R] received (rank-major) row at each expert-major position
+from moe_fx.lowering.all2allv import All2AllVLowering
+from moe_fx.lowering.base import Strategy
 
 
-class TokenSwitchLowering(LocalLowering):
+class TokenSwitchLowering(All2AllVLowering):
+    """All2AllV's handle form serves both branches (moe_fx/runtime/switch.py): send_order is each
+    row's place in the send buffer, MC2's fixed slots or All2AllV's expert order."""
+
     strategy = Strategy.TOKEN_SWITCH
 
     def __repr__(self) -> str:
         return f"{super().__repr__()} [mc2 while max tokens per rank <= {self.plan.capacity_tokens}]"
 
-    def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
+    def _exchange_rows(self, hidden_TH, topk_ids_TK):
         p = self.ep
-        out = torch.ops.moe_fx.switch_dispatch(
-            hidden_TH, topk_ids_TK, p.num_experts, self.plan.capacity_tokens, p.group_name
-        )
-        return SwitchDispatched(
-            tokens=out[0], expert_ids=out[1], offsets=out[2], pick=out[3], send_splits=out[4],
-            recv_splits=out[5], regroup=out[6],
-        )
+        return torch.ops.moe_fx.switch_dispatch(hidden_TH, topk_ids_TK, p.num_experts, self.plan.capacity_tokens,
+                                                p.group_name)
 
-    def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
-        assert isinstance(dispatched, SwitchDispatched)
-        d = dispatched
-        rows_SH = torch.ops.moe_fx.switch_combine(
-            out_RH, d.pick, d.send_splits, d.recv_splits, d.regroup, self.ep.group_name
-        )
-        return weighted_sum_over_topk(rows_SH, topk_weights_TK, out_dtype)
+    _return_rows = torch.ops.moe_fx.switch_combine

@@ -14,6 +14,7 @@ import logging
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,17 @@ class EmittingTracer(fx.proxy.GraphAppendingTracer):
         kwargs = fx.node.map_arg(node.kwargs, value)
         if missing:
             return
-        with self.fake_mode, _ignoring_fresh_unbacked(self.fake_mode):
-            if node.op == "call_method":
-                result = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                result = node.target(*args, **kwargs)
+        try:
+            with self.fake_mode, _ignoring_fresh_unbacked(self.fake_mode):
+                if node.op == "call_method":
+                    result = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    result = node.target(*args, **kwargs)
+        except GuardOnDataDependentSymNode as exc:
+            # An op whose meta must decide on a data-dependent size (padding a routed-row count):
+            # no example value here; AOTAutograd traces the node with its own unbacked symbols.
+            log.debug("moe_fx: no example value for %s: %s", node.format_node(), exc)
+            return
         node.meta["example_value"] = result
 
 

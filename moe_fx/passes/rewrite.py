@@ -43,7 +43,7 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) 
     # An accumulator updated in place is replaced after its last update, the rest before the output.
     insert_before = region.last_update.next if region.last_update is not None else region.output
     first_new = insert_before.prev
-    model_cast = _single_cast_user(region)
+    model_cast = _single_cast_user(region) if lowering.folds_out_dtype else None
     with graph.inserting_before(insert_before):
         out = _emit(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None)
     new_nodes = _nodes_between(first_new, insert_before)
@@ -53,8 +53,11 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) 
         model_cast[0].replace_all_uses_with(out)
         graph.erase_node(model_cast[0])
     _erase_dead(region.nodes | {region.output})
-    erased = _erase_dead({n for n in new_nodes if n.target is operator.getitem})  # unused outputs of an op
-    return [n for n in new_nodes if n not in erased]
+    # Outputs of an op nobody reads (the handle fields a strategy does not use).
+    unused = [n for n in new_nodes if n.target is operator.getitem and not n.users]
+    for node in unused:
+        graph.erase_node(node)
+    return [n for n in new_nodes if n not in set(unused)]
 
 
 def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:
@@ -189,12 +192,11 @@ def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> set[fx.Node]:
-    """Erase the candidates nothing reads any more (mutations of dead values included); returns
-    the erased nodes."""
-    alive, erased = set(candidates), set()
+def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
+    """Erase the candidates nothing reads any more (mutations of dead values included)."""
+    alive = set(candidates)
     if not alive:
-        return erased
+        return
     graph = next(iter(alive)).graph
     # In-place updates of dead values (``rows.masked_fill_(mask, 0)``) die with them.
     alive |= {u for n in candidates for u in n.users if _mutates(u) and u.args[0] is n and not u.users}
@@ -205,6 +207,4 @@ def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> set[fx.Node]:
             if not node.users:
                 graph.erase_node(node)
                 alive.discard(node)
-                erased.add(node)
                 changed = True
-    return erased

@@ -50,14 +50,14 @@ torch.library.register_autograd(f"{LIB}::gather_rows_upto", _gather_rows_upto_ba
 if triton is not None:
 
     @triton.jit
-    def _gather_rows_upto_kernel(x_ptr, index_ptr, offsets_ptr, out_ptr, hidden, last_group,
+    def _gather_rows_upto_kernel(x_ptr, index_ptr, offsets_ptr, out_ptr, hidden, x_row_stride, last_group,
                                  BLOCK_H: tl.constexpr):
         row = tl.program_id(0)
         if row < tl.load(offsets_ptr + last_group):
             source = tl.load(index_ptr + row).to(tl.int64)
             cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
             in_row = cols < hidden
-            values = tl.load(x_ptr + source * hidden + cols, mask=in_row)
+            values = tl.load(x_ptr + source * x_row_stride + cols, mask=in_row)
             tl.store(out_ptr + row.to(tl.int64) * hidden + cols, values, mask=in_row)
 
     @gather_rows_upto.register_kernel("cuda")
@@ -65,9 +65,10 @@ if triton is not None:
         out = x.new_empty((index.shape[0], x.shape[1]))
         if index.shape[0] == 0 or offsets.shape[0] == 0:
             return out
+        x = x if x.stride(1) == 1 else x.contiguous()  # rows may be a column slice of a wider buffer
         block = min(1024, triton.next_power_of_2(x.shape[1]))
         grid = (index.shape[0], triton.cdiv(x.shape[1], block))
-        _gather_rows_upto_kernel[grid](x.contiguous(), index.contiguous(), offsets, out, x.shape[1],
+        _gather_rows_upto_kernel[grid](x, index.contiguous(), offsets, out, x.shape[1], x.stride(0),
                                        offsets.shape[0] - 1, BLOCK_H=block, num_warps=4)
         return out
 

@@ -1,0 +1,70 @@
+"""Where one expert-parallel MoE layer spends its host and GPU time (torchrun, one process per GPU).
+
+    torchrun --nproc-per-node 2 scripts/cuda_ep_profile.py --shape qwen3 --tokens 4096 --lowering allgather
+
+Compiles the bench layer (moe_fx/bench.py) once over a one-rank group ("ep1") and once with the
+strategy, then profiles a few back-to-back calls of each and prints, on rank 0, the ops that cost
+the host most (self CPU time per call) and the kernels that cost the GPU most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from moe_fx.bench import SHAPES, build_blocks, configured_backend, make_tokens
+
+
+def _profiled(fn, calls: int) -> profile:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--lowering", default="allgather")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=18)
+    args = parser.parse_args()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank = dist.get_rank()
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    shape = SHAPES[args.shape]
+    block = build_blocks(shape, device="cuda", impls=("grouped_mm",))["grouped_mm"]
+    x = make_tokens(shape, args.tokens, skew=False, device="cuda", seed=1 + rank)
+    variants = {"ep1": {"ep_group": singles[rank].group_name}, args.lowering: {"lowering": args.lowering}}
+    for name, settings in variants.items():
+        torch._dynamo.reset()
+        backend = configured_backend(inner_backend="inductor", max_tokens_per_rank=args.tokens, **settings)
+        compiled = torch.compile(block, backend=backend, fullgraph=True)
+        with torch.no_grad():
+            prof = _profiled(lambda: compiled(x), args.calls)
+        if rank == 0:
+            events = prof.key_averages()
+            cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]
+            gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[: args.rows]
+            print(f"\n== {shape.name}, {args.tokens} tokens/rank, {name}: per call, µs ==")
+            print("host (self CPU):  " + "; ".join(f"{e.key[:60]} {e.self_cpu_time_total / args.calls:.0f}"
+                                                 for e in cpu))
+            print("GPU (self):  " + "; ".join(f"{e.key[:60]} {e.self_device_time_total / args.calls:.0f}"
+                                            for e in gpu if e.self_device_time_total > 0))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
