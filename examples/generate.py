@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 
-import moe_fx
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # models.py, and moe_fx of this checkout
+import moe_fx  # noqa: E402
 from models import MODELS, build_model, parameter_bytes  # noqa: E402
 
 
