@@ -88,7 +88,7 @@ def wrap(model, args, device):
     torch._dynamo.config.optimize_ddp = False
     model.compile(backend=moe_fx.backend, fullgraph=True)  # in place: parameter names unchanged
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False)  # rotary tables: equal on every rank
 
 
 def train_ep(args, rank: int, world: int, device, log=print) -> tuple[list[float], list[float], torch.nn.Module]:
