@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if args.backend == "moe_fx":
         moe_fx.shard_experts(model)
     say(f"{args.model}, {args.layers} layers, {args.dtype}: parameters {before / 2**30:.2f} GiB, "
-        f"{parameter_bytes(model) / 2**30:.2f} GiB after shard_experts (ep {world})")
+        + (f"{parameter_bytes(model) / 2**30:.2f} GiB after shard_experts (ep {world})" if args.backend == "moe_fx" else "not sharded"))
     compile_for_generate(model, args.backend, decode_tokens=decode_tokens, static_cache=args.static_cache)
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
             res = compare(model, batches[r], refs[r], rounds, args)
             failed += not res["ok"]
             say(f"check workload {r}: {'PASS' if res['ok'] else 'FAIL'}: logits rel. L2 error {res['worst']:.2e} "
-                f"(tolerance {res['tol']:.2e} = 4 x bf16's own error vs fp32, {refs[r]['noise']:.2e}); "
+                f"(tolerance {res['tol']:.2e} = 4 x this dtype's own error vs fp32, {refs[r]['noise']:.2e}); "
                 f"{res['same_rows']}/{res['rows']} rows generate the reference's tokens, "
                 f"the others first differ at steps {res['diverged_at']}")
     if distributed:
