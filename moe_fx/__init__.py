@@ -9,6 +9,7 @@ from moe_fx.backend import RecordedGraph, backend, recording
 from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
+from moe_fx.parallel import average_expert_gradients, expert_parallel_parameters
 from moe_fx.shard import ExpertShard, shard_experts
 
 __all__ = [
@@ -19,8 +20,10 @@ __all__ = [
     "ShardedLoad",
     "TensorRead",
     "UnsupportedMoEError",
+    "average_expert_gradients",
     "backend",
     "config",
+    "expert_parallel_parameters",
     "explain",
     "load_sharded",
     "recording",
