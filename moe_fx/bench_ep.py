@@ -130,9 +130,16 @@ def gbps(num_bytes: float, us: float | None) -> float | None:
     return None if not us else num_bytes / (us * 1e-6) / 1e9
 
 
+_COLLECTIVE_CATEGORY = {"_c10d_functional::all_gather_into_tensor": "dispatch",
+                        "_c10d_functional::reduce_scatter_tensor": "combine"}
+
+
 def _op_category(name: str) -> str | None:
     """"dispatch" or "combine" for a moe_fx op whose name says so (matched by substring: op names
-    change), else None."""
+    change), or for the c10d functional collective a strategy emits in its place (the bounded
+    AllGather: all-gather = dispatch, reduce-scatter = combine); else None."""
+    if name in _COLLECTIVE_CATEGORY:
+        return _COLLECTIVE_CATEGORY[name]
     if not name.startswith("moe_fx::"):
         return None
     return next((c for c in ("dispatch", "combine") if c in name.lower()), None)
@@ -159,7 +166,7 @@ def summarize_profile(events, *, on_device: bool, calls: int) -> dict:
     # None, not 0, where no op matched: a renamed op must not read as a free one.
     summary: dict = {"dispatch_us": None, "combine_us": None, "ops_us": {}, "kernel_us": None, "nccl_us": None}
     for event in events:
-        if event.device_type != DeviceType.CPU or not event.name.startswith("moe_fx::"):
+        if event.device_type != DeviceType.CPU or _op_category(event.name) is None and not event.name.startswith("moe_fx::"):
             continue
         category = _op_category(event.name)
         if category and not _has_ancestor(event, lambda p, c=category: _op_category(p.name) == c):

@@ -39,8 +39,8 @@ def test_cpu_run_times_every_strategy_and_derives_the_ratios(cpu_run):
         assert times[name] > 0, name
     assert set(row["rank_times_us"]["mc2"]) and max(row["rank_times_us"]["mc2"]) == times["mc2"]
     assert "needs CUDA" in row["skipped"]["mc2_symm_mem"] and "mc2_symm_mem" not in times
-    assert row["auto"] == {"picked": "mc2", "timed_as": "mc2"}  # 8 tokens <= auto_mc2_max_tokens
-    assert times["auto"] == times["mc2"]
+    assert row["auto"] == {"picked": "allgather", "timed_as": "allgather"}  # ep=2 <= top_k=2
+    assert times["auto"] == times["allgather"]
     ratio = row["ratios"]["no_graphs"]
     best = min(EP_STRATEGIES, key=times.get)
     assert ratio["best_ep"] == best
