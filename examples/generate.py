@@ -14,8 +14,8 @@ batches are done runs a dummy batch of its usual shape until the others finish.
 
 Prefill and decode are compiled under different moe_fx settings (read when a graph is compiled):
 prefill with no token bound (``"auto"`` picks AllGather or the run-time switch), decode with
-``max_tokens_per_rank`` = the largest decode batch, so ``"auto"`` picks MC2 (static shapes, no host
-sync) and, with ``--static-cache``, inductor captures the decode step in a CUDA graph.
+``max_tokens_per_rank`` = the largest decode batch, so ``"auto"`` picks a static-shape strategy
+(AllGather at ep <= top-k, else MC2: no host sync) and, with ``--static-cache``, inductor captures the decode step in a CUDA graph.
 """
 
 from __future__ import annotations

@@ -593,17 +593,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def init(args) -> RankContext:
-    if "RANK" not in os.environ:
-        raise SystemExit(f"--ep {args.ep} runs one process per rank: "
-                         f"torchrun --nproc-per-node {args.ep} -m moe_fx.bench --ep {args.ep} ...")
-    timeout = datetime.timedelta(seconds=args.timeout_s)
-    if args.device == "cuda":
+def start_process_group(device: str, timeout_s: float) -> None:
+    """The default group of a torchrun process: NCCL on this rank's GPU, or gloo on CPU."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
     else:
         dist.init_process_group("gloo", timeout=timeout)
+
+
+def init(args) -> RankContext:
+    if "RANK" not in os.environ:
+        raise SystemExit(f"--ep {args.ep} runs one process per rank: "
+                         f"torchrun --nproc-per-node {args.ep} -m moe_fx.bench --ep {args.ep} ...")
+    start_process_group(args.device, args.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != args.ep:
         raise SystemExit(f"--ep {args.ep} but {world} processes: start one process per rank "

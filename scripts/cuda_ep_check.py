@@ -25,7 +25,6 @@ on any failure. A case that raises is reported as FAIL with its message.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import moe_fx  # noqa: E402
+from moe_fx.bench_ep import start_process_group  # noqa: E402
 from tests.ep_jobs import zero_foreign_experts  # noqa: E402
 from tests.tiny_models import build_tiny, make_input_ids  # noqa: E402
 from tests.tolerances import BF16_RTOL, FP32_ATOL  # noqa: E402
@@ -162,13 +162,7 @@ def run_case(model, inputs, refs, dtype: str, settings: dict, *, strategy: str, 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-    timeout = datetime.timedelta(seconds=args.timeout_s)
-    if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+    start_process_group(args.device, args.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     if NUM_EXPERTS % world:
         raise SystemExit(f"the tiny models have {NUM_EXPERTS} experts: run on a world size dividing it, not {world}")

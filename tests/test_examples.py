@@ -21,9 +21,10 @@ def test_generate_matches_eager_with_ranks_out_of_step(rank_pool, model, static_
     assert (r0["tokens"], r1["tokens"]) == (2 * 3 * 4, 2 * 4), results
     for rank, r in enumerate(results):
         assert r["equal"] and all(r["equal"]), f"rank {rank}: tokens differ from eager's: {r}"
-        # prefill (AllGather: no token bound) and decode (MC2: bound = the largest decode batch);
+        # prefill (AllGather reading the largest count at run time: no token bound) and decode
+        # (AllGather in its static form: bound = the largest decode batch; ep=2 <= top_k);
         # a dynamic cache grows each step: one more, symbolic, decode graph; a static cache: none
-        assert r["lowerings"][0] == ["allgather"] and all(lw == ["mc2"] for lw in r["lowerings"][1:]), r
+        assert all(lw == ["allgather"] for lw in r["lowerings"]), r
         assert r["graphs"] == r["dynamo_graphs"] == (2 if static_cache else 3), r
 
 

@@ -24,3 +24,13 @@ def test_ep2_backward(rank_pool, lowering, patch):
     """The bounded AllGather runs on c10d functional collectives' autograd (all-gather <->
     reduce-scatter), and gathers the router weights as floats so the router gets its gradient."""
     _assert_grads(rank_pool(2).run("tests.ep_jobs:grad_case", lowering=lowering, config_patch=patch), lowering)
+
+
+@pytest.mark.parametrize("lowering,patch", [("allgather", {}), ("allgather", {"max_tokens_per_rank": 8}),
+                                            ("all2allv", {}), ("mc2", {"max_tokens_per_rank": 8})],
+                         ids=["allgather", "allgather-bounded", "all2allv", "mc2"])
+def test_a_rank_with_no_tokens_backward(rank_pool, lowering, patch):
+    """Rank 0 feeds the block 0 tokens: forward and backward still join every collective, and the
+    other rank's gradients equal eager's."""
+    results = rank_pool(2).run("tests.ep_jobs:grad_case", lowering=lowering, tokens=(0, 5), config_patch=patch)
+    _assert_grads(results, lowering)

@@ -215,7 +215,8 @@ def weighted_sum_over_topk(rows_SH: fx.Proxy, topk_weights_TK: fx.Proxy,
     """Rows in (t, k) order -> [T, H]: the same product and sum the traced experts code did, so
     the result keeps its dtype promotion (bf16 outputs times fp32 weights sum in fp32)."""
     weighted_SH = rows_SH * topk_weights_TK.reshape(-1, 1)
-    out = weighted_SH.view(size(topk_weights_TK, 0), size(topk_weights_TK, 1), -1).sum(dim=1)
+    # The width spelled out: a rank with 0 tokens has nothing to infer -1 from.
+    out = weighted_SH.view(size(topk_weights_TK, 0), size(topk_weights_TK, 1), size(rows_SH, 1)).sum(dim=1)
     return out if out_dtype is None else out.to(out_dtype)
 
 

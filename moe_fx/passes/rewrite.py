@@ -164,7 +164,7 @@ def _routed_rows_scaled(hidden_TH: fx.Proxy, topk_ids_TK: fx.Proxy, topk_weights
 
 def _sum_over_slots(out_SH: fx.Proxy, topk_ids_TK: fx.Proxy) -> fx.Proxy:
     """[S, H] rows in (token, slot) order -> [T, H]."""
-    return out_SH.view(size(topk_ids_TK, 0), size(topk_ids_TK, 1), -1).sum(dim=1)
+    return out_SH.view(size(topk_ids_TK, 0), size(topk_ids_TK, 1), size(out_SH, 1)).sum(dim=1)
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from moe_fx.runtime.comm import resolve_group
-from moe_fx.runtime.library import LIB, fake_rows
+from moe_fx.runtime.library import LIB, fake_rows, sum_over_slots
 
 
 @torch.library.custom_op(f"{LIB}::all2allv_dispatch", mutates_args=())
@@ -95,7 +95,7 @@ def _all2allv_dispatch_backward(ctx, g_tokens, *unused):
     send_order, send_splits, recv_splits, regroup = ctx.saved_tensors
     t, k, group_name = ctx.shape
     rows = torch.ops.moe_fx.all2allv_combine(g_tokens, send_order, send_splits, recv_splits, regroup, group_name)
-    return rows.view(t, k, -1).sum(1), None, None, None
+    return sum_over_slots(rows, t, k), None, None, None
 
 
 torch.library.register_autograd(

@@ -30,3 +30,9 @@ def check_capacity(block: str, tokens: int, capacity_tokens: int, rank: int) -> 
             f"MoE block {block!r}: {tokens} tokens on rank {rank} exceed the mc2 capacity "
             f"moe_fx.config.max_tokens_per_rank={capacity_tokens}; raise the bound or use lowering='all2allv'"
         )
+
+
+def sum_over_slots(rows_SH: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """[T*K, H] rows in (t, k) order -> [T, H]: the gradient of sending each token to its K slots.
+    The width is spelled out: ``view(t, k, -1)`` cannot infer it when a rank has 0 tokens."""
+    return rows_SH.view(tokens, top_k, rows_SH.shape[-1]).sum(1)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from moe_fx.runtime.comm import resolve_group
-from moe_fx.runtime.library import LIB, check_capacity
+from moe_fx.runtime.library import LIB, check_capacity, sum_over_slots
 
 
 def _mc2_slots(topk_ids: torch.Tensor, num_experts: int, world: int, rows_per_rank: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ def _mc2_dispatch_backward(ctx, g_tokens, *unused):
     send_slot, recv_order = ctx.saved_tensors
     t, k, group_name = ctx.shape
     rows = torch.ops.moe_fx.mc2_combine(g_tokens, send_slot, recv_order, group_name)
-    return rows.view(t, k, -1).sum(1), None, None, None, None, None
+    return sum_over_slots(rows, t, k), None, None, None, None, None
 
 
 torch.library.register_autograd(f"{LIB}::mc2_dispatch", _mc2_dispatch_backward, setup_context=_mc2_dispatch_setup)

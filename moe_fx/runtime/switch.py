@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 
 from moe_fx.runtime.all2allv import all2allv_dispatch
 from moe_fx.runtime.comm import resolve_group
-from moe_fx.runtime.library import LIB, fake_rows
+from moe_fx.runtime.library import LIB, fake_rows, sum_over_slots
 from moe_fx.runtime.mc2 import mc2_dispatch, return_rows_from_experts, send_rows_to_experts
 
 
@@ -118,7 +118,7 @@ def _switch_dispatch_setup(ctx, inputs, output):
 def _switch_dispatch_backward(ctx, g_tokens, *unused):
     t, k, group_name = ctx.shape
     rows = torch.ops.moe_fx.switch_combine(g_tokens, *ctx.saved_tensors, group_name)
-    return rows.view(t, k, -1).sum(1), None, None, None, None
+    return sum_over_slots(rows, t, k), None, None, None, None
 
 
 torch.library.register_autograd(

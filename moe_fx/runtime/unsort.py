@@ -75,7 +75,7 @@ def _backward(ctx, grad_out):
         target = torch.where(valid, position, y.shape[0])
         grad_y = y.new_zeros((y.shape[0] + 1, y.shape[1])).index_copy_(0, target, rows)[: y.shape[0]]
     if ctx.needs_input_grad[2]:
-        grad_w = (grad_out.unsqueeze(1) * _rows(y, position)[0].view(t, k, -1)).sum(-1).to(w.dtype)
+        grad_w = (grad_out.unsqueeze(1) * _rows(y, position)[0].view(t, k, y.shape[1])).sum(-1).to(w.dtype)
     return grad_y, None, grad_w, None
 
 
