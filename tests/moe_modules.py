@@ -58,7 +58,7 @@ class BatchedMoE(nn.Module):
         y = torch.bmm(self.w_down[ids_S], a.unsqueeze(-1)).squeeze(-1)
         if self.b_down is not None:
             y = y + self.b_down[ids_S]
-        out = (y * w_TK.reshape(-1).unsqueeze(-1)).view(t, k, -1).sum(dim=1)
+        out = (y * w_TK.reshape(-1).unsqueeze(-1)).view(t, k, y.shape[-1]).sum(dim=1)
         return out.to(x.dtype).view_as(x)
 
 

@@ -145,7 +145,8 @@ def test_recording_gives_original_and_rewritten_graphs():
         (2, {}, "allgather"),  # ep=2 <= top_k=2
         (4, {}, "mc2|all2allv"),  # ep=4 > top_k=2, no token bound: decided per call
         (4, {"max_tokens_per_rank": 300}, "all2allv"),  # ep=4 > top_k=2, bound above auto_mc2_max_tokens
-        (2, {"max_tokens_per_rank": 64}, "mc2"),  # small known bound: sync-free
+        (2, {"max_tokens_per_rank": 64}, "allgather"),  # ep=2 <= top_k=2, bounded: static, sync-free
+        (4, {"max_tokens_per_rank": 64}, "mc2"),  # ep=4 > top_k=2, small known bound: sync-free
         (4, {"tokens": "replicated"}, "mc2"),  # static replicated T: the bound is ceil(T/ep)
         (4, {"lowering": "allgather"}, "allgather"),  # forced
         (4, {"lowering_overrides": {"model.layers.*": "mc2"}}, "mc2"),  # forced per block

@@ -65,7 +65,7 @@ v16 = transpose(v15, -2, -1)
 v17 = moe_fx.grouped_mm(v14, v16, v4)
 v18 = unsqueeze(v2, -1)
 v19 = mul(v17, v18)
-v20 = moe_fx.allgather_combine(v19, v3, v5, 2, 7, '0')""")
+v20 = moe_fx.allgather_combine(v19, v3, v5, 2, 7, '0', None)""")
 
     def test_all2allv_gpt_oss_batched_bf16(self):
         rendering = get_pool(2).run("tests.ep_jobs:render_case", key="gpt_oss", impl="batched_mm",
@@ -100,7 +100,7 @@ v25 = add_(v23, v24)
 v26 = moe_fx.all2allv_combine(v23, v4, v5, v6, v7, '0')
 v27 = reshape(topk_weights, -1, 1)
 v28 = mul(v26, v27)
-v29 = view(v28, 7, 2, -1)
+v29 = view(v28, 7, 2, 64)
 v30 = sum(v29, dim=1)""")
 
     def test_mc2_qwen3_grouped_fp32(self):
@@ -128,5 +128,5 @@ v16 = moe_fx.grouped_mm(v13, v15, v2)
 v17 = moe_fx.mc2_combine(v16, v3, v4, '0')
 v18 = reshape(topk_weights, -1, 1)
 v19 = mul(v17, v18)
-v20 = view(v19, 7, 2, -1)
+v20 = view(v19, 7, 2, 64)
 v21 = sum(v20, dim=1)""")
