@@ -166,7 +166,8 @@ def summarize_profile(events, *, on_device: bool, calls: int) -> dict:
     # None, not 0, where no op matched: a renamed op must not read as a free one.
     summary: dict = {"dispatch_us": None, "combine_us": None, "ops_us": {}, "kernel_us": None, "nccl_us": None}
     for event in events:
-        if event.device_type != DeviceType.CPU or _op_category(event.name) is None and not event.name.startswith("moe_fx::"):
+        timed = _op_category(event.name) is not None or event.name.startswith("moe_fx::")
+        if event.device_type != DeviceType.CPU or not timed:
             continue
         category = _op_category(event.name)
         if category and not _has_ancestor(event, lambda p, c=category: _op_category(p.name) == c):

@@ -62,7 +62,8 @@ mc2_transport: str = "all_to_all"
 
 # Largest number of tokens any rank feeds one MoE block, when the user knows it. The same value
 # on every rank; "auto" uses it (local token counts differ between ranks and must not decide), and
-# "mc2" sizes its buffers from it (a rank with more tokens gets an error, never a dropped token).
+# "mc2" and AllGather's static form size their buffers from it (a rank with more tokens gets an
+# error, never a dropped token).
 max_tokens_per_rank: Optional[int] = None
 
 # "auto" thresholds. AllGather moves ep*T rows and exchanges no split sizes; All2AllV moves about T*K

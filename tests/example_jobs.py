@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import moe_fx

@@ -56,6 +56,16 @@ def test_mc2_tokens_above_the_bound_raise(rank_pool):
                 "moe_fx.config.max_tokens_per_rank=8") in res["mc2"]["error"]
 
 
+def test_bounded_allgather_tokens_above_the_bound_raise(rank_pool):
+    """The static AllGather pads every rank to the bound: a rank above it raises the same error
+    (never a truncated pad, which would drop tokens)."""
+    results = rank_pool(2).run("tests.ep_jobs:plain_case", tokens=(9, 10), lowerings=("allgather",),
+                               config_patch={"max_tokens_per_rank": 8})
+    for rank, res in enumerate(results):
+        assert (f"MoE block '<root module>': {9 + rank} tokens on rank {rank} exceed the allgather capacity "
+                "moe_fx.config.max_tokens_per_rank=8") in res["allgather"]["error"]
+
+
 def test_mc2_backward(rank_pool):
     for rank, res in enumerate(rank_pool(2).run("tests.ep_jobs:grad_case", lowering="mc2", config_patch=BOUND)):
         assert res.pop("blocks") == ["mc2"]

@@ -22,11 +22,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import (
-    Dispatched, LocalLowering, Strategy, _meta, arange, inverse_permutation, size, sort_keys, stable_sort,
+    Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, size, sort_keys, stable_sort,
 )
 from moe_fx.lowering.collectives import all_gather_rows, reduce_scatter_rows
+from moe_fx.runtime.library import capacity_message, check_capacity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,8 +86,8 @@ class AllGatherLowering(LocalLowering):
         # (Two collectives get coalesced into one NCCL group, whose protocol then suits the small
         # one: 30 GB/s for the tokens on 2 H200s.) Padding rows carry id -1, which no rank owns.
         # A training graph gathers the weights on their own: the router's gradient flows through them.
-        dtype, hidden = _meta(hidden_TH).dtype, _meta(hidden_TH).shape[1]
-        weights_dtype = _meta(topk_weights_TK).dtype
+        dtype, hidden = example_value(hidden_TH).dtype, example_value(hidden_TH).shape[1]
+        weights_dtype = example_value(topk_weights_TK).dtype
         columns = [F.pad(topk_ids_TK.to(torch.int32), (0, 0, 0, padding), value=-1)]
         if not self.plan.training:
             columns.append(F.pad(topk_weights_TK.to(torch.float32).view(torch.int32), (0, 0, 0, padding)))
@@ -106,7 +106,7 @@ class AllGatherLowering(LocalLowering):
         # Other ranks' slots sort after every local expert (key e) and are excluded from offsets.
         keys = sort_keys(torch.where(local_TK, local_id, p.num_local_experts).reshape(-1), p.num_local_experts + 1)
         sorted_keys, order = stable_sort(keys)
-        bounds = arange(sorted_keys, p.num_local_experts, dtype=_meta(sorted_keys).dtype)
+        bounds = arange(sorted_keys, p.num_local_experts, dtype=example_value(sorted_keys).dtype)
         offsets = torch.searchsorted(sorted_keys, bounds, right=True).to(torch.int32)
         # Rows past offsets[-1] are other ranks' slots: the grouped matmul leaves them unwritten
         # and the combine never reads them. Their expert id is clamped to a local one (a valid
@@ -121,13 +121,11 @@ class AllGatherLowering(LocalLowering):
 
     def _padding(self, hidden_TH: fx.Proxy, tokens, capacity: int):
         """C - T rows of padding; a rank with T > C raises (naming the block) rather than drop rows."""
-        message = (f"MoE block {self.ep.block!r}: more tokens on rank {self.ep.ep_rank} than the allgather bound "
-                   f"moe_fx.config.max_tokens_per_rank={capacity}; raise the bound")
+        p = self.ep
         if isinstance(tokens, int):
-            if tokens > capacity:
-                raise UnsupportedMoEError(f"{message} ({tokens} tokens)")
+            check_capacity(p.block, tokens, capacity, p.ep_rank, "allgather")
             return capacity - tokens
-        fits = tokens <= capacity
-        hidden_TH.tracer.create_proxy("call_function", torch.ops.aten._assert_scalar.default, (fits, message), {})
+        message = capacity_message(p.block, "more", capacity, p.ep_rank, "allgather")
+        hidden_TH.tracer.create_proxy("call_function", torch.ops.aten._assert_scalar.default,
+                                      (tokens <= capacity, message), {})
         return capacity - tokens
-

@@ -139,7 +139,7 @@ class LocalLowering:
         """x [R, K] expert-major, weight [e, N, K] ("out_in", nn.Linear style) or [e, K, N]
         ("in_out"), already this rank's block -> [R, N]."""
         w_KN = weight.transpose(-2, -1) if layout == "out_in" else weight
-        w_meta, x_meta = _meta(weight), _meta(x)
+        w_meta, x_meta = example_value(weight), example_value(x)
         if x_meta is not None and w_meta is not None and x_meta.dtype != w_meta.dtype:
             x = x.to(w_meta.dtype)
         if self._native_grouped_mm(w_meta, layout):
@@ -172,7 +172,7 @@ class LocalLowering:
     def dispatch(self, hidden_TH: fx.Proxy, topk_ids_TK: fx.Proxy, topk_weights_TK: fx.Proxy) -> Dispatched:
         sorted_ids, order = sort_by_expert(topk_ids_TK, self.ep.num_experts)
         # offsets[j] = number of rows routed to experts <= j (static shape, no host sync)
-        bounds = arange(sorted_ids, self.ep.num_experts, dtype=_meta(sorted_ids).dtype)
+        bounds = arange(sorted_ids, self.ep.num_experts, dtype=example_value(sorted_ids).dtype)
         offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
         tokens = hidden_TH.index_select(0, order // self.plan.top_k)
         return LocalDispatched(tokens=tokens, offsets=offsets, expert_ids=sorted_ids, order=order)
@@ -230,12 +230,12 @@ def arange(like: fx.Proxy, n: int | fx.Proxy, dtype: torch.dtype | None = None) 
 def size(proxy: fx.Proxy, dim: int) -> int | fx.Proxy:
     """``proxy.size(dim)``: a Python int when the example value's size is static, so the graph
     holds the constant rather than a size call."""
-    meta = _meta(proxy)
+    meta = example_value(proxy)
     static = meta.shape[dim] if meta is not None else None
     return static if isinstance(static, int) else proxy.size(dim)
 
 
-def _meta(proxy: fx.Proxy) -> torch.Tensor | None:
+def example_value(proxy: fx.Proxy) -> torch.Tensor | None:
     """The example value of a proxy's node (set on the graph's own nodes, and on emitted ones by
     the rewrite's propagation), or None."""
     value = proxy.node.meta.get("example_value") if isinstance(proxy, fx.Proxy) else None
@@ -243,7 +243,7 @@ def _meta(proxy: fx.Proxy) -> torch.Tensor | None:
 
 
 def _device(proxy: fx.Proxy) -> torch.device:
-    meta = _meta(proxy)
+    meta = example_value(proxy)
     if meta is None:
         raise AssertionError(f"moe_fx: no example value on {proxy.node.format_node()}")
     return meta.device

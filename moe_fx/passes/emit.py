@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 

@@ -22,14 +22,16 @@ def fake_rows() -> int:
     return torch.library.get_ctx().new_dynamic_size()
 
 
-def check_capacity(block: str, tokens: int, capacity_tokens: int, rank: int) -> None:
+def check_capacity(block: str, tokens: int, capacity_tokens: int, rank: int, strategy: str = "mc2") -> None:
     """A rank with more tokens than a static buffer holds raises: a dropped row would be a
     silently wrong answer."""
     if tokens > capacity_tokens:
-        raise UnsupportedMoEError(
-            f"MoE block {block!r}: {tokens} tokens on rank {rank} exceed the mc2 capacity "
-            f"moe_fx.config.max_tokens_per_rank={capacity_tokens}; raise the bound or use lowering='all2allv'"
-        )
+        raise UnsupportedMoEError(capacity_message(block, tokens, capacity_tokens, rank, strategy))
+
+
+def capacity_message(block: str, tokens, capacity_tokens: int, rank: int, strategy: str) -> str:
+    return (f"MoE block {block!r}: {tokens} tokens on rank {rank} exceed the {strategy} capacity "
+            f"moe_fx.config.max_tokens_per_rank={capacity_tokens}; raise the bound or use lowering='all2allv'")
 
 
 def sum_over_slots(rows_SH: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
