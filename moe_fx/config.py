@@ -20,7 +20,7 @@ from moe_fx.config_check import install_checked_config_module
 #   "all2allv"  exact variable-size all-to-all with host-synchronised split sizes
 #   "mc2"       static-capacity dispatch/combine, no host sync (needs a token bound: see max_tokens_per_rank)
 #   "mc2|all2allv" a run-time switch: mc2 while the largest rank's token count is at most
-#               auto_mc2_max_tokens, else all2allv (one all-reduce of the token count per block)
+#               auto_mc2_max_tokens, else all2allv (one all-gather of the token count per block)
 lowering: str = Config(env_name_default="MOE_FX_LOWERING", default="auto")
 
 # Compiler that receives the rewritten graph: "inductor", "aot_eager", "eager", "torchair" (Ascend:

@@ -23,10 +23,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from moe_fx.lowering.base import (
-    Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, size, sort_keys, stable_sort,
+    Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, size,
 )
 from moe_fx.lowering.collectives import all_gather_rows, reduce_scatter_rows
 from moe_fx.runtime.library import capacity_message, check_capacity
+from moe_fx.runtime.permute import sort_keys, stable_sort
 
 
 @dataclass(frozen=True, kw_only=True)

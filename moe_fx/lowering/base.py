@@ -33,6 +33,7 @@ import torch.fx as fx
 
 import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
 from moe_fx.runtime.grouped_mm import native_grouped_mm_ok
+from moe_fx.runtime.permute import sort_by_expert
 
 
 class Strategy(enum.Enum):
@@ -185,23 +186,6 @@ class LocalLowering:
         # with the weighted sum over top-k (moe_fx/runtime/unsort.py).
         return torch.ops.moe_fx.unsort_weighted_sum(out_RH, inverse_permutation(dispatched.order), topk_weights_TK,
                                                     out_dtype)
-
-
-def sort_by_expert(topk_ids_TK: fx.Proxy, num_experts: int) -> tuple[fx.Proxy, fx.Proxy]:
-    """The S routed rows' expert ids sorted (stable) and the routed row at each sorted position."""
-    return stable_sort(sort_keys(topk_ids_TK.reshape(-1), num_experts))
-
-
-def stable_sort(keys: fx.Proxy) -> tuple[fx.Proxy, fx.Proxy]:
-    """(sorted keys, the index each came from)."""
-    result = torch.sort(keys, stable=True)
-    return result[0], result[1]
-
-
-def sort_keys(ids: fx.Proxy, num_keys: int) -> fx.Proxy:
-    """Integer keys in [0, num_keys) as the narrowest type that holds them: a radix sort's passes
-    grow with the key width (int16 takes a quarter of int64's)."""
-    return ids.to(torch.int16) if num_keys <= torch.iinfo(torch.int16).max else ids
 
 
 def inverse_permutation(order: fx.Proxy) -> fx.Proxy:

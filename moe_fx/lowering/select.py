@@ -17,7 +17,7 @@ wins), before ``config.lowering``. Otherwise "auto" applies the rule of the bloc
 Only values that are equal on every rank decide (ep, top-k, the token bound, config): each rank
 compiles its own graph, and ranks that chose differently would issue mismatched collectives and
 deadlock. The local token count, and whether it is symbolic, differ between ranks, so neither
-decides; the run-time switch agrees on the largest count with one all-reduce instead.
+decides; the run-time switch agrees on the largest count with one scalar all-gather instead.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _generic_rule(f: BlockFacts) -> LoweringChoice:
             strategy=Strategy.TOKEN_SWITCH,
             capacity_tokens=small,
             reason=f"auto: ep={f.ep_size} > top_k*{factor:g}={limit:g} and no token bound: per call, mc2 while "
-            f"the largest rank's token count (one all-reduce) <= auto_mc2_max_tokens={small}, else all2allv",
+            f"the largest rank's token count (one all-gather) <= auto_mc2_max_tokens={small}, else all2allv",
         )
     bound = "no token bound" if f.token_bound is None else f"bound {f.token_bound} > auto_mc2_max_tokens={small}"
     return LoweringChoice(

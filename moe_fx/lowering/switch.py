@@ -2,9 +2,9 @@
 chosen on every call without a recompile.
 
 When no token bound is known at compile time (dynamic shapes, or a count that varies between
-prefill and decode), the ranks agree at run time on the largest token count (one scalar all-reduce
-MAX) and take the MC2 path while it fits the capacity C, All2AllV above it. Every rank takes the
-same branch, so the collectives match. The host reads the agreed count, so this path is not
+prefill and decode), the ranks agree at run time on the largest token count (one scalar
+all-gather) and take the MC2 path while it fits the capacity C, All2AllV above it. Every rank takes
+the same branch, so the collectives match. The host reads the agreed count, so this path is not
 CUDA-graph capturable; a known bound (``config.max_tokens_per_rank``) gives plain MC2, which is.
 """
 
@@ -17,8 +17,7 @@ from moe_fx.lowering.base import Strategy
 
 
 class TokenSwitchLowering(All2AllVLowering):
-    """All2AllV's handle form serves both branches (moe_fx/runtime/switch.py): send_order is each
-    row's place in the send buffer, MC2's fixed slots or All2AllV's expert order."""
+    """All2AllV's handle and combine serve both branches (moe_fx/runtime/switch.py)."""
 
     strategy = Strategy.TOKEN_SWITCH
 
@@ -29,5 +28,3 @@ class TokenSwitchLowering(All2AllVLowering):
         p = self.ep
         return torch.ops.moe_fx.switch_dispatch(hidden_TH, topk_ids_TK, p.num_experts, self.plan.capacity_tokens,
                                                 p.group_name)
-
-    _return_rows = torch.ops.moe_fx.switch_combine

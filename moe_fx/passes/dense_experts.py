@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, downstream, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
-from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, nearest_downstream, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.matching import blame, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 
 FORM = "dense_bmm"
@@ -56,10 +56,8 @@ def is_dense_bmm(node: fx.Node) -> bool:
 def match_dense(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
     hidden, e, scale = _expert_rows(up_bmm.args[0])
     block = owner_path(up_bmm.args[1])
-    try:
+    with blame(block):
         return _region(up_bmm, hidden, e, scale, block)
-    except Miss as miss:
-        return NoMatch(block, FORM, str(miss))
 
 
 def _sparse_scores(scores: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -96,13 +94,12 @@ def _scores_column(node: fx.Node, e: int) -> fx.Node:
 def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, block: str) -> MoERegion:
     up_w = up_bmm.args[1]
     expect(fake(up_w).shape[0] == e, f"the tokens are repeated {e} times for {fake(up_w).shape[0]} experts")
-    downs = [n for n in downstream(up_bmm) if is_op(n, "bmm") and is_graph_input(n.args[1])]
-    expect(downs, "no second expert bmm after the first")
-    down = downs[0]
+    down = nearest_downstream(up_bmm, lambda n: is_op(n, "bmm") and is_graph_input(n.args[1]))
+    expect(down is not None, "no second expert bmm after the first")
     down_w = down.args[1]
     expect(fake(down_w).shape[0] == e, "the two expert weights hold different expert counts")
     # [E, T, H] -> [T, H]: a sum over the expert dim, with the scores applied on the way if not on the input
-    total = next((n for n in downstream(down) if is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0])), None)
+    total = nearest_downstream(down, lambda n: is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0]))
     expect(total is not None, "expert outputs are not summed over the experts")
     mul_out = [n for n in _between(down, total) if is_op(n, "mul")]
     if scale is not None:
@@ -179,21 +176,8 @@ def _between(start: fx.Node, end: fx.Node) -> list[fx.Node]:
         for a in node.all_input_nodes:
             if a is start or a in seen:
                 continue
-            if _reaches(start, a):
+            if depends_on(a, start):
                 seen.add(a)
                 out.append(a)
                 stack.append(a)
     return out
-
-
-def _reaches(start: fx.Node, node: fx.Node, limit: int = 64) -> bool:
-    stack, seen = [node], {node}
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        if n is start:
-            return True
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return False

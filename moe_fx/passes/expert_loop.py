@@ -21,15 +21,16 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_size, strip_casts, upstream
-from moe_fx.passes.matching import Miss, expect, row_functions
-from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch, RowFn
+from moe_fx.passes.graph_utils import (
+    arg, depends_on, fake, int_value, is_graph_input, is_op, op_name, same_size, size_guards, strip_casts, upstream,
+)
+from moe_fx.passes.expert_params import ExpertLinear, expert_linear, experts_owner, stacked_projection
+from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
+from moe_fx.passes.region import MoERegion, NoMatch, RowFn
 
 FORM = "expert_loop"
 REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_dynamic_output_shape_ops=True) to capture torch.where"
 
-_ACCUMULATORS = ("zeros", "zeros_like", "new_zeros")
-_TRANSPOSES = ("t", "T", "mT")
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,6 @@ class _Update:
 
 
 @dataclass(frozen=True)
-class _Proj:
-    """A matmul of one expert: ``linear(x, W, b)`` or ``x @ W.T``; W is a parameter or ``P[e]``."""
-
-    node: fx.Node
-    input: fx.Node
-    source: fx.Node  # the 2-D parameter, or the 3-D one indexed by the expert
-    expert_index: int | None  # e of ``P[e]``
-    layout: str
-    bias: fx.Node | None
-    bias_index: int | None
-    nodes: tuple[fx.Node, ...]  # weight indexing / transposes
-
-
-@dataclass(frozen=True)
 class _Expert:
     """One unrolled loop iteration."""
 
@@ -64,8 +51,8 @@ class _Expert:
     ids: fx.Node
     weights: fx.Node
     hidden: fx.Node
-    ups: tuple[_Proj, ...]
-    down: _Proj
+    ups: tuple[ExpertLinear, ...]
+    down: ExpertLinear
     activation: RowFn
     post: RowFn
     update: _Update
@@ -99,33 +86,23 @@ def match_expert_loop(acc: fx.Node) -> MoERegion | NoMatch | None:
     if len(updates) < 2:
         return None
     block = _block_guess(updates)
-    try:
+    with blame(block):
         return _region(acc, [_iteration(update, block) for update in updates])
-    except Miss as miss:
-        return NoMatch(block, FORM, str(miss))
+
+
+# How far back the block's name is looked for. It names the block in messages only (a longer
+# walk would reach earlier layers' parameters too); no match depends on it.
+_NAMING_WALK = 400
 
 
 def _block_guess(updates: list[_Update]) -> str:
     """The experts' module path, from the matrices the loop body reads (for messages)."""
     def matrices(node: fx.Node) -> set[fx.Node]:
-        return {n for n in upstream(node, limit=400) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
+        return {n for n in upstream(node, _NAMING_WALK) if is_graph_input(n) and fake(n) is not None and fake(n).dim() >= 2}
 
     # The rows' index depends on the router only: what the updates read besides belongs to the experts.
     params = set().union(*(matrices(u.node) - matrices(u.tok) for u in updates))
     return experts_owner(sorted(params)) if params else "<expert loop>"
-
-
-def experts_owner(params: list[fx.Node]) -> str:
-    """The module holding all ``params``: ``layers.0.moe.experts`` for a ModuleList of experts."""
-    if len(params) == 1:
-        return owner_path(params[0])
-    parts = [module_path(p).split(".")[:-1] for p in params]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common) or "<root module>"
 
 
 def _iteration(update: _Update, block: str) -> _Expert:
@@ -142,7 +119,7 @@ def _iteration(update: _Update, block: str) -> _Expert:
             "router weights and expert ids differ in shape")
     projections = [p for n in _between(tok, y) if (p := expert_linear(n)) is not None]
     expect(projections, "no expert matmul between the selected rows and the weighted output")
-    downs = [p for p in projections if any(q.node in upstream(p.input) for q in projections if q is not p)]
+    downs = [p for p in projections if any(depends_on(p.input, q.node) for q in projections if q is not p)]
     ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
     expect(len(downs) == 1 and 1 <= len(ups) <= 2,
             f"expert {expert}: {len(ups)} input and {len(downs)} output matmuls (expected w1 [and w3], then w2)")
@@ -181,20 +158,6 @@ def _mask_nodes(mask: fx.Node) -> list[fx.Node]:
     if is_op(mask, "eq"):
         return [mask]
     return [mask, mask.args[0], mask.args[0].args[0]]
-
-
-def size_guards(source: fx.Node) -> set[fx.Node]:
-    """dynamo's checks on the unbacked sizes ``source`` produces (``_assert_scalar(u0 >= 0)`` after a
-    where() or an ``.item()``), dead with it."""
-    out, frontier = set(), [source]
-    while frontier:
-        node = frontier.pop()
-        for u in node.users:
-            if u not in out and (is_op(u, "getitem", "ge", "le", "gt", "lt", "eq", "sym_sum")
-                                 or "sym_size" in op_name(u) or "assert" in op_name(u)):
-                out.add(u)
-                frontier.append(u)
-    return out
 
 
 def _weighting(contribution: fx.Node, tok: fx.Node, where: fx.Node, slot_position: int) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -262,57 +225,6 @@ def _graph_range(first: fx.Node, last: fx.Node):
         node = node.next
 
 
-def expert_linear(node: fx.Node) -> _Proj | None:
-    """One expert's matmul: ``linear(x, W[, b])`` or ``x @ W.T``, W a 2-D parameter or ``P[e]``."""
-    if is_op(node, "linear"):
-        weight, bias = node.args[1], arg(node, 2, "bias")
-        base = "out_in"
-    elif is_op(node, "matmul", "mm"):
-        weight, bias, base = node.args[1], None, "in_out"
-    else:
-        return None
-    helpers = []
-    flipped = False
-    while is_op(weight, "getattr", "t", "transpose", "permute") and _is_transpose(weight):
-        helpers.append(weight)
-        flipped = not flipped
-        weight = weight.args[0]
-    source, index = _expert_param(weight)
-    if source is None:
-        return None
-    if index is not None:
-        helpers.append(weight)
-    layout = base if not flipped else ("in_out" if base == "out_in" else "out_in")
-    bias_source, bias_index = _expert_param(bias) if isinstance(bias, fx.Node) else (None, None)
-    if isinstance(bias, fx.Node):
-        if bias_source is None:
-            return None
-        if bias_index is not None:
-            helpers.append(bias)
-    return _Proj(node=node, input=node.args[0], source=source, expert_index=index, layout=layout,
-                 bias=bias_source, bias_index=bias_index, nodes=tuple(helpers))
-
-
-def _is_transpose(node: fx.Node) -> bool:
-    if is_op(node, "getattr"):
-        return node.args[1] in _TRANSPOSES
-    if is_op(node, "t"):
-        return True
-    if is_op(node, "transpose"):
-        return sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0])
-    dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
-    return tuple(dims) == (1, 0)
-
-
-def _expert_param(node: fx.Node) -> tuple[fx.Node | None, int | None]:
-    """(parameter, None) for a parameter; (P, e) for ``P[e]`` of a stacked one; (None, None) otherwise."""
-    if is_graph_input(node):
-        return node, None
-    if is_op(node, "getitem") and is_graph_input(node.args[0]) and isinstance(node.args[1], int):
-        return node.args[0], node.args[1]
-    return None, None
-
-
 def _gathered_rows(x_rows: fx.Node, tok: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """hidden of ``hidden[tok]`` / ``hidden[None, tok].reshape(-1, H)``, and the nodes in between."""
     nodes, node = [], x_rows
@@ -348,31 +260,6 @@ def _signature(fn: RowFn) -> tuple:
     return tuple((op_name(n), norm(n.args), norm(dict(n.kwargs))) for n in fn.nodes)
 
 
-def stacked_projection(projs: list[_Proj], what: str) -> ExpertProjection:
-    layouts = {p.layout for p in projs}
-    expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
-    weight = _per_expert([(p.source, p.expert_index) for p in projs], f"{what} weight")
-    has_bias = {p.bias is not None for p in projs}
-    expect(len(has_bias) == 1, f"some experts' {what} has a bias and some not")
-    bias = _per_expert([(p.bias, p.bias_index) for p in projs], f"{what} bias") if projs[0].bias is not None else None
-    return ExpertProjection(weight=weight, layout=layouts.pop(), bias=bias)
-
-
-def _per_expert(sources: list[tuple[fx.Node, int | None]], what: str) -> fx.Node | tuple[fx.Node, ...]:
-    """One stacked parameter indexed 0..E-1 in order, or E distinct parameters of one shape."""
-    nodes = {s for s, _ in sources}
-    if len(nodes) == 1:
-        (source,) = nodes
-        indices = [i for _, i in sources]
-        expect(indices == list(range(len(sources))) and fake(source).shape[0] == len(sources),
-                f"expert e does not read {what} [{len(sources)}, ...][e]")
-        return source
-    expect(len(nodes) == len(sources) and all(i is None for _, i in sources), f"experts share a {what}")
-    shapes = {tuple(fake(s).shape) for s, _ in sources}
-    expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
-    return tuple(s for s, _ in sources)
-
-
 def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     experts = sorted(experts, key=lambda x: x.expert)
     e = len(experts)
@@ -402,7 +289,7 @@ def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     stray = [u for u in acc.users if u > acc and u < last and not any(u in x.nodes for x in experts)]
     expect(not stray, f"the accumulator is read inside the loop ({stray[0].name if stray else ''})")
     nodes = set().union(*(x.nodes for x in experts))
-    base = None if is_op(acc, *_ACCUMULATORS) else acc
+    base = None if is_op(acc, *ZERO_CONSTRUCTORS) else acc
     if base is None:
         nodes.add(acc)
     h_in, _ = up.features()

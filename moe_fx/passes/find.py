@@ -6,27 +6,24 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
-from moe_fx.passes.capacity_gate import is_capacity_cumsum, match_capacity
-from moe_fx.passes.dense_experts import is_dense_bmm, match_dense
-from moe_fx.passes.expert_loop import is_loop_accumulator, match_expert_loop
+from moe_fx.passes import capacity_gate, dense_experts, expert_loop, hf_experts, split_experts, titan_experts
+from moe_fx.passes import weight_gather
 from moe_fx.passes.graph_utils import is_op
-from moe_fx.passes.hf_experts import GROUPED_MM_OPS, match_batched, match_grouped
+from moe_fx.passes.matching import Miss
 from moe_fx.passes.region import MoERegion, NoMatch
-from moe_fx.passes.split_experts import is_expert_cat, match_split
-from moe_fx.passes.titan_experts import match_titan
-from moe_fx.passes.weight_gather import is_weight_gather_einsum, match_weight_gather
 
-# (anchor predicate, recognizer). A recognizer returns None when the anchor is not the start of
-# its form (a second matmul of a block already seen, or a plain bmm).
-_RECOGNIZERS: tuple[tuple[Callable[[fx.Node], bool], Callable[[fx.Node], MoERegion | NoMatch | None]], ...] = (
-    (lambda n: is_op(n, *GROUPED_MM_OPS), match_grouped),
-    (lambda n: is_op(n, *GROUPED_MM_OPS), match_titan),
-    (lambda n: is_op(n, "bmm"), match_batched),
-    (is_loop_accumulator, match_expert_loop),
-    (is_weight_gather_einsum, match_weight_gather),
-    (is_dense_bmm, match_dense),
-    (is_expert_cat, match_split),
-    (is_capacity_cumsum, match_capacity),
+# (form, anchor predicate, recognizer). A recognizer returns None when the anchor is not the start
+# of its form (a second matmul of a block already seen, or a plain bmm), and bails out by raising
+# Miss; that becomes the form's NoMatch here, and only here.
+_RECOGNIZERS: tuple[tuple[str, Callable[[fx.Node], bool], Callable[[fx.Node], MoERegion | NoMatch | None]], ...] = (
+    (hf_experts.GROUPED_FORM, lambda n: is_op(n, *hf_experts.GROUPED_MM_OPS), hf_experts.match_grouped),
+    (titan_experts.FORM, lambda n: is_op(n, *hf_experts.GROUPED_MM_OPS), titan_experts.match_titan),
+    (hf_experts.BATCHED_FORM, lambda n: is_op(n, "bmm"), hf_experts.match_batched),
+    (expert_loop.FORM, expert_loop.is_loop_accumulator, expert_loop.match_expert_loop),
+    (weight_gather.FORM, weight_gather.is_weight_gather_einsum, weight_gather.match_weight_gather),
+    (dense_experts.FORM, dense_experts.is_dense_bmm, dense_experts.match_dense),
+    (split_experts.FORM, split_experts.is_expert_cat, split_experts.match_split),
+    (capacity_gate.FORM, capacity_gate.is_capacity_cumsum, capacity_gate.match_capacity),
 )
 
 
@@ -35,10 +32,13 @@ def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
     regions: list[MoERegion] = []
     misses: list[tuple[fx.Node, NoMatch]] = []
     for node in graph.nodes:
-        for is_anchor, recognize in _RECOGNIZERS:
+        for form, is_anchor, recognize in _RECOGNIZERS:
             if not is_anchor(node):
                 continue
-            found = recognize(node)
+            try:
+                found = recognize(node)
+            except Miss as miss:
+                found = NoMatch(miss.block or node.name, form, miss.reason)
             if isinstance(found, MoERegion):
                 regions.append(found)
             elif isinstance(found, NoMatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -136,8 +137,9 @@ def owner_path(param: fx.Node) -> str:
     return path.rsplit(".", 1)[0] if "." in path else "<root module>"
 
 
-def upstream(node: fx.Node, limit: int = 200) -> set[fx.Node]:
-    """``node`` and what it is computed from (at most ``limit`` nodes: recognizers look nearby)."""
+def upstream(node: fx.Node, limit: int) -> set[fx.Node]:
+    """``node`` and what it is computed from, at most ``limit`` nodes (for messages only: a
+    recognizer that decides on dependencies uses ``depends_on``, which has no limit)."""
     seen, stack = {node}, [node]
     while stack and len(seen) < limit:
         for a in stack.pop().all_input_nodes:
@@ -147,10 +149,43 @@ def upstream(node: fx.Node, limit: int = 200) -> set[fx.Node]:
     return seen
 
 
-def downstream(node: fx.Node, limit: int = 32) -> list[fx.Node]:
-    """Nodes computed from ``node``, nearest first (at most about ``limit``)."""
-    seen, out, frontier = {node}, [], [node]
-    while frontier and len(out) < limit:
+def depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    """Whether ``node`` is computed from ``ancestor``. Exact: the walk skips every node placed
+    before ``ancestor`` (an fx graph is in topological order, so none of them can read it)."""
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        if current is ancestor:
+            return True
+        for a in current.all_input_nodes:
+            if a not in seen and not a < ancestor:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
+def nearest_downstream(node: fx.Node, wanted: Callable[[fx.Node], bool]) -> fx.Node | None:
+    """The first node computed from ``node`` (breadth first: nearest first) for which ``wanted``
+    holds, or None. No limit: the walk ends at the first hit, so only a miss reads the rest of the
+    graph; a later block's node is never nearer than this block's own."""
+    seen, frontier = {node}, [node]
+    while frontier:
         frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
-        out.extend(frontier)
+        hit = next((u for u in frontier if wanted(u)), None)
+        if hit is not None:
+            return hit
+    return None
+
+
+def size_guards(source: fx.Node) -> set[fx.Node]:
+    """dynamo's checks on the unbacked sizes ``source`` produces (``_assert_scalar(u0 >= 0)`` after a
+    where() or an ``.item()``), dead with it."""
+    out, frontier = set(), [source]
+    while frontier:
+        node = frontier.pop()
+        for u in node.users:
+            if u not in out and (is_op(u, "getitem", "ge", "le", "gt", "lt", "eq", "sym_sum")
+                                 or "sym_size" in op_name(u) or "assert" in op_name(u)):
+                out.add(u)
+                frontier.append(u)
     return out

@@ -31,22 +31,16 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, op_name, owner_path, same_shape,
-    same_size, strip_casts,
+    arg, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, nearest_downstream, op_name, owner_path,
+    same_shape, same_size, strip_casts,
 )
+from moe_fx.passes.matching import Miss, blame, expect
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 from moe_fx.passes.rowwise import extract_row_fn
 
 GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm", "transformers.grouped_mm_fallback")
-
-
-class _Miss(Exception):
-    """Raised inside a recognizer to bail out with a reason (turned into a NoMatch)."""
-
-
-def _expect(cond: bool, reason: str) -> None:
-    if not cond:
-        raise _Miss(reason)
+GROUPED_FORM = "hf_grouped_mm"
+BATCHED_FORM = "hf_batched_mm"
 
 
 def _strip_sentinel_handling(node: fx.Node, num_experts: int) -> fx.Node:
@@ -98,47 +92,34 @@ def _router_experts(weight: fx.Node) -> int:
 def _flat_source(node: fx.Node, what: str, num_experts: int) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
     node = _strip_sentinel_handling(node, num_experts)
-    _expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
+    expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
     src = node.args[0]
-    _expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
+    expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
     return src
 
 
 def _weighting(y: fx.Node, ws_of, what: str) -> tuple[fx.Node, fx.Node]:
     """Find ``y_post * ws.unsqueeze(-1)`` downstream of ``y``; return (mul node, y_post)."""
-    for node in _forward_slice(y):
-        if is_op(node, "mul") and len(node.args) == 2:
-            for a, b in (node.args, node.args[::-1]):
-                if is_op(b, "unsqueeze") and ws_of(b.args[0]):
-                    return node, a
-    raise _Miss(f"no multiplication of the {what} outputs by the router weights")
+    def y_times_weights(node: fx.Node) -> bool:
+        return is_op(node, "mul") and len(node.args) == 2 and any(
+            is_op(b, "unsqueeze") and ws_of(b.args[0]) for b in node.args)
 
-
-def _forward_slice(start: fx.Node, limit: int = 64) -> list[fx.Node]:
-    seen, out, frontier = {start}, [], [start]
-    while frontier and len(out) < limit:
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u not in seen:
-                    seen.add(u)
-                    out.append(u)
-                    nxt.append(u)
-        frontier = nxt
-    return out
+    mul = nearest_downstream(y, y_times_weights)
+    expect(mul is not None, f"no multiplication of the {what} outputs by the router weights")
+    return mul, next(a for a, b in (mul.args, mul.args[::-1]) if is_op(b, "unsqueeze") and ws_of(b.args[0]))
 
 
 def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
     """``weighted.view(T, K, H).sum(dim=1)`` -> the sum node."""
-    _expect(len(weighted.users) == 1, "weighted rows have several users")
+    expect(len(weighted.users) == 1, "weighted rows have several users")
     view = next(iter(weighted.users))
-    _expect(is_op(view, "view", "reshape"), f"weighted rows go to {op_name(view)}, not view(T, K, H)")
+    expect(is_op(view, "view", "reshape"), f"weighted rows go to {op_name(view)}, not view(T, K, H)")
     shape = tuple(fake(view).shape) if fake(view) is not None else ()
-    _expect(same_shape(shape, (t, k, h)), f"weighted rows viewed as {list(shape)}, not [T={t}, K={k}, H={h}]")
-    _expect(len(view.users) == 1, "the [T, K, H] view has several users")
+    expect(same_shape(shape, (t, k, h)), f"weighted rows viewed as {list(shape)}, not [T={t}, K={k}, H={h}]")
+    expect(len(view.users) == 1, "the [T, K, H] view has several users")
     total = next(iter(view.users))
     dim = arg(total, 1, "dim")
-    _expect(is_op(total, "sum") and dim in (1, -2, (1,), [1]), "the [T, K, H] rows are not summed over K")
+    expect(is_op(total, "sum") and dim in (1, -2, (1,), [1]), "the [T, K, H] rows are not summed over K")
     return total
 
 
@@ -148,7 +129,7 @@ def _projection(weight_arg: fx.Node) -> ExpertProjection:
         weight, layout = weight_arg.args[0], "out_in"
     else:
         weight, layout = weight_arg, "in_out"
-    _expect(is_graph_input(weight) and fake(weight) is not None and fake(weight).dim() == 3,
+    expect(is_graph_input(weight) and fake(weight) is not None and fake(weight).dim() == 3,
             f"expert weight {weight.name} is not a 3-D parameter")
     return ExpertProjection(weight=weight, layout=layout)
 
@@ -225,43 +206,40 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         return None  # anchored at the first matmul of the block only
     if len(mms) == 3:
         return None  # separate w1, w3, w2: torchtitan's form (titan_experts.py)
-    form = "hf_grouped_mm"
-    try:
-        up = _projection(up_mm.args[1])
-    except _Miss as miss:
-        return NoMatch(up_mm.name, form, str(miss))
+    form = GROUPED_FORM
+    up = _projection(up_mm.args[1])
     block = owner_path(up.weight)
-    try:
-        _expect(len(mms) == 2, f"{len(mms)} grouped matmuls share one offsets tensor (expected gate_up and down)")
+    with blame(block):
+        expect(len(mms) == 2, f"{len(mms)} grouped matmuls share one offsets tensor (expected gate_up and down)")
         down_mm = mms[1]
         down = _projection(down_mm.args[1])
         # rows: hidden[perm // K]
         x_sel = strip_casts(up_mm.args[0])
-        _expect(is_op(x_sel, "getitem"), "grouped matmul input is not hidden[perm // K]")
+        expect(is_op(x_sel, "getitem"), "grouped matmul input is not hidden[perm // K]")
         hidden, index = x_sel.args
-        _expect(is_op(index, "floordiv"), "grouped matmul input rows are not perm // K")
+        expect(is_op(index, "floordiv"), "grouped matmul input rows are not perm // K")
         perm, k = index.args
-        _expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by torch.sort of the expert ids")
+        expect(is_op(perm, "getitem") and perm.args[1] == 1 and is_op(perm.args[0], "sort"), "rows are not ordered by torch.sort of the expert ids")
         sort = perm.args[0]
-        _expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
+        expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
         flat_ids = sort.args[0]
         e = fake(up.weight).shape[0]  # weight groups: the local block when sharded
         e_ids = _router_experts(up.weight)  # the router's id range, what the sentinel guards compare with
         topk_ids = _flat_source(flat_ids, "sorted expert ids", e_ids)
         row_ids = next((u for u in sort.users if is_op(u, "getitem") and u.args[1] == 0), None)
-        _expect(row_ids is not None, "sorted expert ids are unused")
+        expect(row_ids is not None, "sorted expert ids are unused")
         t, kk = fake(topk_ids).shape
-        _expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
-        _expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
+        expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
+        expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
         # offsets = cumsum(histc(sorted_ids, bins=E, min=0, max=E-1), int32)
-        _expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
+        expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
         hist = offs.args[0]
         if is_op(hist, "histc"):
-            _expect(strip_casts(hist.args[0]) is row_ids, "histogram is not over the sorted expert ids")
+            expect(strip_casts(hist.args[0]) is row_ids, "histogram is not over the sorted expert ids")
             bins, lo, hi = (arg(hist, 1, "bins"), arg(hist, 2, "min", 0), arg(hist, 3, "max", 0))
-            _expect((bins, lo, hi) == (e, 0, e - 1), f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
+            expect((bins, lo, hi) == (e, 0, e - 1), f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
         else:
-            raise _Miss(f"expert counts come from {op_name(hist)}, not histc")
+            raise Miss(f"expert counts come from {op_name(hist)}, not histc")
         # weighting and unpermute
         def is_sorted_weights(n):
             return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
@@ -270,13 +248,13 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         y_post = _strip_sentinel_handling(masked_y, e_ids)
         ws_sorted = next(a for a in weighted.args if is_op(a, "unsqueeze")).args[0]
         topk_weights = _flat_source(ws_sorted.args[0], "router weights", e_ids)
-        _expect(len(weighted.users) == 1, "weighted rows have several users")
+        expect(len(weighted.users) == 1, "weighted rows have several users")
         unperm = next(iter(weighted.users))
-        _expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
+        expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
         inv = unperm.args[1]
-        _expect(inv.args[0] is perm, "inverse permutation is not built from the sort permutation")
+        expect(inv.args[0] is perm, "inverse permutation is not built from the sort permutation")
         setters = [u for u in inv.users if is_op(u, "setitem")]
-        _expect(len(setters) == 1 and setters[0].args[1] is perm and is_op(setters[0].args[2], "arange"), "inverse permutation is not inv[perm] = arange(S)")
+        expect(len(setters) == 1 and setters[0].args[1] is perm and is_op(setters[0].args[2], "arange"), "inverse permutation is not inv[perm] = arange(S)")
         output = _sum_over_topk(unperm, t, kk, fake(down_mm).shape[1])
         nodes = {flat_ids, sort, perm, row_ids, index, x_sel, offs, hist, up_mm, down_mm, weighted,
                  ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
@@ -286,8 +264,6 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes)
-    except _Miss as miss:
-        return NoMatch(block, form, str(miss))
     return _region(parts, form=form, block=block)
 
 
@@ -319,25 +295,25 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
     )
     if not bmms or bmms[0] is not up_bmm:
         return None
-    form = "hf_batched_mm"
+    form = BATCHED_FORM
     block = owner_path(w_gather.args[0])
-    try:
-        _expect(len(bmms) == 2, f"{len(bmms)} expert bmms share one expert-id tensor (expected gate_up and down)")
+    with blame(block):
+        expect(len(bmms) == 2, f"{len(bmms)} expert bmms share one expert-id tensor (expected gate_up and down)")
         down_bmm = bmms[1]
         down_gather, down_unsq, down_layout = _bmm_weight_gather(down_bmm)
-        _expect(down_layout == layout, "gate_up and down weights use different layouts")
+        expect(down_layout == layout, "gate_up and down weights use different layouts")
         up = ExpertProjection(weight=w_gather.args[0], layout=layout)
         down = ExpertProjection(weight=down_gather.args[0], layout=down_layout)
         e = _router_experts(up.weight)
         topk_ids = _flat_source(ids, "gathered expert ids", e)
         t, k = fake(topk_ids).shape
         x_rep = strip_casts(x_unsq.args[0])
-        _expect(is_op(x_rep, "repeat_interleave"), "bmm input is not hidden.repeat_interleave(K)")
+        expect(is_op(x_rep, "repeat_interleave"), "bmm input is not hidden.repeat_interleave(K)")
         hidden = x_rep.args[0]
-        _expect(int_value(arg(x_rep, 1, "repeats")) == k and arg(x_rep, 2, "dim") in (0, -2), "tokens are not repeated K times along dim 0")
+        expect(int_value(arg(x_rep, 1, "repeats")) == k and arg(x_rep, 2, "dim") in (0, -2), "tokens are not repeated K times along dim 0")
         up_out = _single_squeeze(up_bmm)
         down_out = _single_squeeze(down_bmm)
-        _expect(down_unsq.args[0] is not None, "down bmm input")
+        expect(down_unsq.args[0] is not None, "down bmm input")
         down_in = down_unsq.args[0]
 
         def is_flat_weights(n):
@@ -356,13 +332,11 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=ids,
                        up_out=up_out, down_in=down_in, down_mm=down_bmm, down_out=down_out, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes)
-    except _Miss as miss:
-        return NoMatch(block, form, str(miss))
     return _region(parts, form=form, block=block)
 
 
 def _single_squeeze(bmm: fx.Node) -> fx.Node:
-    _expect(len(bmm.users) == 1, "expert bmm output has several users")
+    expect(len(bmm.users) == 1, "expert bmm output has several users")
     sq = next(iter(bmm.users))
-    _expect(is_op(sq, "squeeze"), "expert bmm output is not squeezed back to rows")
+    expect(is_op(sq, "squeeze"), "expert bmm output is not squeezed back to rows")
     return sq

@@ -3,19 +3,40 @@ experts region (activation between the matmuls, post-expert code before the weig
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.fx as fx
 
 from moe_fx.passes.region import RowFn
 from moe_fx.passes.rowwise import extract_row_fn
 
 
+# Constructors of an all-zero tensor: an accumulator that starts empty.
+ZERO_CONSTRUCTORS = ("zeros", "zeros_like", "new_zeros")
+
+
 class Miss(Exception):
-    """Raised inside a recognizer to bail out with a reason (turned into a NoMatch)."""
+    """Raised inside a recognizer to bail out with a reason. The finder (passes/find.py) turns it
+    into the block's NoMatch, naming ``block`` (set by ``blame``) or else the anchor node."""
+
+    def __init__(self, reason: str, block: str | None = None):
+        super().__init__(reason)
+        self.reason, self.block = reason, block
 
 
 def expect(cond: bool, reason: str) -> None:
     if not cond:
         raise Miss(reason)
+
+
+@contextmanager
+def blame(block: str):
+    """Misses raised inside name ``block``: once a recognizer knows which module holds the experts."""
+    try:
+        yield
+    except Miss as miss:
+        miss.block = miss.block or block
+        raise
 
 
 def row_functions(

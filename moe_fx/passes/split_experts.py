@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.expert_loop import experts_owner, expert_linear, size_guards, stacked_projection
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, strip_casts
-from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.expert_params import expert_linear, experts_owner, stacked_projection
+from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, size_guards, strip_casts
+from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
 from moe_fx.passes.region import MoERegion, NoMatch
 
 FORM = "split_experts"
 REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_scalar_outputs=True) to capture .tolist()"
 
-_ZEROS = ("zeros", "zeros_like", "new_zeros")
 
 
 def _parts(cat: fx.Node) -> tuple[fx.Node, list] | None:
@@ -59,11 +58,9 @@ def match_split(up_cat: fx.Node) -> MoERegion | NoMatch | None:
     if cats[0] is not up_cat:
         return None
     block = experts_owner(sorted({p.source for c in set(cats) for p in _parts(c)[1]}))
-    try:
+    with blame(block):
         expect(len(set(cats)) == 2, f"{len(set(cats))} per-expert cats share one split (expected up and down)")
         return _region(up_cat, sorted(set(cats))[1], block)
-    except Miss as miss:
-        return NoMatch(block, FORM, str(miss))
 
 
 def _splits_sharing(sizes) -> list[fx.Node]:
@@ -102,7 +99,7 @@ def _region(up_cat: fx.Node, down_cat: fx.Node, block: str) -> MoERegion:
     act, post = row_functions(up=up_cat, down_in=down_split.args[0], down=down_split, down_out=down_cat, y=y,
                               weighting=mul, row_ids=perm, block=block, form=FORM)
     acc = output.args[0]
-    base = None if is_op(acc, *_ZEROS) else acc
+    base = None if is_op(acc, *ZERO_CONSTRUCTORS) else acc
     up = stacked_projection(ups, "input")
     down = stacked_projection(downs, "output")
     nodes = {up_cat, down_cat, up_split, down_split, *count_nodes, sort, perm, flat, tok, rows, output, mul,
@@ -138,7 +135,7 @@ def _counted_ids(counts: fx.Node, e: int) -> fx.Node:
     expect(is_op(counts, "sum") and arg(counts, 1, "dim") in (0, (0,), [0]), f"counts come from {op_name(counts)}, not a sum over tokens")
     onehot = strip_casts(counts.args[0])
     expect(is_op(onehot, "scatter", "scatter_") and arg(onehot, 1, "dim") in (1, -1) and arg(onehot, 3, "value") == 1
-            and is_op(onehot.args[0], *_ZEROS), "counts are not a sum of a one-hot scatter of the expert ids")
+            and is_op(onehot.args[0], *ZERO_CONSTRUCTORS), "counts are not a sum of a one-hot scatter of the expert ids")
     expect(fake(onehot).shape[-1] == e, f"counts over {fake(onehot).shape[-1]} experts, split into {e}")
     return arg(onehot, 2, "index")
 

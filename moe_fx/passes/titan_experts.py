@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts, upstream
+from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
 from moe_fx.passes.hf_experts import GROUPED_MM_OPS
-from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 
 FORM = "titan_grouped_mm"
 
-_ZEROS = ("zeros", "zeros_like", "new_zeros")
 
 
 def match_titan(first_mm: fx.Node) -> MoERegion | NoMatch | None:
@@ -35,15 +34,10 @@ def match_titan(first_mm: fx.Node) -> MoERegion | NoMatch | None:
     mms = sorted(u for u in offs.users if is_op(u, *GROUPED_MM_OPS))
     if mms[0] is not first_mm or len(mms) != 3:
         return None  # two grouped matmuls: transformers' form (hf_experts.py)
-    try:
-        weights = [_weight(mm.args[1]) for mm in mms]
-    except Miss as miss:
-        return NoMatch(first_mm.name, FORM, str(miss))
+    weights = [_weight(mm.args[1]) for mm in mms]
     block = owner_path(weights[0][0])
-    try:
+    with blame(block):
         return _region(mms, weights, offs, block)
-    except Miss as miss:
-        return NoMatch(block, FORM, str(miss))
 
 
 def _weight(node: fx.Node) -> tuple[fx.Node, str, list[fx.Node]]:
@@ -63,7 +57,7 @@ def _weight(node: fx.Node) -> tuple[fx.Node, str, list[fx.Node]]:
 
 def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoERegion:
     reads = [strip_casts(mm.args[0]) for mm in mms]
-    ups = [i for i in range(3) if not any(mms[j] in upstream(reads[i]) for j in range(3) if j != i)]
+    ups = [i for i in range(3) if not any(depends_on(reads[i], mms[j]) for j in range(3) if j != i)]
     expect(len(ups) == 2 and reads[ups[0]] is reads[ups[1]], "the three grouped matmuls are not w1 and w3 on the same rows, then w2")
     (down_i,) = set(range(3)) - set(ups)
     down = mms[down_i]
@@ -100,7 +94,7 @@ def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoE
     act, post = row_functions(up=mms[ups[0]], down_in=down.args[0], down=down, down_out=down, y=post_end,
                               weighting=post_consumer, row_ids=order, block=block, form=FORM, side_ups=(mms[ups[1]],))
     acc = arg(scatter, 0, "self")
-    base = None if is_op(acc, *_ZEROS) else acc
+    base = None if is_op(acc, *ZERO_CONSTRUCTORS) else acc
     if base is None:
         nodes.add(acc)
     up = ExpertProjection(weight=weights[ups[0]][0], layout=weights[ups[0]][1])
@@ -178,7 +172,7 @@ def _output_scaling(src: fx.Node, down: fx.Node) -> tuple[fx.Node, fx.Node, fx.N
     for y, s in (mul.args, mul.args[::-1]):
         scores = _scores_column(s) if isinstance(s, fx.Node) else None
         if scores is not None:
-            return mul, scores, strip_casts(y) if strip_casts(y) in upstream(y) else y
+            return mul, scores, strip_casts(y)
     raise Miss("the expert outputs are multiplied by something other than the sorted router weights")
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import downstream, fake, is_graph_input, is_op, owner_path
-from moe_fx.passes.matching import Miss, expect, row_functions
+from moe_fx.passes.graph_utils import fake, is_graph_input, is_op, nearest_downstream, owner_path
+from moe_fx.passes.matching import blame, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 
 FORM = "weight_gather_einsum"
@@ -53,10 +53,8 @@ def match_weight_gather(anchor: fx.Node) -> MoERegion | NoMatch | None:
     if einsums[0] is not anchor:
         return None
     block = owner_path(weight)
-    try:
+    with blame(block):
         return _region(einsums, ids, block)
-    except Miss as miss:
-        return NoMatch(block, FORM, str(miss))
 
 
 def _projection(einsum: fx.Node, rows_rank: int) -> tuple[fx.Node, ExpertProjection]:
@@ -88,10 +86,9 @@ def _region(einsums: list[fx.Node], ids: fx.Node, block: str) -> MoERegion:
     down_in, down_p = _projection(down, 3)
     t, k = fake(ids).shape
     # the combine: einsum("tai,ta->ti", y, weights)
-    combine = [u for u in downstream(down) if _einsum(u) is not None and len(_einsum(u)[2]) == 2 and fake(_einsum(u)[2][1]) is not None
-               and fake(_einsum(u)[2][1]).dim() == 2]
-    expect(len(combine) == 1, "no einsum weighting the expert outputs by [T, K] router weights")
-    output = combine[0]
+    output = nearest_downstream(down, lambda u: _einsum(u) is not None and len(_einsum(u)[2]) == 2
+                                and fake(_einsum(u)[2][1]) is not None and fake(_einsum(u)[2][1]).dim() == 2)
+    expect(output is not None, "no einsum weighting the expert outputs by [T, K] router weights")
     (y_subs, w_subs), out_subs, (y, weights) = _einsum(output)
     expect(len(y_subs) == 3 and w_subs == y_subs[:2] and out_subs == y_subs[0] + y_subs[2],
             f"combine einsum {y_subs},{w_subs}->{out_subs} is not a weighted sum over the slots")

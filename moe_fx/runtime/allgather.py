@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_fx.runtime.comm import all_gather_rows, pad_rows, reduce_scatter_rows, resolve_group
+from moe_fx.runtime.comm import agree_on_token_counts, all_gather_rows, pad_rows, reduce_scatter_rows, resolve_group
 from moe_fx.runtime.library import LIB, fake_rows
+from moe_fx.runtime.permute import stable_sort
 
 
 def select_local_rows(
@@ -16,7 +17,7 @@ def select_local_rows(
     """flat_ids [S] -> (rows [R] into flat_ids, expert-major; their expert ids [R]; offsets [e] int32)."""
     local = (flat_ids >= expert_start) & (flat_ids < expert_start + num_local)
     rows = local.nonzero().squeeze(1)
-    row_expert, order = torch.sort(flat_ids[rows], stable=True)
+    row_expert, order = stable_sort(flat_ids[rows])
     rows = rows[order]
     counts = torch.bincount(row_expert - expert_start, minlength=num_local)
     return rows, row_expert, torch.cumsum(counts, 0).to(torch.int32)
@@ -36,9 +37,7 @@ def allgather_dispatch(
     [ep * T_max * K], rank-major."""
     group = resolve_group(group_name)
     k = topk_ids.shape[1]
-    # NOTE: one scalar all-gather per block: ranks may hold different token counts.
-    tokens_per_rank = all_gather_rows(torch.tensor([x.shape[0]], device=x.device), group)
-    t_max = int(tokens_per_rank.max())
+    tokens_per_rank, t_max = agree_on_token_counts(x, group)
     x_all = all_gather_rows(pad_rows(x, t_max), group)
     ids_all = all_gather_rows(pad_rows(topk_ids, t_max, -1), group).reshape(-1)  # -1: padding
     w_all = all_gather_rows(pad_rows(topk_weights, t_max), group).reshape(-1)

@@ -32,6 +32,32 @@ def reduce_scatter_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return out
 
 
+def agree_on_token_counts(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, int]:
+    """Every rank's token count [ep] and the largest of them, which every rank then pads to.
+    NOTE: one scalar all-gather and a device-to-host read: the ops take the padded size as a
+    Python int. A static token bound (mc2, AllGather's static form) avoids both."""
+    counts = all_gather_rows(torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64), group)
+    return counts, int(counts.max())
+
+
+def rank_splits(counts: torch.Tensor, world: int) -> list[int]:
+    """Rows per rank, as the Python ints ``all_to_all_single`` takes, from counts per rank (or per
+    (rank, local expert), rank-major). NOTE: a device-to-host read."""
+    return counts.view(world, -1).sum(1).tolist()
+
+
+def exchange_rows(
+    rows: torch.Tensor, group: dist.ProcessGroup, send_splits: list[int] | None = None,
+    recv_splits: list[int] | None = None,
+) -> torch.Tensor:
+    """Move rows by split sizes: ``rows`` grouped by destination rank -> the rows every rank sent
+    here, grouped by source rank. ``None`` splits: equal blocks both ways (no host read)."""
+    num_recv = rows.shape[0] if recv_splits is None else sum(recv_splits)
+    received = rows.new_empty((num_recv, *rows.shape[1:]))
+    dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
+    return received
+
+
 def pad_rows(x: torch.Tensor, rows: int, value: float | int = 0) -> torch.Tensor:
     """Pad ``x`` along dim 0 to ``rows`` rows with ``value``."""
     if x.shape[0] == rows:

@@ -8,49 +8,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_fx.runtime.comm import resolve_group
+from moe_fx.runtime.comm import exchange_rows, resolve_group
+from moe_fx.runtime.exchange import return_rows_from_experts, send_rows_to_experts
 from moe_fx.runtime.library import LIB, check_capacity, sum_over_slots
+from moe_fx.runtime.permute import stable_sort, unpermute
 
 
 def _mc2_slots(topk_ids: torch.Tensor, num_experts: int, world: int, rows_per_rank: int) -> torch.Tensor:
     """[S] slot of each (t, k) row in the [ep * rows_per_rank] send buffer: destination-major,
     rows of one destination packed in expert order."""
-    flat = topk_ids.reshape(-1)
     per_rank = num_experts // world
-    sorted_ids, order = torch.sort(flat, stable=True)
+    sorted_ids, order = stable_sort(topk_ids.reshape(-1))
     dest = sorted_ids // per_rank
-    ranks = torch.arange(world, device=flat.device, dtype=dest.dtype)
+    ranks = torch.arange(world, device=dest.device, dtype=dest.dtype)
     first = torch.searchsorted(dest, ranks)  # first sorted row of each destination
-    position = torch.arange(flat.numel(), device=flat.device) - first[dest]
-    slots_sorted = dest * rows_per_rank + position
-    return torch.empty_like(slots_sorted).index_copy_(0, order, slots_sorted)
-
-
-Splits = tuple[list[int], list[int]]  # (rows sent to each rank, rows received from each rank)
-
-
-def send_rows_to_experts(
-    rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group, splits: Splits | None = None
-) -> torch.Tensor:
-    """(t, k)-ordered rows -> the receiving ranks' expert-sorted rows (dispatch direction).
-    ``splits`` None: equal splits (MC2's fixed buffers), no host read."""
-    sent = recv_order.shape[0] if splits is None else sum(splits[0])
-    send = rows.new_zeros((sent, *rows.shape[1:])).index_copy_(0, send_slot, rows)
-    received = rows.new_empty((recv_order.shape[0], *rows.shape[1:]))
-    out_splits, in_splits = (None, None) if splits is None else (splits[1], splits[0])
-    dist.all_to_all_single(received, send, out_splits, in_splits, group=group)
-    return received[recv_order]
-
-
-def return_rows_from_experts(
-    rows: torch.Tensor, send_slot: torch.Tensor, recv_order: torch.Tensor, group, splits: Splits | None = None
-) -> torch.Tensor:
-    """Expert-sorted rows -> (t, k)-ordered rows on the sending rank (combine direction)."""
-    back = torch.empty_like(rows).index_copy_(0, recv_order, rows)
-    returned = rows.new_empty((back.shape[0] if splits is None else sum(splits[0]), *rows.shape[1:]))
-    out_splits, in_splits = (None, None) if splits is None else (splits[0], splits[1])
-    dist.all_to_all_single(returned, back, out_splits, in_splits, group=group)
-    return returned[send_slot]
+    position = torch.arange(dest.numel(), device=dest.device) - first[dest]
+    return unpermute(dest * rows_per_rank + position, order)
 
 
 @torch.library.custom_op(f"{LIB}::mc2_dispatch", mutates_args=())
@@ -69,11 +42,9 @@ def mc2_dispatch(
     per_rank = num_experts // world
     send_slot = _mc2_slots(topk_ids, num_experts, world, rows_per_rank)
     ids = topk_ids.new_full((world * rows_per_rank,), -1).index_copy_(0, send_slot, topk_ids.reshape(-1))
-    received_ids = torch.empty_like(ids)
-    dist.all_to_all_single(received_ids, ids, group=group)
+    received_ids = exchange_rows(ids, group)
     # Padding (-1) sorts after every local expert; it is excluded from the offsets.
-    sort_key = torch.where(received_ids < 0, num_experts, received_ids)
-    sorted_ids, recv_order = torch.sort(sort_key, stable=True)
+    sorted_ids, recv_order = stable_sort(torch.where(received_ids < 0, num_experts, received_ids))
     local = torch.arange(rank * per_rank, (rank + 1) * per_rank, device=x.device, dtype=sorted_ids.dtype)
     offsets = torch.searchsorted(sorted_ids, local, right=True).to(torch.int32)
     tokens = send_rows_to_experts(x.repeat_interleave(k, dim=0), send_slot, recv_order, group)

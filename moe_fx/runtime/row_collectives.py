@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_fx.runtime.comm import all_gather_rows, pad_rows, reduce_scatter_rows, resolve_group
+from moe_fx.runtime.comm import (
+    agree_on_token_counts, all_gather_rows, exchange_rows, pad_rows, rank_splits, reduce_scatter_rows, resolve_group,
+)
 from moe_fx.runtime.library import LIB, fake_rows
 
 
@@ -19,9 +21,7 @@ def gather_tokens(
     (x [ep*T_max, H], topk_ids [ep*T_max, K], topk_weights [ep*T_max, K], tokens_per_rank [ep]).
     Padding rows route to expert 0 with weight 0; their outputs land in padding rows."""
     group = resolve_group(group_name)
-    # NOTE: one scalar all-gather per block (a host read): ranks may hold different token counts.
-    tokens_per_rank = all_gather_rows(torch.tensor([x.shape[0]], device=x.device), group)
-    t_max = int(tokens_per_rank.max())
+    tokens_per_rank, t_max = agree_on_token_counts(x, group)
     return (
         all_gather_rows(pad_rows(x, t_max), group),
         all_gather_rows(pad_rows(topk_ids, t_max), group),
@@ -58,9 +58,7 @@ def _(partial, num_tokens, group_name):
 def exchange_counts(counts: torch.Tensor, group_name: str) -> torch.Tensor:
     """counts [ep*e] rows this rank sends to each (rank, local expert) -> [ep*e] rows it receives
     from each (source rank, own local expert). Equal splits: no host read."""
-    received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts, group=resolve_group(group_name))
-    return received
+    return exchange_rows(counts, resolve_group(group_name))
 
 
 @exchange_counts.register_fake
@@ -76,12 +74,7 @@ def all_to_all_rows(
     [ep*e] per (rank, expert) and summed per rank."""
     group = resolve_group(group_name)
     world = dist.get_world_size(group)
-    # NOTE: host sync: all_to_all_single takes split sizes as Python ints.
-    send_splits = send_counts.view(world, -1).sum(1).tolist()
-    recv_splits = recv_counts.view(world, -1).sum(1).tolist()
-    received = rows.new_empty((sum(recv_splits), rows.shape[1]))
-    dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
-    return received
+    return exchange_rows(rows, group, rank_splits(send_counts, world), rank_splits(recv_counts, world))
 
 
 @all_to_all_rows.register_fake

@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 
 from moe_fx.runtime.comm import resolve_group
 from moe_fx.runtime.library import LIB, check_capacity
+from moe_fx.runtime.permute import stable_sort, unpermute
 
 # Limits of torch's kernels (see the module docstring).
 MAX_EXPERTS_PER_RANK = 16
@@ -114,7 +115,7 @@ def symm_mc2_dispatch(
     k, hidden = topk_ids.shape[1], x.shape[1]
     per_rank = num_experts // world
     capacity_rows = capacity_tokens * k
-    sorted_ids, order = torch.sort(topk_ids.reshape(-1), stable=True)
+    sorted_ids, order = stable_sort(topk_ids.reshape(-1))
     send = _buffer("dispatch_in", (capacity_rows, hidden), x.dtype, x.device, group_name)
     send[: order.shape[0]].copy_(x[order // k])
     in_splits = _buffer("dispatch_splits", (num_experts,), torch.int64, x.device, group_name)
@@ -158,7 +159,7 @@ def symm_mc2_combine(
     out_layout = _buffer("combine_layout", tuple(splits_offsets.shape), torch.int64, y.device, group_name)
     _transport.to_sources(send, returned, in_layout, out_layout, group_name)
     # Rows come back rank-major, i.e. in the sorted order the dispatch sent them in.
-    return y.new_empty((order.shape[0], y.shape[1])).index_copy_(0, order, returned[: order.shape[0]])
+    return unpermute(returned[: order.shape[0]], order)
 
 
 @symm_mc2_combine.register_fake

@@ -1,0 +1,119 @@
+"""Per-expert parameters read one expert at a time: the matmuls of one expert (``linear(x, W, b)``,
+``x @ W.T``, W a 2-D parameter or ``P[e]`` of a stacked one), the module that holds them, and the
+[E, ...] projection a set of them makes. Shared by the recognizers of unrolled expert loops and
+of per-expert splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, fake, is_graph_input, is_op, module_path, owner_path
+from moe_fx.passes.matching import expect
+from moe_fx.passes.region import ExpertProjection
+
+_TRANSPOSES = ("t", "T", "mT")
+
+
+@dataclass(frozen=True)
+class ExpertLinear:
+    """A matmul of one expert: ``linear(x, W, b)`` or ``x @ W.T``; W is a parameter or ``P[e]``."""
+
+    node: fx.Node
+    input: fx.Node
+    source: fx.Node  # the 2-D parameter, or the 3-D one indexed by the expert
+    expert_index: int | None  # e of ``P[e]``
+    layout: str
+    bias: fx.Node | None
+    bias_index: int | None
+    nodes: tuple[fx.Node, ...]  # weight indexing / transposes
+
+
+def experts_owner(params: list[fx.Node]) -> str:
+    """The module holding all ``params``: ``layers.0.moe.experts`` for a ModuleList of experts."""
+    if len(params) == 1:
+        return owner_path(params[0])
+    parts = [module_path(p).split(".")[:-1] for p in params]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or "<root module>"
+
+
+def expert_linear(node: fx.Node) -> ExpertLinear | None:
+    """One expert's matmul: ``linear(x, W[, b])`` or ``x @ W.T``, W a 2-D parameter or ``P[e]``."""
+    if is_op(node, "linear"):
+        weight, bias = node.args[1], arg(node, 2, "bias")
+        base = "out_in"
+    elif is_op(node, "matmul", "mm"):
+        weight, bias, base = node.args[1], None, "in_out"
+    else:
+        return None
+    helpers = []
+    flipped = False
+    while is_op(weight, "getattr", "t", "transpose", "permute") and _is_transpose(weight):
+        helpers.append(weight)
+        flipped = not flipped
+        weight = weight.args[0]
+    source, index = _expert_param(weight)
+    if source is None:
+        return None
+    if index is not None:
+        helpers.append(weight)
+    layout = base if not flipped else ("in_out" if base == "out_in" else "out_in")
+    bias_source, bias_index = _expert_param(bias) if isinstance(bias, fx.Node) else (None, None)
+    if isinstance(bias, fx.Node):
+        if bias_source is None:
+            return None
+        if bias_index is not None:
+            helpers.append(bias)
+    return ExpertLinear(node=node, input=node.args[0], source=source, expert_index=index, layout=layout,
+                 bias=bias_source, bias_index=bias_index, nodes=tuple(helpers))
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if is_op(node, "getattr"):
+        return node.args[1] in _TRANSPOSES
+    if is_op(node, "t"):
+        return True
+    if is_op(node, "transpose"):
+        return sorted(node.args[1:3]) in ([0, 1], [-2, -1], [-1, 0])
+    dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    return tuple(dims) == (1, 0)
+
+
+def _expert_param(node: fx.Node) -> tuple[fx.Node | None, int | None]:
+    """(parameter, None) for a parameter; (P, e) for ``P[e]`` of a stacked one; (None, None) otherwise."""
+    if is_graph_input(node):
+        return node, None
+    if is_op(node, "getitem") and is_graph_input(node.args[0]) and isinstance(node.args[1], int):
+        return node.args[0], node.args[1]
+    return None, None
+
+
+def stacked_projection(projs: list[ExpertLinear], what: str) -> ExpertProjection:
+    layouts = {p.layout for p in projs}
+    expect(len(layouts) == 1, f"the experts' {what} matmuls use different layouts")
+    weight = _per_expert([(p.source, p.expert_index) for p in projs], f"{what} weight")
+    has_bias = {p.bias is not None for p in projs}
+    expect(len(has_bias) == 1, f"some experts' {what} has a bias and some not")
+    bias = _per_expert([(p.bias, p.bias_index) for p in projs], f"{what} bias") if projs[0].bias is not None else None
+    return ExpertProjection(weight=weight, layout=layouts.pop(), bias=bias)
+
+
+def _per_expert(sources: list[tuple[fx.Node, int | None]], what: str) -> fx.Node | tuple[fx.Node, ...]:
+    """One stacked parameter indexed 0..E-1 in order, or E distinct parameters of one shape."""
+    nodes = {s for s, _ in sources}
+    if len(nodes) == 1:
+        (source,) = nodes
+        indices = [i for _, i in sources]
+        expect(indices == list(range(len(sources))) and fake(source).shape[0] == len(sources),
+                f"expert e does not read {what} [{len(sources)}, ...][e]")
+        return source
+    expect(len(nodes) == len(sources) and all(i is None for _, i in sources), f"experts share a {what}")
+    shapes = {tuple(fake(s).shape) for s, _ in sources}
+    expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
+    return tuple(s for s, _ in sources)

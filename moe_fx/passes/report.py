@@ -1,0 +1,27 @@
+"""What the pass found and did, per graph: the records ``explain()`` and ``recording()`` show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from moe_fx.lowering import EPPlan, LoweringChoice
+from moe_fx.passes.region import MoERegion, NoMatch
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockDecision:
+    """One MoE block found in a graph and what moe_fx does with it."""
+
+    region: MoERegion
+    plan: EPPlan
+    choice: LoweringChoice
+    rendering: str = ""  # the rewritten region (empty when only analyzed)
+    output: fx.Node | None = None  # the rewritten region's result in the graph (None when only analyzed)
+
+
+@dataclass(kw_only=True)
+class PassReport:
+    blocks: list[BlockDecision] = field(default_factory=list)
+    misses: list[NoMatch] = field(default_factory=list)
