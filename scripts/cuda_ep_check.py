@@ -148,7 +148,11 @@ def run_case(model, inputs, refs, dtype: str, settings: dict, *, strategy: str, 
     if not blocks or any(b != strategy for b in blocks):
         problems.append(f"lowered as {blocks}, expected {strategy}")
     extra = {}
-    if settings.get("mc2_transport") == "symm_mem":
+    if settings.get("mc2_transport") == "symm_mem" and graphs:  # the documented fallback (README)
+        extra["symm_mem fallbacks"] = counters["moe_fx"]["symm_mem_fallbacks"]
+        if not extra["symm_mem fallbacks"] or counters["moe_fx"]["ran_symm_mem"]:
+            problems.append("symm_mem under CUDA graphs did not fall back to all_to_all")
+    elif settings.get("mc2_transport") == "symm_mem":
         extra["symm_mem dispatches"] = counters["moe_fx"]["ran_symm_mem"]
         if not extra["symm_mem dispatches"]:
             problems.append("the symmetric-memory transport never ran")

@@ -7,8 +7,11 @@ the lowering reads nothing else.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import counters
 
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
@@ -19,6 +22,8 @@ from moe_fx.passes.graph_utils import fake
 from moe_fx.passes.region import MoERegion
 from moe_fx.runtime import symm_mem
 from moe_fx.runtime.comm import current_ep_group, resolve_group
+
+log = logging.getLogger(__name__)
 
 MC2_TRANSPORTS = ("all_to_all", "symm_mem")
 
@@ -70,11 +75,11 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
             )
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
-    device_type = _device_type(region)
+    device_type, cuda_graphs = _device_type(region), _records_cuda_graphs()
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
-        transport=_mc2_transport(region, ep, choice.strategy, device_type), device_type=device_type,
-        cuda_graphs=_records_cuda_graphs(), training=_training(region),
+        transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
+        cuda_graphs=cuda_graphs, training=_training(region),
     )
 
 
@@ -123,8 +128,10 @@ def _token_bound(region: MoERegion, plan: EPPlan) -> tuple[int | None, str]:
     return bound, source
 
 
-def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_type: str) -> str:
-    """config.mc2_transport, after checking the block fits the symmetric-memory kernels' limits."""
+def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_type: str, cuda_graphs: bool) -> str:
+    """config.mc2_transport, after checking the block fits the symmetric-memory kernels' limits.
+    Under CUDA graphs symm_mem falls back to all_to_all, logged: its capture fails on 2 H200s
+    (torch 2.11: "Cannot copy between CPU and CUDA tensors during CUDA graph capture")."""
     transport = config.mc2_transport
     if transport not in MC2_TRANSPORTS:
         raise ValueError(f"moe_fx.config.mc2_transport={transport!r} is not one of {list(MC2_TRANSPORTS)}")
@@ -140,6 +147,11 @@ def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_typ
             )
     if unavailable := symm_mem.unavailable_reason(device_type):
         raise UnsupportedMoEError(f"MoE block {region.block!r}: mc2_transport='symm_mem' cannot run: {unavailable}")
+    if cuda_graphs and symm_mem.transport_name() == "nvshmem":
+        counters["moe_fx"]["symm_mem_fallbacks"] += 1
+        log.warning("moe_fx: MoE block %r: mc2_transport='symm_mem' cannot be captured in a CUDA graph "
+                    "(a host-to-device copy during capture); using 'all_to_all' for this graph", region.block)
+        return "all_to_all"
     return transport
 
 
