@@ -31,13 +31,16 @@ import torch.fx as fx
 
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import LocalLowering, size
+from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.region import MoERegion, RowFn
 from moe_fx.passes.rowwise import mutates as _mutates
 
 
-def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> list[fx.Node]:
-    """Rewrite ``region`` in place; returns the new nodes in order."""
+def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering,
+                   guard: GuardPlan | None = None) -> list[fx.Node]:
+    """Rewrite ``region`` in place; returns the new nodes in order. ``guard``: the agreement check
+    emitted first (moe_fx/lowering/guard.py)."""
     if unsupported := lowering.unsupported(region):
         raise UnsupportedMoEError(f"MoE block {region.block!r} ({region.form}): {unsupported}")
     # An accumulator updated in place is replaced after its last update, the rest before the output.
@@ -45,7 +48,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) 
     first_new = insert_before.prev
     model_cast = _single_cast_user(region) if lowering.folds_out_dtype else None
     with graph.inserting_before(insert_before):
-        out = _emit(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None)
+        out = _emit(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None,
+                    guard=guard)
     new_nodes = _nodes_between(first_new, insert_before)
     created = set(new_nodes)
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
@@ -78,11 +82,13 @@ def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:
 
 
 def _emit(tracer: EmittingTracer, region: MoERegion, lowering: LocalLowering, *,
-          cast_to: torch.dtype | None = None) -> fx.Node:
+          cast_to: torch.dtype | None = None, guard: GuardPlan | None = None) -> fx.Node:
     """The region's replacement, emitted at the graph's insertion point. ``cast_to``: the dtype
     the model casts the result to next, for a combine that can produce it."""
     graph, proxy = tracer.graph, tracer.proxy
     hidden, topk_ids, topk_weights = proxy(region.hidden), proxy(region.topk_ids), proxy(region.topk_weights)
+    if guard is not None:
+        topk_ids = emit_guard(guard, topk_ids)
     if region.dense_scores:
         topk_weights = topk_weights.gather(1, topk_ids)
     if region.weights_on_input:
