@@ -85,8 +85,9 @@ def guard_plan(region: MoERegion, plan: LoweringPlan, choice: LoweringChoice) ->
     strategy, capacity = plan.strategy, choice.capacity_tokens
     static = strategy is Strategy.MC2 or (strategy is Strategy.ALLGATHER and capacity is not None)
     per_rank = plan.ep.ep_size > 1 and token_layout() == "per_rank"
+    # the Ascend AllGather reads the token counts on the host even with a bound (moe_fx::gather_tokens)
     syncs_anyway = plan.device_type == "cpu" or strategy in (Strategy.ALL2ALLV, Strategy.TOKEN_SWITCH) or (
-        strategy is Strategy.ALLGATHER and capacity is None)
+        strategy is Strategy.ALLGATHER and (capacity is None or plan.device_type == "npu"))
     every_call = {"every_call": True, "first_call": False, "auto": syncs_anyway}[config.rank_check]
     return GuardPlan(
         block=region.block, num_experts=region.num_experts, hidden_size=region.hidden_size, top_k=region.top_k,
