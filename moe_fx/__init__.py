@@ -7,16 +7,20 @@ torch.compile pass.
 from moe_fx import config
 from moe_fx.backend import RecordedGraph, backend, recording
 from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
-from moe_fx.errors import MoEFxError, UnsupportedMoEError
+from moe_fx.errors import CollectiveTimeoutError, MoEFxError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
+from moe_fx.runtime.guard import reset_call_counts
 from moe_fx.parallel import average_expert_gradients, expert_parallel_parameters
 from moe_fx.shard import ExpertShard, shard_experts
 
 __all__ = [
+    "CollectiveTimeoutError",
     "ExpertShard",
     "ExplainReport",
     "MoEFxError",
+    "RankMismatchError",
     "RecordedGraph",
+    "RoutingError",
     "ShardedLoad",
     "TensorRead",
     "UnsupportedMoEError",
@@ -27,5 +31,6 @@ __all__ = [
     "explain",
     "load_sharded",
     "recording",
+    "reset_call_counts",
     "shard_experts",
 ]

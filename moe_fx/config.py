@@ -78,6 +78,21 @@ auto_allgather_ep_per_topk: float = 1.0
 # run-time switch "mc2|all2allv" rather than always all2allv.
 auto_runtime_switch: bool = True
 
+# Seconds a rank waits for its peers at the entry of an MoE block (moe_fx's agreement exchange,
+# moe_fx/runtime/guard.py, on a gloo group of moe_fx's own with this timeout) before it raises
+# CollectiveTimeoutError naming the ranks that did not arrive. It must exceed the largest skew
+# between ranks at a block's entry: a step's compute imbalance, and on the first call of a graph
+# the difference between the ranks' compile times (raise it for long inductor compiles).
+collective_timeout_s: float = 30.0
+
+# When the ranks exchange and compare their call's fingerprint and routing check on the host:
+#   "auto"       every call where the block's strategy reads the host anyway (CPU, All2AllV, the
+#                switch, AllGather without a token bound); elsewhere (CUDA MC2, AllGather with a
+#                bound, ep = 1) the first call of each block, then a device-side check only
+#   "every_call" every call (a host sync on CUDA for every block)
+#   "first_call" the first call of each block only
+rank_check: str = "auto"
+
 # Rewrite with ep == 1 too (one sorted grouped matmul instead of the traced experts code).
 rewrite_without_ep: bool = True
 

@@ -74,6 +74,13 @@ def _finite_non_negative(option: str, value: object) -> None:
         raise ConfigError(f"{_name(option)}={value!r} must be a finite number >= 0")
 
 
+def _positive_seconds(option: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigTypeError(f"{_name(option)}={value!r} must be a number of seconds > 0 (got {type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{_name(option)}={value!r} must be a finite number of seconds > 0")
+
+
 def _group_name(option: str, value: object) -> None:
     if value is None or (isinstance(value, str) and value):
         return
@@ -140,6 +147,8 @@ CHECKS: dict[str, _Check] = {
     "auto_allgather_ep_per_topk": _finite_non_negative,
     "auto_runtime_switch": _bool,
     "rewrite_without_ep": _bool,
+    "collective_timeout_s": _positive_seconds,
+    "rank_check": _one_of("auto", "every_call", "first_call"),
     "npu.force": _bool,
     "npu.soc": _one_of(None, "A2", "A3"),
     "npu.mc2_version": _one_of("auto", "v1", "v2"),

@@ -20,3 +20,21 @@ class ConfigTypeError(ConfigError, TypeError):
 class CheckpointError(MoEFxError, ValueError):
     """``moe_fx.load_sharded`` cannot use a checkpoint (missing, unreadable, or not the model's
     shapes); names the file and the tensor."""
+
+
+class RoutingError(MoEFxError, ValueError):
+    """A rank fed an MoE block expert ids outside [0, E). Raised on every rank of the EP group
+    after the ranks' agreement exchange, before any row is exchanged; names the block, the rank,
+    the bad id and the valid range."""
+
+
+class RankMismatchError(MoEFxError, RuntimeError):
+    """The ranks of an EP group called an MoE block with different facts (block, call number, E,
+    hidden size, top-k, dtype, strategy, capacity) or a token count over the capacity. Raised on
+    every rank, before any row is exchanged; names the block, the field and each rank's value."""
+
+
+class CollectiveTimeoutError(MoEFxError, TimeoutError):
+    """A peer did not reach an MoE block's agreement exchange within
+    ``moe_fx.config.collective_timeout_s``; names the block and the ranks that did not arrive.
+    moe_fx's groups are unusable afterwards: end the job on every rank."""

@@ -17,7 +17,7 @@ from moe_fx.config_check import check_config, warn_unmatched_overrides
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import choose_lowering
 from moe_fx.passes.find import find_moe_regions
-from moe_fx.passes.plan import block_facts, ep_plan, lowering_plan, make_lowering
+from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
 from moe_fx.passes.region import NoMatch
 from moe_fx.passes.render import render_region
 from moe_fx.passes.report import BlockDecision, PassReport
@@ -53,8 +53,10 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     for decision in analysis.blocks:
         if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
             continue
-        lowering = make_lowering(decision.region, lowering_plan(decision.region, decision.plan, decision.choice))
-        region_nodes = rewrite_region(gm.graph, decision.region, lowering)
+        plan = lowering_plan(decision.region, decision.plan, decision.choice)
+        lowering = make_lowering(decision.region, plan)
+        guard = guard_plan(decision.region, plan, decision.choice)
+        region_nodes = rewrite_region(gm.graph, decision.region, lowering, guard=guard)
         check_only_ops(region_nodes, decision.region.block)
         new_nodes.update(region_nodes)
         report.blocks.append(dataclasses.replace(decision, rendering=render_region(decision.region, region_nodes),

@@ -12,16 +12,20 @@ import torch
 import torch.fx as fx
 
 from moe_fx.lowering.base import LocalLowering, size
+from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.region import MoERegion, RowFn
 
 
 def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLowering, *,
-          cast_to: torch.dtype | None = None) -> fx.Node:
+                cast_to: torch.dtype | None = None, guard: GuardPlan | None = None) -> fx.Node:
     """The region's replacement, emitted at the graph's insertion point. ``cast_to``: the dtype
-    the model casts the result to next, for a combine that can produce it."""
+    the model casts the result to next, for a combine that can produce it. ``guard``: the agreement
+    check emitted first (moe_fx/lowering/guard.py)."""
     graph, proxy = tracer.graph, tracer.proxy
     hidden, topk_ids, topk_weights = proxy(region.hidden), proxy(region.topk_ids), proxy(region.topk_weights)
+    if guard is not None:  # first: every later op reads ids the ranks agreed are good
+        topk_ids = emit_guard(guard, topk_ids)
     if region.dense_scores:
         topk_weights = topk_weights.gather(1, topk_ids)
     if region.weights_on_input:

@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 from moe_fx import config
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import LOWERINGS, BlockFacts, EPPlan, LocalLowering, LoweringChoice, LoweringPlan, Strategy
+from moe_fx.lowering.guard import GuardPlan
 from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering, npu_soc
 from moe_fx.lowering.token_layout import ReplicatedTokens, TokenGroup
 from moe_fx.passes.graph_utils import fake
@@ -80,6 +81,25 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
         cuda_graphs=cuda_graphs, training=_training(region),
+    )
+
+
+def guard_plan(region: MoERegion, plan: LoweringPlan, choice: LoweringChoice) -> GuardPlan:
+    """The agreement check of ``region`` (moe_fx/runtime/guard.py): its fingerprint, the token
+    limit it enforces on every rank at once, its group and timeout, and how often it reads the host."""
+    strategy, capacity = plan.strategy, choice.capacity_tokens
+    static = strategy is Strategy.MC2 or (strategy is Strategy.ALLGATHER and capacity is not None)
+    per_rank = plan.ep.ep_size > 1 and token_layout() == "per_rank"
+    # the Ascend AllGather reads the token counts on the host even with a bound (moe_fx::gather_tokens)
+    syncs_anyway = plan.device_type == "cpu" or strategy in (Strategy.ALL2ALLV, Strategy.TOKEN_SWITCH) or (
+        strategy is Strategy.ALLGATHER and (capacity is None or plan.device_type == "npu"))
+    every_call = {"every_call": True, "first_call": False, "auto": syncs_anyway}[config.rank_check]
+    return GuardPlan(
+        block=region.block, num_experts=region.num_experts, hidden_size=region.hidden_size, top_k=region.top_k,
+        dtype=region.dtype, strategy=strategy.value, capacity=capacity,
+        limit=capacity if static and per_rank else None, ep_size=plan.ep.ep_size,
+        group_name=plan.ep.group_name if plan.ep.ep_size > 1 else None,
+        timeout_ms=max(1, round(config.collective_timeout_s * 1000)), every_call=every_call,
     )
 
 
@@ -176,4 +196,4 @@ def _nodes(value) -> list[fx.Node]:
     return list(value) if isinstance(value, tuple) else [value]
 
 
-__all__ = ["block_facts", "ep_plan", "lowering_plan", "make_lowering", "token_group", "token_layout"]
+__all__ = ["block_facts", "ep_plan", "guard_plan", "lowering_plan", "make_lowering", "token_group", "token_layout"]

@@ -30,14 +30,17 @@ import torch.fx as fx
 
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import LocalLowering
+from moe_fx.lowering.guard import GuardPlan
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.pipeline import dtype_of, emit_region
 from moe_fx.passes.region import MoERegion
 from moe_fx.passes.rowwise import mutates as _mutates
 
 
-def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) -> list[fx.Node]:
-    """Rewrite ``region`` in place; returns the new nodes in order."""
+def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering,
+                   guard: GuardPlan | None = None) -> list[fx.Node]:
+    """Rewrite ``region`` in place; returns the new nodes in order. ``guard``: the agreement check
+    emitted first (moe_fx/lowering/guard.py)."""
     if unsupported := lowering.unsupported(region):
         raise UnsupportedMoEError(f"MoE block {region.block!r} ({region.form}): {unsupported}")
     # An accumulator updated in place is replaced after its last update, the rest before the output.
@@ -45,7 +48,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering) 
     first_new = insert_before.prev
     model_cast = _single_cast_user(region) if lowering.folds_out_dtype else None
     with graph.inserting_before(insert_before):
-        out = emit_region(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None)
+        out = emit_region(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None,
+                          guard=guard)
     new_nodes = _nodes_between(first_new, insert_before)
     created = set(new_nodes)
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)

@@ -7,5 +7,5 @@ registers them all.
 """
 
 from moe_fx.runtime import (  # noqa: F401  (registers torch.ops.moe_fx.*)
-    all2allv, allgather, gather, grouped_mm, mc2, row_collectives, switch, symm_mem, unsort,
+    all2allv, allgather, gather, grouped_mm, guard, mc2, row_collectives, switch, symm_mem, unsort,
 )
