@@ -11,6 +11,7 @@ from moe_fx.passes import weight_gather
 from moe_fx.passes.graph_utils import is_op
 from moe_fx.passes.matching import Miss
 from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.unclaimed import unclaimed_routers
 
 # (form, anchor predicate, recognizer). A recognizer returns None when the anchor is not the start
 # of its form (a second matmul of a block already seen, or a plain bmm), and bails out by raising
@@ -46,4 +47,5 @@ def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
     # An anchor inside a region another recognizer matched is no near-miss (torchtitan's three
     # grouped matmuls are not transformers' two).
     claimed = set().union(*(r.nodes for r in regions)) if regions else set()
-    return regions, [miss for anchor, miss in misses if anchor not in claimed]
+    near_misses = [miss for anchor, miss in misses if anchor not in claimed]
+    return regions, near_misses + unclaimed_routers(graph, regions, near_misses)

@@ -1,0 +1,105 @@
+"""No silent miss: a top-k router whose expert ids reach per-expert code that no recognizer
+claimed becomes a near-miss of its own, naming the router and what its ids reach.
+
+A router here is ``topk`` over the last dim of scores computed (through elementwise steps:
+softmax, sigmoid, bias, casts, masking) from a matmul with a 2-D parameter of E rows or columns,
+E >= 2 the scores' width. Its ids count as reaching experts when code computed from them reads a
+parameter of E stacked experts ([E, ...]), one-hot encodes them over E classes, or compares them
+with an expert index; they leave the graph when the graph returns something computed from them
+(dynamo broke the graph after the router: explain() lists the break). Attention with a top-k, or
+a mixture-of-depths router (top-k over tokens, one score per token), has no such router.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, owner_path
+from moe_fx.passes.region import MoERegion, NoMatch
+
+FORM = "unrecognized"
+
+# Steps between a router's matmul and its top-k that keep one score per (token, expert).
+_SCORE_STEPS = ("softmax", "log_softmax", "sigmoid", "tanh", "to", "float", "type", "contiguous", "view", "reshape",
+                "add", "sub", "mul", "div", "masked_fill", "where", "clone")
+
+
+def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[NoMatch]) -> list[NoMatch]:
+    """A near-miss for every router whose ids reach experts or leave the graph, unless a region
+    reads its ids or a near-miss already names its block."""
+    found = []
+    for node in graph.nodes:
+        router = _router(node)
+        if router is None:
+            continue
+        weight, num_experts = router
+        block = owner_path(weight).rsplit(".", 1)[0] if "." in owner_path(weight) else owner_path(weight)
+        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(block) for m in misses):
+            continue
+        if reason := _where_ids_go(node, num_experts, owner_path(weight)):
+            found.append(NoMatch(block, FORM, reason))
+    return found
+
+
+def _router(topk: fx.Node) -> tuple[fx.Node, int] | None:
+    """(router weight, E) of a ``topk`` over a router's scores, or None."""
+    if not is_op(topk, "topk") or arg(topk, 2, "dim", -1) not in (-1, None):
+        return None
+    scores = fake(topk.args[0])
+    if scores is None or scores.dim() < 2 or int_value(scores.shape[-1]) is None:
+        return None
+    num_experts = int_value(scores.shape[-1])
+    node = topk.args[0]
+    while isinstance(node, fx.Node) and not is_op(node, "linear", "matmul", "mm"):
+        if not is_op(node, *_SCORE_STEPS) or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    weight = node.args[1]
+    while is_op(weight, "t", "transpose", "permute") or (is_op(weight, "getattr") and weight.args[1] in ("T", "mT")):
+        weight = weight.args[0]
+    shape = fake(weight).shape if is_graph_input(weight) and fake(weight) is not None else ()
+    if len(shape) != 2 or num_experts < 2 or num_experts not in (int_value(shape[0]), int_value(shape[1])):
+        return None
+    return weight, num_experts
+
+
+def _where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
+    """Why this router's block is a near-miss, or None when its ids reach no experts."""
+    ids = next((u for u in topk.users if is_op(u, "getitem") and u.args[1] == 1), None)
+    if ids is None:
+        return None
+    seen, frontier, reaches = {ids}, [ids], None
+    while frontier and reaches is None:
+        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
+        for node in frontier:
+            if node.op == "output":
+                return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) leave this graph: "
+                        "dynamo broke the graph after the router (see the graph breaks), so the experts code is "
+                        "not in one graph moe_fx can rewrite")
+            reaches = reaches or _expert_read(node, num_experts)
+    if reaches is None:
+        return None
+    return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) reach per-expert code "
+            f"({reaches}) that none of moe_fx's recognizers matched (README: \"Supported MoE forms\"); "
+            "the block runs as traced, without expert parallelism")
+
+
+def _expert_read(node: fx.Node, num_experts: int) -> str | None:
+    """What makes ``node`` per-expert code: a stacked [E, ...] parameter, a one-hot over E, or a
+    comparison with an expert index."""
+    for a in node.all_input_nodes:
+        meta = fake(a) if is_graph_input(a) else None
+        if meta is not None and meta.dim() >= 2 and int_value(meta.shape[0]) == num_experts:
+            return f"{node.name} reads an [{num_experts}, ...] parameter"
+    if is_op(node, "one_hot") and int_value(arg(node, 1, "num_classes", -1)) == num_experts:
+        return f"{node.name} one-hot encodes the ids over {num_experts} experts"
+    if is_op(node, "eq") and any(isinstance(a, int) for a in node.args[1:]):
+        return f"{node.name} compares the ids with an expert index"
+    return None
+
+
+def _k(topk: fx.Node) -> int | str:
+    k = int_value(arg(topk, 1, "k"))
+    return k if k is not None else "k"

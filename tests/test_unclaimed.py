@@ -1,0 +1,101 @@
+"""No silent miss: a top-k router whose ids reach experts that no recognizer matched is a near-miss
+(moe_fx/passes/unclaimed.py); models without such a router get none, and rewritten blocks no extra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moe_fx
+from tests.form_modules import LoopMoE
+
+H, I, E, K, T = 16, 8, 4, 2, 6
+
+
+class ElementwiseExperts(nn.Module):
+    """Experts computed without a matmul (a broadcast product and a sum): no recognizer's anchor."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, H, I) * 0.2)
+        self.w_out = nn.Parameter(torch.randn(E, I, H) * 0.2)
+
+    def forward(self, x):
+        weights, ids = torch.topk(self.gate(x).softmax(-1), K)
+        h = F.silu((x[:, None, :, None] * self.w_in[ids]).sum(-2))  # [T, K, I]
+        y = (h[..., None] * self.w_out[ids]).sum(-2)  # [T, K, H]
+        return (y * weights[..., None]).sum(1)
+
+
+class TopkAttention(nn.Module):
+    """Attention keeping each query's top-k keys: a top-k over scores that no parameter makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(H, 3 * H)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        scores = q @ k.T
+        top, idx = torch.topk(scores, 3)
+        return (top.softmax(-1)[..., None] * v[idx]).sum(1)
+
+
+class DepthRouter(nn.Module):
+    """Mixture-of-depths: one score per token, the top-k tokens go through the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(H, 1)
+        self.mlp = nn.Sequential(nn.Linear(H, I), nn.GELU(), nn.Linear(I, H))
+
+    def forward(self, x):
+        scores = self.router(x).squeeze(-1)
+        weights, idx = torch.topk(scores, 3)
+        out = x.clone()
+        out[idx] = x[idx] + self.mlp(x[idx]) * weights[:, None].sigmoid()
+        return out
+
+
+def test_a_router_feeding_unknown_experts_code_is_a_near_miss():
+    report = moe_fx.explain(ElementwiseExperts(), torch.randn(T, H))
+    assert not report.blocks
+    misses = [m for m in report.near_misses if m.form == "unrecognized"]
+    assert len(misses) == 1, str(report)
+    assert "gate" in misses[0].reason and f"top-{K} of {E}" in misses[0].reason
+    assert f"[{E}, ...] parameter" in misses[0].reason
+
+
+@pytest.mark.parametrize("model", [TopkAttention(), DepthRouter(), nn.Sequential(nn.Linear(H, I), nn.GELU(), nn.Linear(I, H))],
+                         ids=["topk_attention", "mixture_of_depths", "dense_mlp"])
+def test_models_without_an_experts_router_get_no_near_miss(model):
+    report = moe_fx.explain(model, torch.randn(T, H))
+    assert not report.blocks and not report.near_misses, str(report)
+
+
+def test_a_rewritten_block_gets_no_extra_near_miss():
+    torch.manual_seed(0)
+    model = LoopMoE(H, I, E, K)
+    report = moe_fx.explain(model, torch.randn(T, H))
+    assert len(report.blocks) == 1 and not report.near_misses, str(report)
+
+
+class BrokenAfterRouter(ElementwiseExperts):
+    """The graph breaks right after the router (as transformers 4.x's loops over ``nonzero()`` do)."""
+
+    def forward(self, x):
+        weights, ids = torch.topk(self.gate(x).softmax(-1), K)
+        torch._dynamo.graph_break()
+        h = F.silu((x[:, None, :, None] * self.w_in[ids]).sum(-2))
+        y = (h[..., None] * self.w_out[ids]).sum(-2)
+        return (y * weights[..., None]).sum(1)
+
+
+def test_a_router_whose_ids_leave_the_graph_is_a_near_miss():
+    report = moe_fx.explain(BrokenAfterRouter(), torch.randn(T, H))
+    misses = [m for m in report.near_misses if m.form == "unrecognized"]
+    assert len(misses) == 1 and "leave this graph" in misses[0].reason, str(report)
+    assert report.graph_breaks
