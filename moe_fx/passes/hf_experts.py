@@ -109,7 +109,8 @@ class _IdRange:
         zeroes the gathered rows in place), or the rewrite, which drops them, would change results."""
         updates = {u for u in node.users if mutates(u) and u.args[0] is node}
         for u in updates:
-            _expect(self.is_clamp(u) or self.is_fill(u), f"{what} is updated in place by {op_name(u)} ({u.name})")
+            _expect(self.is_clamp(u) or self.is_fill(u),
+                    f"in-place {op_name(u)} ({u.name}) of {what} is not a guard of ids >= E={self.experts}")
         return updates | {m for u in updates if self.is_fill(u) for m in self.chain(u, node)}
 
 
@@ -133,6 +134,7 @@ def _id_range(weight: fx.Node, *ids: fx.Node) -> _IdRange:
 def _flat_source(node: fx.Node, what: str, ids: _IdRange) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
     node = ids.strip(node)
+    _expect(not (is_op(node, "clamp") and node in ids.ids), f"{what} are clamped ({node.name}) below the router's E={ids.experts}")
     _expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
     src = node.args[0]
     _expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
