@@ -56,6 +56,9 @@ class ExpertShard:
     start: int
     num_local: int  # e = E / ep
     ep_size: int
+    # The block is a transformers experts module whose ``num_experts`` shard_experts set from E to e:
+    # its traced code reads e where the model reads E (histc's bins, the EP sentinel guards ids >= E).
+    local_count: bool = False
 
     @property
     def stop(self) -> int:
@@ -157,14 +160,16 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     done = []
     for path, module, e, names in found:
         local = e // ep
-        shard = ExpertShard(block=path, num_experts=e, start=rank * local, num_local=local, ep_size=ep)
+        count = isinstance(getattr(module, "num_experts", None), int) and module.num_experts == e
+        shard = ExpertShard(block=path, num_experts=e, start=rank * local, num_local=local, ep_size=ep,
+                            local_count=count and _is_hf_experts(module))
         before = held_bytes(getattr(module, n) for n in names)
         for name in names:
             full = getattr(module, name)
             with torch.no_grad():
                 block = full.detach()[shard.start : shard.stop].clone()  # a copy: the full storage is freed
             replace_param(module, name, block, shard)
-        if isinstance(getattr(module, "num_experts", None), int) and module.num_experts == e:
+        if count:
             module.num_experts = local
         module.register_forward_pre_hook(_EagerGuard(shard))
         done.append(ShardedBlock(block=path, shard=shard, params=names, bytes_before=before,
@@ -177,12 +182,23 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
 _HF_SHARDABLE = ("grouped_mm", "batched_mm")
 
 
+def _hf_experts_implementation(module: nn.Module) -> str | None:
+    """The ``experts_implementation`` of a transformers experts module (``@use_experts_implementation``)."""
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    return impl if impl is not None and hasattr(type(module).forward, "__wrapped__") else None
+
+
+def _is_hf_experts(module: nn.Module) -> bool:
+    """A transformers experts module in a form moe_fx rewrites whole (hf_experts.py)."""
+    return _hf_experts_implementation(module) in _HF_SHARDABLE
+
+
 def _reads_expert_count(module: nn.Module, e: int) -> tuple[str, str] | None:
     """(why, what to do) if ``module``'s own code would break with fewer than its e experts, else None.
     It does when it reads ``num_experts`` as the router's id range, unless it is a transformers
     experts module in a form moe_fx rewrites whole."""
-    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
-    if impl is not None and hasattr(type(module).forward, "__wrapped__"):  # @use_experts_implementation
+    impl = _hf_experts_implementation(module)
+    if impl is not None:
         if impl in _HF_SHARDABLE:
             return None
         return (f"its transformers experts_implementation={impl!r} runs its own loop or kernel over all {e} experts",

@@ -65,3 +65,42 @@ def hf_form_case(**kwargs) -> dict:
         result = hf_model_case(**kwargs)
     result["forms"] = sorted({b.region.form for g in graphs for b in g.report.blocks})
     return result
+
+
+def sentinel517_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerings: tuple[str, ...] = ("auto",),
+                     shard: bool = False, config_patch: dict | None = None) -> list[dict]:
+    """transformers 5.17's guarded experts (tests/hf517_modules.py): eager on this rank's tokens,
+    then moe_fx after zeroing the experts this rank does not own, or after ``shard_experts``
+    (``shard``: the guards then read e = E / ep). Also the rewritten region's rendering."""
+    from tests.hf517_modules import Sentinel517MoE
+
+    torch.set_num_threads(1) if world_size > 1 else None
+    out = []
+    for case in cases:
+        case = dict(case)
+        dtype = getattr(torch, case.pop("dtype", "float32"))
+        torch.manual_seed(0)
+        model = Sentinel517MoE(HIDDEN, INTERMEDIATE, 8, TOP_K, **case).to(dtype)
+        x = torch.randn(TOKENS_PER_RANK[rank], HIDDEN, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
+        with torch.no_grad():
+            ref = model(x).float()
+        touched = 0
+        if shard:
+            moe_fx.shard_experts(model)
+        elif world_size > 1:
+            with torch.no_grad():
+                for p in model.experts.parameters():
+                    foreign = torch.ones(8, dtype=torch.bool)
+                    foreign[rank * 8 // world_size:(rank + 1) * 8 // world_size] = False
+                    p[foreign] = 0
+                    touched += 1
+        result = {"touched": touched}
+        for lowering in lowerings:
+            with moe_fx.recording() as graphs:
+                got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner="eager",
+                                                       config_patch=config_patch)
+            result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses,
+                                "forms": [b.region.form for g in graphs for b in g.report.blocks],
+                                "renderings": [b.rendering for g in graphs for b in g.report.blocks]}
+        out.append(result)
+    return out

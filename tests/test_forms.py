@@ -12,7 +12,7 @@ import torch
 
 import moe_fx
 from tests.ep_jobs import TOKENS_PER_RANK
-from tests.form_jobs import build_form, forms_case, hf_form_case
+from tests.form_jobs import build_form, forms_case, hf_form_case, sentinel517_case
 from tests.tolerances import within
 
 EP_LOWERINGS = ("allgather", "all2allv", "mc2")
@@ -138,3 +138,45 @@ def test_near_misses_say_why_and_run_as_traced(cls, reason):
         torch._dynamo.reset()
         with moe_fx.config.patch(inner_backend="eager"), torch.no_grad():
             assert torch.equal(torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x), model(x))
+
+
+# transformers 5.17's experts guard ids >= num_experts (tests/hf517_modules.py); sharded, they read e.
+SENTINEL_CASES = [dict(impl="grouped_mm"), dict(impl="grouped_mm", bias=True), dict(impl="batched_mm", bias=True),
+                  dict(impl="grouped_mm", dtype="bfloat16")]
+SENTINEL_FORMS = {"grouped_mm": "hf_grouped_mm", "batched_mm": "hf_batched_mm"}
+
+
+def _check_sentinels(results: list[list[dict]], lowerings) -> None:
+    for rank, per_case in enumerate(results):
+        for case, res in zip(SENTINEL_CASES, per_case):
+            for lowering in lowerings:
+                r = res[lowering]
+                assert not r["misses"] and r["forms"] == [SENTINEL_FORMS[case["impl"]]], (rank, case, lowering, r)
+                # proven identities: dropped, not replayed on the dispatched rows' global ids
+                assert not any("masked_fill" in x for x in r["renderings"]), (rank, case, r["renderings"])
+                assert within(r, case.get("dtype", "float32")), (
+                    f"rank {rank} {case} {lowering}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}")
+
+
+def test_transformers_517_guards_ep1():
+    _check_sentinels([sentinel517_case(cases=SENTINEL_CASES)], ("auto",))
+
+
+@pytest.mark.parametrize("shard", (False, True), ids=("foreign-zeroed", "sharded"))
+def test_transformers_517_guards_ep2(rank_pool, shard):
+    results = rank_pool(2).run("tests.form_jobs:sentinel517_case", cases=SENTINEL_CASES, lowerings=EP_LOWERINGS,
+                               shard=shard, config_patch=BOUND)
+    assert shard or all(res["touched"] for per_case in results for res in per_case), "foreign experts were not zeroed"
+    _check_sentinels(results, EP_LOWERINGS)
+
+
+@pytest.mark.parametrize("impl,reason", [
+    ("grouped_mm", r"in-place clamp_ \(\w+\) of the sorted expert ids is not a guard of ids >= E=8"),
+    ("batched_mm", r"gathered expert ids are clamped \(\w+\) below the router's E=8"),
+])
+def test_transformers_517_guards_below_e_are_real_masks(impl, reason):
+    """A guard at 4 < E = 8 in an unsharded block zeroes real experts' rows: never dropped."""
+    (res,) = sentinel517_case(cases=[dict(impl=impl, guard_from=4)])
+    r = res["auto"]
+    assert not r["blocks"] and any(re.search(reason, m) for m in r["misses"]), r
+    assert r["diff"] == 0.0, r  # run as traced

@@ -36,62 +36,99 @@ from moe_fx.passes.graph_utils import (
 )
 from moe_fx.passes.matching import Miss, blame, expect
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
-from moe_fx.passes.rowwise import extract_row_fn
+from moe_fx.passes.rowwise import extract_row_fn, mutates
 
 GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm", "transformers.grouped_mm_fallback")
 GROUPED_FORM = "hf_grouped_mm"
 BATCHED_FORM = "hf_batched_mm"
 
 
-def _strip_sentinel_handling(node: fx.Node, num_experts: int) -> fx.Node:
-    """transformers (5.17) guards ids >= E, which only its own EP produces: ``ids.clamp(0, E-1)``,
-    ``weights.masked_fill(ids >= E, 0)`` and ``rows.masked_fill((ids >= E).unsqueeze(-1), 0)``.
-    All are identities on a router's output; the same ops with a threshold below E are not, and
-    are kept."""
-    while True:
-        if is_op(node, "clamp") and arg(node, 1, "min") == 0 and _at_least(arg(node, 2, "max"), num_experts - 1):
-            node = node.args[0]
-        elif is_op(node, "masked_fill") and _is_sentinel_mask(node.args[1], num_experts) and arg(node, 2, "value") == 0:
-            node = node.args[0]
-        else:
-            return node
+@dataclass(frozen=True)
+class _IdRange:
+    """What the router's expert ids are compared with, to prove transformers' EP sentinel guards
+    (5.17 always, later versions under their own EP) identities on a router's output: ids >= E
+    mark tokens its own EP sent elsewhere, which a router never produces.
 
+    ``ids``: the nodes holding expert ids (flat, sorted, clamped). ``local``: e when the block is
+    a transformers experts module whose ``num_experts`` moe_fx.shard_experts set from E to e
+    (``ExpertShard.local_count``): its traced guards read e where the model reads E. A bound equal
+    to e in any other block, or below E otherwise, is a real mask and is kept."""
 
-def _is_sentinel_mask(mask: fx.Node, num_experts: int) -> bool:
-    """``ids >= c`` (optionally unsqueezed) with c >= E: false for every id a router produces."""
-    while is_op(mask, "unsqueeze"):
-        mask = mask.args[0]
-    return is_op(mask, "ge") and _at_least(mask.args[1], num_experts)
+    experts: int
+    local: int | None
+    ids: frozenset
 
+    def never_reached(self, bound) -> bool:
+        """``ids >= bound`` is false for every id the router produces."""
+        number = int_value(bound)
+        return number is not None and (number >= self.experts or number == self.local)
 
-def _at_least(value, bound: int) -> bool:
-    number = int_value(value)
-    return number is not None and number >= bound
-
-
-def _sentinel_chain(node: fx.Node, stripped: fx.Node) -> set[fx.Node]:
-    """The guard nodes ``_strip_sentinel_handling`` looked through from ``node`` to ``stripped``."""
-    chain = set()
-    while node is not stripped:
-        chain.add(node)
-        mask = node.args[1] if is_op(node, "masked_fill") else None
-        while isinstance(mask, fx.Node) and is_op(mask, "unsqueeze", "ge"):
-            chain.add(mask)
+    def is_mask(self, mask: fx.Node) -> bool:
+        """``ids >= c`` (optionally unsqueezed) with c never reached."""
+        while is_op(mask, "unsqueeze"):
             mask = mask.args[0]
-        node = node.args[0]
+        return is_op(mask, "ge") and mask.args[0] in self.ids and self.never_reached(mask.args[1])
+
+    def is_clamp(self, node: fx.Node) -> bool:
+        """``ids.clamp(0, c - 1)`` / ``ids.clamp_(max=c - 1)`` with c never reached: ids unchanged."""
+        high = int_value(arg(node, 2, "max"))
+        return (is_op(node, "clamp", "clamp_") and node.args[0] in self.ids and arg(node, 1, "min") in (None, 0)
+                and high is not None and self.never_reached(high + 1))
+
+    def is_fill(self, node: fx.Node) -> bool:
+        """``rows.masked_fill(ids >= c, 0)`` (or in place) with c never reached: rows unchanged."""
+        return (is_op(node, "masked_fill", "masked_fill_") and self.is_mask(node.args[1])
+                and arg(node, 2, "value") == 0)
+
+    def strip(self, node: fx.Node) -> fx.Node:
+        """``node`` with the guards applied to it looked through."""
+        while self.is_clamp(node) or self.is_fill(node):
+            node = node.args[0]
+        return node
+
+    def chain(self, node: fx.Node, stripped: fx.Node) -> set[fx.Node]:
+        """The guard nodes ``strip`` looked through from ``node`` to ``stripped``, masks included."""
+        nodes = set()
+        while node is not stripped:
+            nodes.add(node)
+            mask = node.args[1] if is_op(node, "masked_fill", "masked_fill_") else None
+            while is_op(mask, "unsqueeze", "ge"):
+                nodes.add(mask)
+                mask = mask.args[0]
+            node = node.args[0]
+        return nodes
+
+    def check_updates(self, node: fx.Node, what: str) -> set[fx.Node]:
+        """The in-place updates of ``node``; each must be a guard (5.17 clamps the sorted ids and
+        zeroes the gathered rows in place), or the rewrite, which drops them, would change results."""
+        updates = {u for u in node.users if mutates(u) and u.args[0] is node}
+        for u in updates:
+            expect(self.is_clamp(u) or self.is_fill(u),
+                    f"in-place {op_name(u)} ({u.name}) of {what} is not a guard of ids >= E={self.experts}")
+        return updates | {m for u in updates if self.is_fill(u) for m in self.chain(u, node)}
+
+
+def _clamped(ids: fx.Node) -> list[fx.Node]:
+    """``ids`` and the nodes it was clamped from (``src.clamp(...)``): all hold expert ids."""
+    chain = [ids]
+    while is_op(chain[-1], "clamp") and isinstance(chain[-1].args[0], fx.Node):
+        chain.append(chain[-1].args[0])
     return chain
 
 
-def _router_experts(weight: fx.Node) -> int:
-    """E as the router sees it: the weight's leading size, or the full count when the weight holds
-    only this rank's block (moe_fx.shard_experts)."""
+def _id_range(weight: fx.Node, *ids: fx.Node) -> _IdRange:
+    """E as the router sees it (the full count when the weight holds only this rank's block), and
+    the local count a sharded transformers block's guards read instead."""
     shard = expert_shard_of(weight)
-    return shard.num_experts if shard is not None else fake(weight).shape[0]
+    if shard is None:
+        return _IdRange(fake(weight).shape[0], None, frozenset(ids))
+    return _IdRange(shard.num_experts, shard.num_local if shard.local_count else None, frozenset(ids))
 
 
-def _flat_source(node: fx.Node, what: str, num_experts: int) -> fx.Node:
+def _flat_source(node: fx.Node, what: str, ids: _IdRange) -> fx.Node:
     """``src.reshape(-1)`` / ``src.view(-1)`` -> src, a [T, K] tensor."""
-    node = _strip_sentinel_handling(node, num_experts)
+    node = ids.strip(node)
+    expect(not (is_op(node, "clamp") and node in ids.ids), f"{what} are clamped ({node.name}) below the router's E={ids.experts}")
     expect(is_op(node, "reshape", "view", "flatten"), f"{what} is {op_name(node)}, not a reshape(-1) of [T, K]")
     src = node.args[0]
     expect(fake(src) is not None and fake(src).dim() == 2, f"{what} does not come from a [T, K] tensor")
@@ -152,13 +189,18 @@ class _Parts:
     y_post: fx.Node
     output: fx.Node
     nodes: set
+    ids: _IdRange
 
 
 def _region(parts: _Parts, *, form: str, block: str) -> MoERegion | NoMatch:
-    act = extract_row_fn(parts.up_out, parts.down_in, parts.down_mm, parts.row_ids, block=block, form=form, part="activation")
+    # Sentinel guards between the matmuls (5.17 zeroes the gate_up rows of ids >= E) change no row:
+    # replayed on rows of global ids they would zero every expert >= e of a sharded block.
+    act = extract_row_fn(parts.up_out, parts.down_in, parts.down_mm, parts.row_ids, block=block, form=form,
+                         part="activation", identity=parts.ids.is_fill)
     if not act:
         return act
-    post = extract_row_fn(parts.down_out, parts.y_post, parts.weighted, parts.row_ids, block=block, form=form, part="post-expert")
+    post = extract_row_fn(parts.down_out, parts.y_post, parts.weighted, parts.row_ids, block=block, form=form,
+                          part="post-expert", identity=parts.ids.is_fill)
     if not post:
         return post
     t, k = fake(parts.topk_ids).shape
@@ -168,6 +210,7 @@ def _region(parts: _Parts, *, form: str, block: str) -> MoERegion | NoMatch:
     if fake(parts.down.weight).shape[0] != e:
         return NoMatch(block, form, f"up and down weights hold {e} and {fake(parts.down.weight).shape[0]} experts")
     nodes = set(parts.nodes) | set(act.nodes) | set(post.nodes)
+    nodes |= {n for fill in (*act.passthrough, *post.passthrough) for n in parts.ids.chain(fill, fill.args[0])}
     params = [parts.up.weight, parts.down.weight, *act.expert_params(), *post.expert_params()]
     shards = {expert_shard_of(p) for p in params}
     if len(shards) > 1:
@@ -224,10 +267,11 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         expect(not arg(sort, 2, "descending", False), "expert ids sorted descending")
         flat_ids = sort.args[0]
         e = fake(up.weight).shape[0]  # weight groups: the local block when sharded
-        e_ids = _router_experts(up.weight)  # the router's id range, what the sentinel guards compare with
-        topk_ids = _flat_source(flat_ids, "sorted expert ids", e_ids)
         row_ids = next((u for u in sort.users if is_op(u, "getitem") and u.args[1] == 0), None)
         expect(row_ids is not None, "sorted expert ids are unused")
+        ids = _id_range(up.weight, row_ids, *_clamped(flat_ids))
+        topk_ids = _flat_source(flat_ids, "sorted expert ids", ids)
+        guards = ids.check_updates(row_ids, "the sorted expert ids") | ids.check_updates(x_sel, "the gathered hidden rows")
         t, kk = fake(topk_ids).shape
         expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
         expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
@@ -245,9 +289,9 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
             return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
 
         weighted, masked_y = _weighting(down_mm, is_sorted_weights, "down projection")
-        y_post = _strip_sentinel_handling(masked_y, e_ids)
+        y_post = ids.strip(masked_y)
         ws_sorted = next(a for a in weighted.args if is_op(a, "unsqueeze")).args[0]
-        topk_weights = _flat_source(ws_sorted.args[0], "router weights", e_ids)
+        topk_weights = _flat_source(ws_sorted.args[0], "router weights", ids)
         expect(len(weighted.users) == 1, "weighted rows have several users")
         unperm = next(iter(weighted.users))
         expect(is_op(unperm, "getitem") and is_op(unperm.args[1], "empty_like"), "weighted rows are not un-permuted by an inverse permutation")
@@ -259,11 +303,11 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         nodes = {flat_ids, sort, perm, row_ids, index, x_sel, offs, hist, up_mm, down_mm, weighted,
                  ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
                  next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0],
-                 *_sentinel_chain(masked_y, y_post)}
+                 *ids.chain(masked_y, y_post), *guards}
         nodes |= {n for n in (hist.args[0], up_mm.args[0], up_mm.args[1], down_mm.args[0], down_mm.args[1]) if isinstance(n, fx.Node) and not is_graph_input(n)}
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
-                       weighted=weighted, y_post=y_post, output=output, nodes=nodes)
+                       weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=ids)
     return _region(parts, form=form, block=block)
 
 
@@ -304,8 +348,8 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         expect(down_layout == layout, "gate_up and down weights use different layouts")
         up = ExpertProjection(weight=w_gather.args[0], layout=layout)
         down = ExpertProjection(weight=down_gather.args[0], layout=down_layout)
-        e = _router_experts(up.weight)
-        topk_ids = _flat_source(ids, "gathered expert ids", e)
+        id_range = _id_range(up.weight, *_clamped(ids))
+        topk_ids = _flat_source(ids, "gathered expert ids", id_range)
         t, k = fake(topk_ids).shape
         x_rep = strip_casts(x_unsq.args[0])
         expect(is_op(x_rep, "repeat_interleave"), "bmm input is not hidden.repeat_interleave(K)")
@@ -317,21 +361,22 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
         down_in = down_unsq.args[0]
 
         def is_flat_weights(n):
-            n = _strip_sentinel_handling(n, e)
+            n = id_range.strip(n)
             return is_op(n, "reshape", "view") and fake(n) is not None and fake(n).dim() == 1 and n is not ids
 
         weighted, masked_y = _weighting(down_out, is_flat_weights, "down projection")
-        y_post = _strip_sentinel_handling(masked_y, e)
+        y_post = id_range.strip(masked_y)
         ws = next(a for a in weighted.args if is_op(a, "unsqueeze"))
-        topk_weights = _flat_source(ws.args[0], "router weights", e)
+        topk_weights = _flat_source(ws.args[0], "router weights", id_range)
         output = _sum_over_topk(weighted, t, k, fake(down_out).shape[1])
         nodes = {ids, w_gather, x_unsq, x_rep, up_bmm, up_out, down_gather, down_unsq, down_bmm, down_out,
-                 weighted, ws, ws.args[0], output, *output.all_input_nodes, *_sentinel_chain(masked_y, y_post)}
+                 weighted, ws, ws.args[0], output, *output.all_input_nodes, *id_range.chain(masked_y, y_post),
+                 *_clamped(ids)[1:], *id_range.chain(ws.args[0], id_range.strip(ws.args[0]))}
         if x_unsq.args[0] is not x_rep:
             nodes.add(x_unsq.args[0])
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=ids,
                        up_out=up_out, down_in=down_in, down_mm=down_bmm, down_out=down_out, up=up, down=down,
-                       weighted=weighted, y_post=y_post, output=output, nodes=nodes)
+                       weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=id_range)
     return _region(parts, form=form, block=block)
 
 

@@ -32,6 +32,7 @@ class RowFn:
     label: str  # human-readable summary, e.g. "silu(gate) * up"
     plain_swiglu: bool = False  # silu(x[:, :N/2]) * x[:, N/2:] and nothing else: a fused kernel may replace it
     side_inputs: tuple[fx.Node, ...] = ()  # further matmul outputs it reads (separate w1 / w3)
+    passthrough: tuple[fx.Node, ...] = ()  # proven identities (sentinel guards): replayed as their input
 
     def replay(
         self, graph: fx.Graph, new_input: fx.Node, new_row_ids: fx.Node, new_side_inputs: tuple[fx.Node, ...] = (),
@@ -44,7 +45,10 @@ class RowFn:
         ``on_copy`` sees each new node (the rewrite sets its example value)."""
         env: dict[fx.Node, fx.Node] = {self.input: new_input, self.row_ids: new_row_ids}
         env.update(zip(self.side_inputs, new_side_inputs, strict=True))
-        for node in self.nodes:
+        for node in sorted((*self.nodes, *self.passthrough)):  # fx nodes sort in graph order
+            if node in self.passthrough:
+                env[node] = env.get(node.args[0], node.args[0])
+                continue
             ids = new_row_ids
             if block_row_ids is not None and is_expert_gather(node, self.row_ids):
                 ids = block_row_ids

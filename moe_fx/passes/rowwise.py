@@ -9,6 +9,8 @@ gathered by the row's expert id (``bias[row_ids]``), whole parameters, and scala
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import arg, fake, is_expert_gather, is_graph_input, is_op, op_name, strip_casts
@@ -95,11 +97,13 @@ def _nodes_after(first: fx.Node, stop: fx.Node):
 
 def extract_row_fn(
     start: fx.Node, end: fx.Node, consumer: fx.Node, row_ids: fx.Node, *, block: str, form: str, part: str,
-    side_starts: tuple[fx.Node, ...] = (),
+    side_starts: tuple[fx.Node, ...] = (), identity: Callable[[fx.Node], bool] | None = None,
 ) -> RowFn | NoMatch:
     """The row-wise nodes computing ``end`` from ``start`` (``end is start``: only in-place
     updates), as read by ``consumer``: mutations of those values up to ``consumer`` count.
-    ``side_starts`` are further inputs of the same rows (a separate w3 matmul beside w1)."""
+    ``side_starts`` are further inputs of the same rows (a separate w3 matmul beside w1).
+    ``identity(node)``: the recognizer proved ``node`` returns its first argument unchanged on every
+    row (a sentinel guard); it is replayed as that argument (``RowFn.passthrough``)."""
     # Only the nodes between the region's pieces are walked (never the whole graph: the pass stays
     # linear in the number of blocks).
     starts = {start, *side_starts}
@@ -118,14 +122,18 @@ def extract_row_fn(
     from_rows.discard(row_ids)
 
     included: set[fx.Node] = set()
+    passthrough: set[fx.Node] = set()
 
     def include(node: fx.Node) -> NoMatch | None:
         stack = [node]
         while stack:
             n = stack.pop()
-            if n in included or n in starts:
+            if n in included or n in passthrough or n in starts:
                 continue
-            if n in downstream or n in from_rows or is_expert_gather(n, row_ids):
+            if identity is not None and n in downstream and identity(n):
+                passthrough.add(n)
+                stack.append(n.args[0])
+            elif n in downstream or n in from_rows or is_expert_gather(n, row_ids):
                 included.add(n)
                 # x.type_as(other) reads only other's dtype
                 inputs = n.args[:1] if is_op(n, "type_as") else n.all_input_nodes
@@ -160,7 +168,7 @@ def extract_row_fn(
                 lambda node=node: f"{part}: {op_name(node)} ({node.name}) is not known to be row-wise; "
                 "moe_fx only replays elementwise ops, last-dim splits/reductions and column slices",
             )
-        outside = [u for u in node.users if u not in included and u is not end and node is not end]
+        outside = [u for u in node.users if u not in included and u not in passthrough and u is not end and node is not end]
         if node is not end and outside and node not in from_rows:  # from_rows nodes are recomputed
             return NoMatch(
                 block, form,
@@ -168,14 +176,14 @@ def extract_row_fn(
             )
     return RowFn(
         input=start, output=end, row_ids=row_ids, nodes=tuple(ordered), label=_describe(ordered, bool(side_starts)),
-        plain_swiglu=not side_starts and _is_plain_swiglu(start, strip_casts(end), ordered),
-        side_inputs=tuple(side_starts),
+        plain_swiglu=not side_starts and _is_plain_swiglu(start, strip_casts(end), ordered, passthrough),
+        side_inputs=tuple(side_starts), passthrough=tuple(sorted(passthrough)),
     )
 
 
-def _is_plain_swiglu(start: fx.Node, end: fx.Node, nodes: list[fx.Node]) -> bool:
+def _is_plain_swiglu(start: fx.Node, end: fx.Node, nodes: list[fx.Node], passthrough: set[fx.Node]) -> bool:
     """``a, b = x.chunk(2, -1); silu(a) * b`` and dtype-preserving casts, nothing else: what a
-    fused SwiGLU kernel (torch_npu's npu_swiglu) computes."""
+    fused SwiGLU kernel (torch_npu's npu_swiglu) computes. Pass-through guards count as their input."""
     if not is_op(end, "mul") or len(end.args) != 2 or fake(end) is None or fake(start) is None:
         return False
     gate_act, up = end.args if is_op(end.args[0], "silu") else end.args[::-1]
@@ -183,7 +191,10 @@ def _is_plain_swiglu(start: fx.Node, end: fx.Node, nodes: list[fx.Node]) -> bool
         return False
     gate = gate_act.args[0]
     split = gate.args[0]
-    halves = is_op(split, "chunk") and split.args[0] is start and arg(split, 1, "chunks") == 2
+    source = split.args[0]
+    while source in passthrough:
+        source = source.args[0]
+    halves = is_op(split, "chunk") and source is start and arg(split, 1, "chunks") == 2
     last_dim = arg(split, 2, "dim", 0) in (-1, fake(start).dim() - 1)
     casts_only = all(n in (split, gate, up, gate_act, end) or strip_casts(n) is end for n in nodes)
     return (halves and last_dim and up.args[0] is split and (gate.args[1], up.args[1]) == (0, 1)
