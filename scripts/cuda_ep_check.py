@@ -61,6 +61,7 @@ def parse_args(argv):
     parser.add_argument("--graph-models", nargs="*", choices=MODELS,
                         help="models of the CUDA-graph cases (default: --models; none on CPU)")
     parser.add_argument("--timeout-s", type=float, default=300, help="process-group timeout")
+    parser.add_argument("--graphs-only", action="store_true", help="only the CUDA-graph cases")
     return parser.parse_args(argv)
 
 
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                 refs = references(model, inputs, dtype, uses_inductor)
                 if world > 1 and not zero_foreign_experts(model, NUM_EXPERTS, (rank, world)):
                     raise SystemExit(f"{key}: found no expert weights to zero; the check would prove nothing")
-                for lowering, transport in STRATEGIES:
+                for lowering, transport in STRATEGIES if not args.graphs_only else ():
                     if transport == "symm_mem" and not cuda:
                         continue
                     settings = {"lowering": lowering, "inner_backend": args.inner, "max_tokens_per_rank": max(TOKENS),

@@ -24,4 +24,4 @@ def test_demo_ranks_match(args):
     out = done.stdout
     assert "OK: every rank matches its reference" in out
     assert out.count("max |moe_fx - reference|") == 2  # both ranks reported
-    assert "rewrote 2 MoE block(s)" in out and "_dispatch(hidden, topk_ids" in out
+    assert "rewrote 2 MoE block(s)" in out and "moe_fx.guard(topk_ids" in out and "_dispatch(hidden, v0" in out

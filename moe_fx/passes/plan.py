@@ -176,11 +176,15 @@ def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_typ
 
 
 def _records_cuda_graphs() -> bool:
-    """Whether the graph being compiled will run as CUDA graphs: inductor's cudagraphs, which
-    ``moe_fx.config.inner_mode = "reduce-overhead"`` turns on while it compiles."""
+    """Whether the graph being compiled will run as CUDA graphs: inductor's cudagraphs, set
+    globally or by ``moe_fx.config.inner_mode = "reduce-overhead"`` (which the backend applies
+    only when inductor compiles, after this pass: read from the mode's options here)."""
     from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
 
-    return bool(inductor_config.triton.cudagraphs)
+    by_mode = config.inner_backend == "inductor" and config.inner_mode is not None and bool(
+        list_mode_options(config.inner_mode).get("triton.cudagraphs"))
+    return by_mode or bool(inductor_config.triton.cudagraphs)
 
 
 def _training(region: MoERegion) -> bool:
