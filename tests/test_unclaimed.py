@@ -99,3 +99,35 @@ def test_a_router_whose_ids_leave_the_graph_is_a_near_miss():
     misses = [m for m in report.near_misses if m.form == "unrecognized"]
     assert len(misses) == 1 and "leave this graph" in misses[0].reason, str(report)
     assert report.graph_breaks
+
+
+FORM_MODULES = [("LoopMoE", {}), ("LoopMoE", {"experts": "params", "select": "eq", "accumulate": "setitem"}),
+                ("TitanMoE", {"dtype": "bfloat16"}), ("WeightGatherMoE", {}), ("DenseMoE", {}), ("SplitMoE", {}),
+                ("PartialLoopMoE", {}), ("BranchyLoopMoE", {}), ("CapacityMoE", {})]
+
+
+@pytest.mark.parametrize("cls,kw", FORM_MODULES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(FORM_MODULES)])
+def test_every_form_module_is_rewritten_or_explained(cls, kw):
+    """Each MoE block of the suite's form modules is a block or a near-miss with a reason, once."""
+    from tests.form_jobs import build_form
+
+    dtype = getattr(torch, kw.get("dtype", "float32"))
+    report = moe_fx.explain(build_form(cls, **kw), torch.randn(6, 16, dtype=dtype))
+    explained = [m for m in report.near_misses if m.reason]
+    assert len(report.blocks) + len(explained) >= 1, str(report)
+    assert not (report.blocks and report.near_misses), str(report)  # a rewritten block is not also a miss
+
+
+@pytest.mark.parametrize("model", [TopkAttention(), DepthRouter()], ids=["topk_attention", "mixture_of_depths"])
+def test_models_without_experts_compile_untouched(model):
+    """Compiled with moe_fx, a model without experts keeps its traced graph: nothing rewritten."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(T, H)
+    with moe_fx.config.patch(inner_backend="eager"), torch.no_grad(), moe_fx.recording() as graphs:
+        out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x)
+        assert torch.equal(out, model(x))
+    assert graphs and all(not g.report.blocks and not g.report.misses for g in graphs)
+    assert counters["moe_fx"]["regions_rewritten"] == 0
