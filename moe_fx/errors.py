@@ -30,8 +30,9 @@ class RoutingError(MoEFxError, ValueError):
 
 class RankMismatchError(MoEFxError, RuntimeError):
     """The ranks of an EP group called an MoE block with different facts (block, call number, E,
-    hidden size, top-k, dtype, strategy, capacity) or a token count over the capacity. Raised on
-    every rank, before any row is exchanged; names the block, the field and each rank's value."""
+    hidden size, top-k, dtype, strategy, capacity, ep). Raised on every rank, before any row is
+    exchanged; names the block, the field and each rank's value. (A token count over a static
+    capacity raises UnsupportedMoEError, on every rank too.)"""
 
 
 class CollectiveTimeoutError(MoEFxError, TimeoutError):

@@ -48,6 +48,43 @@ def test_cuda_graphs_are_seen_from_inductor_config():
         assert _records_cuda_graphs()
 
 
+def test_cuda_graphs_are_seen_from_inner_mode_before_inductor_compiles():
+    """The backend applies inner_mode's options only when inductor compiles, after the pass: the
+    plan must read them from the mode (else MC2 over symm_mem is captured and fails)."""
+    import moe_fx
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": False}):
+        with moe_fx.config.patch(inner_backend="inductor", inner_mode="reduce-overhead"):
+            assert _records_cuda_graphs()
+        with moe_fx.config.patch(inner_backend="inductor", inner_mode="max-autotune-no-cudagraphs"):
+            assert not _records_cuda_graphs()
+        with moe_fx.config.patch(inner_backend="aot_eager", inner_mode="reduce-overhead"):
+            assert not _records_cuda_graphs()
+
+
+def test_symm_mem_falls_back_to_all_to_all_under_cuda_graphs(monkeypatch, caplog):
+    """NVSHMEM's transport fails CUDA-graph capture on 2 H200s: such graphs use all_to_all, logged."""
+    import moe_fx
+    from torch._dynamo.utils import counters
+
+    from moe_fx.lowering import EPPlan, Strategy
+    from moe_fx.passes import plan as plan_module
+    from moe_fx.runtime import symm_mem
+
+    monkeypatch.setattr(symm_mem, "unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(symm_mem, "transport_name", lambda: "nvshmem")
+    region = type("Region", (), {"block": "layers.0.experts"})()
+    ep = EPPlan(block="layers.0.experts", num_experts=8, ep_size=2, ep_rank=0, group_name="0")
+    counters.clear()
+    with moe_fx.config.patch(mc2_transport="symm_mem"):
+        assert plan_module._mc2_transport(region, ep, Strategy.MC2, "cuda", cuda_graphs=False) == "symm_mem"
+        with caplog.at_level("WARNING"):
+            assert plan_module._mc2_transport(region, ep, Strategy.MC2, "cuda", cuda_graphs=True) == "all_to_all"
+    assert counters["moe_fx"]["symm_mem_fallbacks"] == 1
+    assert "layers.0.experts" in caplog.text and "CUDA graph" in caplog.text
+
+
 def _plan(**kw):
     from moe_fx.lowering import EPPlan, LoweringPlan, Strategy
 

@@ -160,3 +160,16 @@ def test_a_rank_that_stops_calling_is_named_within_the_timeout(world):
         assert kind == "error" and message.startswith("CollectiveTimeoutError: MoE block '<root module>', call 2: "), res
         assert f"rank(s) [{stopper}] did not reach it within moe_fx.config.collective_timeout_s=2 s" in message
         assert res["seconds"] < TIMEOUT_S + min(TIMEOUT_S, 5.0) + 3.0, res
+
+
+def test_dtype_codes_agree_between_processes():
+    """The fingerprint's dtype code must not depend on the process (Python salts str hashes)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from moe_fx.runtime.guard import dtype_code; print(dtype_code(torch.float8_e4m3fn))"
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+            for seed in ("1", "2", "3")}
+    assert len(seen) == 1, seen

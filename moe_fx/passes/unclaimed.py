@@ -33,10 +33,11 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
         if router is None:
             continue
         weight, num_experts = router
-        block = owner_path(weight).rsplit(".", 1)[0] if "." in owner_path(weight) else owner_path(weight)
+        router_path = owner_path(weight)
+        block = router_path.rsplit(".", 1)[0]  # the module holding the router (and its experts)
         if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(block) for m in misses):
             continue
-        if reason := _where_ids_go(node, num_experts, owner_path(weight)):
+        if reason := _where_ids_go(node, num_experts, router_path):
             found.append(NoMatch(block, FORM, reason))
     return found
 

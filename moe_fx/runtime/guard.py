@@ -75,7 +75,8 @@ def block_id(block: str) -> int:
 
 
 def dtype_code(dtype: torch.dtype) -> int:
-    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES) + hash(str(dtype)) % 1000
+    """A rank-invariant code (crc32, not ``hash``: Python salts string hashes per process)."""
+    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES) + zlib.crc32(str(dtype).encode()) % 1000
 
 
 def reset_call_counts() -> None:
