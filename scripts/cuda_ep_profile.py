@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--lowering", default="allgather")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--trace", help="write each variant's Chrome trace (rank 0) into this folder")
     args = parser.parse_args()
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
@@ -54,6 +55,9 @@ def main() -> None:
         compiled = torch.compile(block, backend=backend, fullgraph=True)
         with torch.no_grad():
             prof = _profiled(lambda: compiled(x), args.calls)
+        if rank == 0 and args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(args.trace, f"{shape.name}_{args.tokens}_{name}.json"))
         if rank == 0:
             events = prof.key_averages()
             cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]

@@ -246,3 +246,22 @@ def skew_case(*, rank: int = 0, world_size: int = 1, patch: dict, tokens=(0, 9, 
 
 def rank_of_world() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def device_check_case(*, inner_backend: str) -> list[tuple]:
+    """ep = 1 with ``rank_check="first_call"``: the table is read on the first call; later calls
+    keep only the graph's device-side check (``_assert_async``; on CPU it raises at once)."""
+    guard.reset_call_counts()
+    try:
+        model, eager = _setup(0, 1)
+        call = _compiled(model, {"rank_check": "first_call", "inner_backend": inner_backend})
+        x, ids, w = _routing(0, 6, 4, 2)
+        outcomes = []
+        for value in (None, 4, -1, None):
+            bad = ids.clone()
+            if value is not None:
+                bad[-1, -1] = value
+            outcomes.append(_outcome(lambda: _diff(call(x, bad, w), eager, (x, ids, w))))
+        return outcomes
+    finally:
+        guard.reset_call_counts()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist_pool import get_pool
-from tests.reliability_jobs import bad_ids_case, MISMATCHES
+from tests.reliability_jobs import bad_ids_case, device_check_case, MISMATCHES
 
 JOB_TIMEOUT_S = 120.0
 
@@ -61,6 +61,18 @@ def test_bad_ids_raise_on_every_rank_ep4(strategy):
 def test_bad_ids_raise_at_ep1(dtype):
     """ep = 1 (no process group): before, a bad id was dropped (or read uninitialised memory in bf16)."""
     _assert_bad_ids([bad_ids_case(patch={}, dtype=dtype)], 1, f"ep1-{dtype}")
+
+
+@pytest.mark.parametrize("inner_backend", ["eager", "inductor"])
+def test_device_check_after_the_first_call(inner_backend):
+    """``rank_check="first_call"`` (CUDA's default for sync-free strategies): after the first
+    call only the graph's own check stands between a bad id and the experts; it must still fire."""
+    first, too_large, negative, last = device_check_case(inner_backend=inner_backend)
+    assert first[0] == "ok" and first[1] <= GOOD, first
+    assert last[0] == "ok" and last[1] <= GOOD, last
+    for got in (too_large, negative):
+        assert got[0] == "error", ("a bad id must never return", got)
+        assert "moe_fx: MoE block '<root module>': an expert id outside [0, 4)" in got[1], got
 
 
 SAYS = {

@@ -1,6 +1,7 @@
 """The agreement check at the entry of every rewritten MoE block (moe_fx/runtime/guard.py).
 
     topk_ids [T, K] -> moe_fx::guard(topk_ids, fingerprint, block, group, timeout_ms, every_call)
+                    [-> _assert_async(ids in [0, E)), clamp     where the table is read on the first call only]
                     -> dispatch, experts, combine (as before, reading the checked ids)
 
 ``GuardPlan`` is resolved by the pass (moe_fx/passes/plan.py ``guard_plan``) from the block's
@@ -42,5 +43,17 @@ class GuardPlan:
 
 def emit_guard(plan: GuardPlan, topk_ids_TK: fx.Proxy) -> fx.Proxy:
     """The ids every later op of the region reads, after the ranks agreed on this call."""
-    return torch.ops.moe_fx.guard(topk_ids_TK, plan.fingerprint(), plan.block, plan.group_name, plan.timeout_ms,
-                                  plan.every_call)
+    checked = torch.ops.moe_fx.guard(topk_ids_TK, plan.fingerprint(), plan.block, plan.group_name,
+                                     plan.timeout_ms, plan.every_call)
+    return checked if plan.every_call else _checked_on_device(checked, plan)
+
+
+def _checked_on_device(topk_ids_TK: fx.Proxy, plan: GuardPlan) -> fx.Proxy:
+    """Calls after a block's first read no table: ids outside [0, E) fail this rank's CUDA context
+    at its next synchronization (``_assert_async``: no host sync), and are clamped meanwhile, so
+    no op reads out of bounds and the peers' exchange stays matched. As graph ops, the compiler
+    fuses the check into one reduction and the clamp into the ids' consumers."""
+    num_experts = plan.num_experts
+    bad = (topk_ids_TK < 0) | (topk_ids_TK >= num_experts)
+    torch._assert_async(~bad.any(), f"moe_fx: MoE block {plan.block!r}: an expert id outside [0, {num_experts})")
+    return topk_ids_TK.clamp(0, num_experts - 1)
