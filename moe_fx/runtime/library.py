@@ -17,6 +17,24 @@ from moe_fx.errors import UnsupportedMoEError
 LIB = "moe_fx"
 
 
+def kernel_op(name: str, has_triton: bool):
+    """Decorator for an op whose CUDA path is Triton kernels called through
+    ``torch.library.wrap_triton`` and whose other devices run torch ops in the same function.
+
+    With Triton, a ``triton_op``: the compiler sees the kernels and launches them from its own
+    code, without a Python op call per use (host time per call is what moe_fx.bench_ep showed
+    EP layers losing). Without (CPU-only installs), a plain custom op over the same function."""
+
+    def define(fn):
+        if has_triton:
+            return torch.library.triton_op(f"{LIB}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{LIB}::{name}", mutates_args=())(fn)
+        op.register_fake(fn)  # the torch branch runs on fake tensors too
+        return op
+
+    return define
+
+
 def fake_rows() -> int:
     """A fresh unbacked size for the data-dependent number of rows routed to this rank."""
     return torch.library.get_ctx().new_dynamic_size()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_fx.runtime.library import LIB
+from moe_fx.runtime.library import kernel_op
 
 try:
     import triton
@@ -42,22 +42,6 @@ def _terms(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor) -> torch.Te
     return torch.where(valid.unsqueeze(1), rows * w.reshape(-1, 1), 0)
 
 
-@torch.library.custom_op(f"{LIB}::unsort_weighted_sum", mutates_args=())
-def unsort_weighted_sum(
-    y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """y [S, H] expert-major, position [S], w [T, K] -> [T, H]: computed in promote(y, w)'s dtype,
-    returned in ``out_dtype`` (default: that dtype). Casting here spares the model's own cast a
-    pass over the output (bf16 rows times fp32 router weights sum in fp32, then go back to bf16)."""
-    return _reference(y, position, w, out_dtype)
-
-
-@unsort_weighted_sum.register_fake
-def _(y, position, w, out_dtype=None):
-    torch._check(position.shape[0] == w.shape[0] * w.shape[1], lambda: f"{position.shape} vs {w.shape}")
-    return y.new_empty((w.shape[0], y.shape[1]), dtype=out_dtype or torch.promote_types(y.dtype, w.dtype))
-
-
 def _setup(ctx, inputs, output):
     y, position, w, _ = inputs
     ctx.save_for_backward(y, position, w)
@@ -77,9 +61,6 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[2]:
         grad_w = (grad_out.unsqueeze(1) * _rows(y, position)[0].view(t, k, y.shape[1])).sum(-1).to(w.dtype)
     return grad_y, None, grad_w, None
-
-
-torch.library.register_autograd(f"{LIB}::unsort_weighted_sum", _backward, setup_context=_setup)
 
 
 if triton is not None:
@@ -109,17 +90,28 @@ if triton is not None:
         # model's cast would give the same value, since fp32 -> narrower rounds once either way.
         tl.store(out_ptr + token.to(tl.int64) * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
-    @unsort_weighted_sum.register_kernel("cuda")
-    def _(y, position, w, out_dtype=None):
-        t, k = w.shape
-        product_dtype = torch.promote_types(y.dtype, w.dtype)
-        if out_dtype not in (None, product_dtype) and product_dtype != torch.float32:
-            # The fp32 accumulator is rounded once; the contract rounds to product_dtype first.
-            return unsort_weighted_sum(y, position, w).to(out_dtype)
-        out = y.new_empty((t, y.shape[1]), dtype=out_dtype or product_dtype)
-        if t == 0:
-            return out
+
+@kernel_op("unsort_weighted_sum", has_triton=triton is not None)
+def unsort_weighted_sum(
+    y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y [S, H] expert-major, position [S], w [T, K] -> [T, H]: computed in promote(y, w)'s dtype,
+    returned in ``out_dtype`` (default: that dtype). Casting here spares the model's own cast a
+    pass over the output (bf16 rows times fp32 router weights sum in fp32, then go back to bf16)."""
+    torch._check(position.shape[0] == w.shape[0] * w.shape[1], lambda: f"{position.shape} vs {w.shape}")
+    if triton is None or y.device.type != "cuda":
+        return _reference(y, position, w, out_dtype)
+    t, k = w.shape
+    product_dtype = torch.promote_types(y.dtype, w.dtype)
+    # The kernel rounds its fp32 accumulator once; the contract rounds to product_dtype first.
+    cast_after = out_dtype not in (None, product_dtype) and product_dtype != torch.float32
+    out = y.new_empty((t, y.shape[1]), dtype=product_dtype if cast_after else out_dtype or product_dtype)
+    if t > 0:
         grid = lambda meta: (t, triton.cdiv(y.shape[1], meta["BLOCK_H"]))  # noqa: E731
-        _unsort_weighted_sum_kernel[grid](y.contiguous(), position.contiguous(), w.contiguous(), out, y.shape[1],
-                                          K=k, PRODUCT_IN_W_DTYPE=product_dtype == w.dtype)
-        return out
+        torch.library.wrap_triton(_unsort_weighted_sum_kernel)[grid](
+            y.contiguous(), position.contiguous(), w.contiguous(), out, y.shape[1], K=k,
+            PRODUCT_IN_W_DTYPE=product_dtype == w.dtype)
+    return out.to(out_dtype) if cast_after else out
+
+
+unsort_weighted_sum.register_autograd(_backward, setup_context=_setup)
