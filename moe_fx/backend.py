@@ -15,7 +15,6 @@ import torch.fx as fx
 
 from moe_fx import config
 from moe_fx.passes import PassReport, moe_ep_pass
-from moe_fx.passes.direct_collectives import DirectCollectives
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +52,10 @@ def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
     report = moe_ep_pass(gm)
     for graphs in _recorders:
         graphs.append(RecordedGraph(original=original, rewritten=gm, report=report))
-    return _inner_compile(gm, example_inputs, report)
+    return _inner_compile(gm, example_inputs)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list, report: PassReport) -> Callable:
+def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
     name = config.inner_backend
     if name == "eager":
         return gm.forward
@@ -64,14 +63,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list, report: PassReport)
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = dict(list_mode_options(config.inner_mode)) if config.inner_mode else {}
-        groups = frozenset(b.plan.group_name for b in report.blocks if b.plan.ep_size > 1 and b.output is not None)
-        if groups:
-            from torch._inductor import config as inductor_config
-
-            patches["post_grad_custom_post_pass"] = DirectCollectives(
-                groups, before=inductor_config.post_grad_custom_post_pass)
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        patches = list_mode_options(config.inner_mode) if config.inner_mode else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
     if name == "torchair":
         from moe_fx.torchair_backend import torchair_compile
 

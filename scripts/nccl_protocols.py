@@ -1,4 +1,4 @@
-"""How NCCL's protocol choice moves the EP collectives moe_fx emits (torchrun, one process per GPU).
+"""NCCL's protocols on the EP collectives' sizes, eager calls (torchrun, one process per GPU).
 
     torchrun --nproc-per-node 2 scripts/nccl_protocols.py
 

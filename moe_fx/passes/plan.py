@@ -22,7 +22,7 @@ from moe_fx.lowering.token_layout import ReplicatedTokens, TokenGroup
 from moe_fx.passes.graph_utils import fake
 from moe_fx.passes.region import MoERegion
 from moe_fx.runtime import symm_mem
-from moe_fx.runtime.comm import current_ep_group, resolve_group
+from moe_fx.runtime.comm import current_ep_group, resolve_group, with_nccl_protocol
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ def ep_plan(region: MoERegion) -> EPPlan:
             f"expert-parallel group of {ep} ranks ({num_experts} % {ep} = {num_experts % ep}). "
             f"Use a group whose size divides {num_experts} (moe_fx.config.ep_group)."
         )
+    data = with_nccl_protocol(group, config.ep_nccl_protocol)  # the same ranks, in the same order
     return EPPlan(block=region.block, num_experts=num_experts, ep_size=ep, ep_rank=group.rank(),
-                  group_name=group.group_name)
+                  group_name=data.group_name)
 
 
 def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -75,3 +77,34 @@ def current_ep_group() -> dist.ProcessGroup | None:
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return None
+
+
+_protocol_groups: dict[tuple[str, str], dist.ProcessGroup] = {}
+
+
+def with_nccl_protocol(group: dist.ProcessGroup, protocol: str | None) -> dist.ProcessGroup:
+    """A communicator over ``group``'s ranks whose NCCL collectives use ``protocol`` ("Simple",
+    "LL128", "LL"), created once per group; ``group`` itself when ``protocol`` is None or the
+    group is not NCCL's.
+
+    NCCL reads NCCL_PROTO when a communicator starts, so the variable is set only while this one
+    starts (a one-element all-reduce on the current device) and the process's other
+    communicators keep their own choice. Every rank of ``group`` must call it at the same point
+    (moe_fx does, when the first block of an EP group is compiled)."""
+    if protocol is None or dist.get_backend(group) != "nccl":
+        return group
+    key = (group.group_name, protocol)
+    if key not in _protocol_groups:
+        before = os.environ.get("NCCL_PROTO")
+        os.environ["NCCL_PROTO"] = protocol
+        try:
+            sibling = dist.new_group(dist.get_process_group_ranks(group), backend="nccl",
+                                     use_local_synchronization=True)
+            dist.all_reduce(torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device())), group=sibling)
+        finally:
+            if before is None:
+                del os.environ["NCCL_PROTO"]
+            else:
+                os.environ["NCCL_PROTO"] = before
+        _protocol_groups[key] = sibling
+    return _protocol_groups[key]
