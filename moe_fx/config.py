@@ -48,12 +48,14 @@ inner_mode: Optional[str] = None
 # process group when torch.distributed is initialized, else no expert parallelism (ep == 1).
 ep_group: Optional[str] = None
 
-# NCCL protocol of the EP collectives (CUDA): moe_fx runs them on a communicator of its own over the
-# EP group's ranks, started with NCCL_PROTO set to this ("Simple", "LL128", "LL"); None: on the EP
-# group itself, whatever NCCL picks. In compiled graphs NCCL 2.28 picked LL for the megabyte
-# all-gathers and reduce-scatters of a layer at 4096 tokens per rank, which cost up to 1.4x the
-# layer's time on 2 H200s (README, "Multi-GPU benchmark"). Costs one more NCCL communicator.
+# NCCL protocol of the large static EP exchanges (CUDA): a block whose static buffers send at least
+# ep_nccl_bulk_bytes per rank (AllGather's C*H, MC2's C*K*H elements) runs its collectives on a
+# communicator of moe_fx's own over the EP group's ranks, started with NCCL_PROTO set to this
+# ("Simple", "LL128", "LL"); smaller ones stay on the EP group. None: every block on the EP group,
+# whatever NCCL picks. NCCL 2.28 picked LL for the bounded AllGather's 16 MB exchanges on 2 H200s
+# (README, "Multi-GPU benchmark"). Costs one more NCCL communicator per EP group.
 ep_nccl_protocol: Optional[str] = "Simple"
+ep_nccl_bulk_bytes: int = 4 << 20
 
 # What to do with a graph that holds an MoE-like block moe_fx cannot rewrite:
 #   "warn"  keep the original graph for that block and log a warning with the reason

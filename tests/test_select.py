@@ -79,3 +79,28 @@ def test_device_rules_take_over_their_device_only():
         assert _choose().strategy is Strategy.TOKEN_SWITCH
     finally:
         del DEVICE_RULES["npu"]
+
+
+@pytest.mark.parametrize("strategy, capacity, hidden, device, bulk", [
+    (Strategy.ALLGATHER, 4096, 2048, "cuda", True),   # 16 MiB per rank
+    (Strategy.ALLGATHER, 128, 2048, "cuda", False),   # 512 KiB: NCCL's own pick
+    (Strategy.MC2, 128, 2048, "cuda", True),          # C*K rows: 4 MiB
+    (Strategy.ALLGATHER, None, 2048, "cuda", False),  # sized at run time
+    (Strategy.ALLGATHER, 4096, 2048, "cpu", False),   # gloo
+])
+def test_large_static_exchanges_take_the_bulk_protocol_group(monkeypatch, strategy, capacity, hidden, device, bulk):
+    """config.ep_nccl_protocol / ep_nccl_bulk_bytes: which blocks run their collectives on the
+    communicator started with the bulk protocol (moe_fx/runtime/comm.with_nccl_protocol)."""
+    from moe_fx.lowering import EPPlan
+    from moe_fx.passes import plan as plan_module
+
+    asked = []
+    monkeypatch.setattr(plan_module, "resolve_group", lambda name: name)
+    monkeypatch.setattr(plan_module, "with_nccl_protocol",
+                        lambda group, protocol: asked.append((group, protocol)) or type("G", (), {"group_name": "bulk"}))
+    region = type("Region", (), {"top_k": 8, "hidden_size": hidden, "dtype": torch.bfloat16})
+    ep = EPPlan(block="b", num_experts=16, ep_size=2, ep_rank=0, group_name="ep")
+    got = plan_module._bulk_exchange_group(ep, region, strategy, capacity, device)
+    assert got.group_name == ("bulk" if bulk else "ep") and asked == ([("ep", "Simple")] if bulk else [])
+    with moe_fx.config.patch(ep_nccl_protocol=None):
+        assert plan_module._bulk_exchange_group(ep, region, strategy, capacity, device) is ep

@@ -7,6 +7,7 @@ the lowering reads nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -41,9 +42,8 @@ def ep_plan(region: MoERegion) -> EPPlan:
             f"expert-parallel group of {ep} ranks ({num_experts} % {ep} = {num_experts % ep}). "
             f"Use a group whose size divides {num_experts} (moe_fx.config.ep_group)."
         )
-    data = with_nccl_protocol(group, config.ep_nccl_protocol)  # the same ranks, in the same order
     return EPPlan(block=region.block, num_experts=num_experts, ep_size=ep, ep_rank=group.rank(),
-                  group_name=data.group_name)
+                  group_name=group.group_name)
 
 
 def block_facts(region: MoERegion, plan: EPPlan) -> BlockFacts:
@@ -78,6 +78,7 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
     device_type, cuda_graphs = _device_type(region), _records_cuda_graphs()
+    ep = _bulk_exchange_group(ep, region, choice.strategy, capacity, device_type)
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
@@ -112,6 +113,23 @@ def make_lowering(region: MoERegion, plan: LoweringPlan) -> LocalLowering:
     if plan.ep.ep_size > 1 and token_layout() == "replicated":
         return ReplicatedTokens(lowering, token_group(plan.ep))
     return lowering
+
+
+def _bulk_exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: int | None,
+                         device_type: str) -> EPPlan:
+    """Static exchanges of at least ``config.ep_nccl_bulk_bytes`` per rank run on a communicator
+    over the same ranks started with ``config.ep_nccl_protocol`` (moe_fx/runtime/comm.py); smaller
+    ones, and those sized at run time, stay on the EP group. On 2 H200s NCCL picked LL for the
+    bounded AllGather's 16 MB exchanges (Simple: Qwen3-30B-A3B's layer at 4096 tokens per rank
+    1.57x ep1 rather than 1.73x), while LL served the decode-sized ones better under CUDA graphs
+    (GPT-OSS-20B at 128 tokens: 424 µs rather than 457); README, "Multi-GPU benchmark"."""
+    if ep.ep_size == 1 or device_type != "cuda" or capacity is None or config.ep_nccl_protocol is None:
+        return ep
+    rows = capacity * (region.top_k if strategy is Strategy.MC2 else 1)  # MC2 sends C*K-row buffers
+    if rows * region.hidden_size * region.dtype.itemsize < config.ep_nccl_bulk_bytes:
+        return ep
+    group = with_nccl_protocol(resolve_group(ep.group_name), config.ep_nccl_protocol)
+    return dataclasses.replace(ep, group_name=group.group_name)
 
 
 def token_layout() -> str:
