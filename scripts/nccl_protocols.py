@@ -12,10 +12,11 @@ back-to-back calls, the slowest rank's, µs and GB/s (bytes received from the ot
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
+
+from moe_fx.bench import median_us
 
 PROTOCOLS = (None, "Simple", "LL128", "LL")
 SIZES_KB = (32, 256, 1024, 4096, 16384, 57344)
@@ -36,18 +37,11 @@ def group_with_protocol(protocol: str | None) -> dist.ProcessGroup:
     return group
 
 
-def median_us(fn, iters: int = 30) -> float:
-    for _ in range(5):
-        fn()
+def slowest_median_us(fn) -> float:
+    """The slowest rank's CUDA-event median of back-to-back calls (moe_fx.bench's timer)."""
     torch.cuda.synchronize()
     dist.barrier()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    mine = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+    mine = median_us(fn, warmup=5, iters=30)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return max(every)
@@ -66,8 +60,8 @@ def main() -> None:
         gathered = torch.empty(world * n, device="cuda", dtype=torch.bfloat16)
         scattered = torch.empty(n // world, device="cuda", dtype=torch.bfloat16)
         for name, group in groups.items():
-            ag = median_us(lambda: dist.all_gather_into_tensor(gathered, x, group=group))
-            rs = median_us(lambda: dist.reduce_scatter_tensor(scattered, x, group=group))
+            ag = slowest_median_us(lambda: dist.all_gather_into_tensor(gathered, x, group=group))
+            rs = slowest_median_us(lambda: dist.reduce_scatter_tensor(scattered, x, group=group))
             moved = (world - 1) * kb * 1024
             rows.append((kb, name, ag, moved / ag / 1e3, rs, moved / world / rs / 1e3))
     if dist.get_rank() == 0:
