@@ -123,21 +123,25 @@ class SequentialMLPMoE(_ModuleListExperts):
 
 
 # 5. Dense all-experts einsums, weighted by a scattered [T, E] score matrix.
-class DenseEinsumMoE(_StackedExperts):
-    """Every expert on every token: ``th,ehf->etf`` up (w1, w3 as [E, H, I]), ``eti,eih->eth``
-    down, summed over experts with the scores, zero outside each token's top-k."""
+class DenseEinsumMoE(nn.Module):
+    """Every expert on every token: ``th,ehf->etf`` up (gate|up fused, [E, H, 2I]), SwiGLU,
+    ``eti,eih->eth`` down, ``eth,te->th`` with the scores, zero outside each token's top-k."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
-        super().__init__(hidden, intermediate, num_experts, top_k)
-        self.w1 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * hidden**-0.5)
-        self.w3 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * hidden**-0.5)
-        self.w2 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * intermediate**-0.5)
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = _Router(hidden, num_experts, top_k)
+        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, 2 * intermediate) * hidden**-0.5)
+        self.w_down = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * intermediate**-0.5)
+
+    def expert_parameters(self) -> list[list[torch.Tensor]]:
+        return [[self.w_up[e], self.w_down[e]] for e in range(self.num_experts)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids_TK, w_TK = self.router(x)
         scores_TE = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype).scatter(1, ids_TK, w_TK.to(x.dtype))
-        h = F.silu(torch.einsum("th,ehf->etf", x, self.w1)) * torch.einsum("th,ehf->etf", x, self.w3)
-        y_ETH = torch.einsum("eti,eih->eth", h, self.w2)
+        gate, up = torch.einsum("th,ehf->etf", x, self.w_up).chunk(2, dim=-1)
+        y_ETH = torch.einsum("eti,eih->eth", F.silu(gate) * up, self.w_down)
         return torch.einsum("eth,te->th", y_ETH, scores_TE)
 
 
