@@ -185,8 +185,9 @@ class TorchMoERef(_StackedExperts):
     """Tokens repeated K times by ``view(B, -1, D).repeat(1, K, 1)``; per expert ``mask = ids == i``
     and ``if mask.sum():``; ``out[mask] = silu_and_mul(a[mask] @ w13[i].T) @ w2[i].T``."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, skip_empty: bool = True):
         super().__init__(hidden, intermediate, num_experts, top_k)
+        self.skip_empty = skip_empty  # False: the fix explain() gives, without ``if mask.sum():``
         self.w13 = nn.Parameter(torch.randn(num_experts, 2 * intermediate, hidden) * hidden**-0.5)
         del self.w1, self.w3
 
@@ -201,7 +202,7 @@ class TorchMoERef(_StackedExperts):
         flat_w, flat_ids = w_TK.view(-1), ids_TK.view(-1)
         for i in range(self.num_experts):
             mask = flat_ids == i
-            if mask.sum():
+            if not self.skip_empty or mask.sum():
                 gate, up = (a[mask] @ self.w13[i].transpose(0, 1)).chunk(2, dim=-1)
                 out[mask] = (F.silu(gate) * up) @ self.w2[i].transpose(0, 1)
         return (out.view(b, -1, self.w2.shape[1]) * flat_w.view(b, -1, 1).to(out.dtype)).sum(dim=1)
