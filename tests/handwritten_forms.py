@@ -185,14 +185,17 @@ class TorchMoERef(_StackedExperts):
     """Tokens repeated K times by ``view(B, -1, D).repeat(1, K, 1)``; per expert ``mask = ids == i``
     and ``if mask.sum():``; ``out[mask] = silu_and_mul(a[mask] @ w13[i].T) @ w2[i].T``."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, skip_empty: bool = True):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
         super().__init__(hidden, intermediate, num_experts, top_k)
-        self.skip_empty = skip_empty  # False: the fix explain() gives, without ``if mask.sum():``
         self.w13 = nn.Parameter(torch.randn(num_experts, 2 * intermediate, hidden) * hidden**-0.5)
         del self.w1, self.w3
 
     def expert_parameters(self) -> list[list[torch.Tensor]]:
         return [[self.w13[e], self.w2[e]] for e in range(self.num_experts)]
+
+    def _expert(self, i: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = (rows @ self.w13[i].transpose(0, 1)).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w2[i].transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, d = x.shape
@@ -202,9 +205,23 @@ class TorchMoERef(_StackedExperts):
         flat_w, flat_ids = w_TK.view(-1), ids_TK.view(-1)
         for i in range(self.num_experts):
             mask = flat_ids == i
-            if not self.skip_empty or mask.sum():
-                gate, up = (a[mask] @ self.w13[i].transpose(0, 1)).chunk(2, dim=-1)
-                out[mask] = (F.silu(gate) * up) @ self.w2[i].transpose(0, 1)
+            if mask.sum():
+                out[mask] = self._expert(i, a[mask])
+        return (out.view(b, -1, self.w2.shape[1]) * flat_w.view(b, -1, 1).to(out.dtype)).sum(dim=1)
+
+
+class TorchMoERefFixed(TorchMoERef):
+    """torch_moe with the fix explain() gives for it: the ``if mask.sum():`` branch removed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d = x.shape
+        ids_TK, w_TK = self.router(x)
+        a = x.view(b, -1, d).repeat(1, self.top_k, 1).reshape(-1, d)
+        out = torch.zeros(b * self.top_k, self.w2.shape[1], dtype=x.dtype)
+        flat_w, flat_ids = w_TK.view(-1), ids_TK.view(-1)
+        for i in range(self.num_experts):
+            mask = flat_ids == i
+            out[mask] = self._expert(i, a[mask])
         return (out.view(b, -1, self.w2.shape[1]) * flat_w.view(b, -1, 1).to(out.dtype)).sum(dim=1)
 
 
