@@ -1,7 +1,8 @@
 """Exact rewrites of experts spellings into the ones the recognizers know, run before them.
 
-Each rewrite computes the same values as the code it replaces (the same products and sums, only
-in another spelling), so a block no recognizer then claims still runs as the user wrote it:
+Each rewrite computes the same products and sums as the code it replaces, only spelled otherwise
+(the dense combine's sum over experts may round in another order), so a block no recognizer then
+claims still computes what the user wrote:
 
     W[ids, ...]                                  -> W[ids]                       (gpt-oss reference)
     einsum("beck,bk->bec", W[ids], x)            -> einsum("bk,beck->bec", x, W[ids])

@@ -8,7 +8,6 @@ import torch.fx as fx
 
 from moe_fx.passes import capacity_gate, dense_experts, expert_loop, hf_experts, split_experts, titan_experts
 from moe_fx.passes import weight_gather
-from moe_fx.passes.canonical import canonicalize
 from moe_fx.passes.graph_utils import is_op
 from moe_fx.passes.matching import Miss
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -30,9 +29,8 @@ _RECOGNIZERS: tuple[tuple[str, Callable[[fx.Node], bool], Callable[[fx.Node], Mo
 
 
 def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
-    """Every rewritable experts region of ``graph``, and every near-miss with its reason.
-    Other spellings of the recognized forms are first rewritten into them (passes/canonical.py)."""
-    canonicalize(graph)
+    """Every rewritable experts region of ``graph``, and every near-miss with its reason (on a
+    graph passes/canonical.py has put in the recognizers' spellings)."""
     regions: list[MoERegion] = []
     misses: list[tuple[fx.Node, NoMatch]] = []
     for node in graph.nodes:
