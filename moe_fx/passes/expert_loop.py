@@ -37,9 +37,9 @@ import torch
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, depends_on, fake, int_value, is_graph_input, is_op, op_name, same_size, size_guards, strip_casts, upstream,
+    arg, fake, int_value, is_graph_input, is_op, op_name, same_size, size_guards, strip_casts, upstream,
 )
-from moe_fx.passes.expert_params import ExpertLinear, expert_linear, experts_owner, stacked_projection
+from moe_fx.passes.expert_params import ExpertFn, ExpertLinear, expert_matmuls, experts_owner, stack_experts
 from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
 from moe_fx.passes.region import MoERegion, NoMatch, RowFn
 
@@ -151,7 +151,7 @@ def _iteration(update: _Update, block: str) -> _Expert:
         weights, slots = weight_rows.args[0], [weight_rows.args[1][1]]
         expect(fake(weights) is not None and tuple(fake(weights).shape) == tuple(fake(ids).shape),
                "router weights and expert ids differ in shape")
-    ups, down = _ups_down(_between(tok, y), expert)
+    ups, down = expert_matmuls(tok, y, expert)
     hidden, gather_nodes = _gathered_rows(ups[0].input, tok)
     act, post = row_functions(up=ups[0].node, down_in=down.input, down=down.node, down_out=down.node, y=y,
                               weighting=mul, row_ids=tok, block=block, form=FORM, side_ups=tuple(p.node for p in ups[1:]))
@@ -160,18 +160,6 @@ def _iteration(update: _Update, block: str) -> _Expert:
              *(n for p in (*ups, down) for n in (p.node, *p.nodes)), *act.nodes, *post.nodes, *_mask_nodes(where.args[0])}
     return _Expert(expert=expert, ids=ids, weights=weights, hidden=hidden, ups=ups, down=down, activation=act,
                    post=post, update=update, nodes=frozenset(nodes), dense=dense)
-
-
-def _ups_down(path: list[fx.Node], expert: int) -> tuple[tuple[ExpertLinear, ...], ExpertLinear]:
-    """(input matmuls, output matmul) of one expert among the nodes of its rows' ``path``."""
-    projections = [p for n in path if (p := expert_linear(n)) is not None]
-    expect(projections, "no expert matmul between the selected rows and the expert output")
-    downs = [p for p in projections if any(depends_on(p.input, q.node) for q in projections if q is not p)]
-    ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
-    expect(len(downs) == 1 and 1 <= len(ups) <= 2,
-            f"expert {expert}: {len(ups)} input and {len(downs)} output matmuls (expected w1 [and w3], then w2)")
-    expect(all(p.input is ups[0].input for p in ups), f"expert {expert}: its input matmuls read different rows")
-    return ups, downs[0]
 
 
 def _gate_weighting(contribution: fx.Node, tok: fx.Node, expert: int) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -208,7 +196,7 @@ def _masked_iteration(update: _Update, block: str) -> _Expert:
     expect(len(reads) == 1, f"expert {expert} reads {len(reads)} row sets at flat_ids == {expert} (expected one: x_rep[mask])")
     rows = reads[0]
     y = update.contribution
-    ups, down = _ups_down(_between(rows, y), expert)
+    ups, down = expert_matmuls(rows, y, expert)
     expect(ups[0].input is rows, f"expert {expert}: its input matmuls do not read x_rep[flat_ids == {expert}]")
     hidden, repeat_nodes = _repeated_rows(rows.args[0], fake(ids).shape[1])
     act, post = row_functions(up=ups[0].node, down_in=down.input, down=down.node, down_out=down.node, y=y,
@@ -366,28 +354,6 @@ def _casts_between(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _between(tok: fx.Node, y: fx.Node) -> list[fx.Node]:
-    """Nodes on a path from the selected rows' index to the expert output, in graph order."""
-    after = {tok}
-    for node in _graph_range(tok, y):
-        if any(a in after for a in node.all_input_nodes):
-            after.add(node)
-    before, stack = {y}, [y]
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a in after and a not in before:
-                before.add(a)
-                stack.append(a)
-    return sorted(before)
-
-
-def _graph_range(first: fx.Node, last: fx.Node):
-    node = first.next
-    while node is not last.next:
-        yield node
-        node = node.next
-
-
 def _gathered_rows(x_rows: fx.Node, tok: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """hidden of ``hidden[tok]`` / ``hidden[None, tok].reshape(-1, H)``, and the nodes in between."""
     nodes, node = [], x_rows
@@ -408,35 +374,15 @@ def _gathered_rows(x_rows: fx.Node, tok: fx.Node) -> tuple[fx.Node, list[fx.Node
 # ------------------------------------------------------------------------------------------
 
 
-def _signature(fn: RowFn) -> tuple:
-    """What a row function computes, with node identities replaced by positions (parameters kept)."""
-    position = {fn.input: "in", **{s: f"side{i}" for i, s in enumerate(fn.side_inputs)}}
-    position.update({n: i for i, n in enumerate(fn.nodes)})
-
-    def norm(value):
-        if isinstance(value, fx.Node):
-            return position.get(value, value)  # a parameter read whole must be the same node
-        if isinstance(value, (tuple, list)):
-            return tuple(norm(v) for v in value)
-        return value
-
-    return tuple((op_name(n), norm(n.args), norm(dict(n.kwargs))) for n in fn.nodes)
-
-
 def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     experts = sorted(experts, key=lambda x: x.expert)
     e = len(experts)
-    expect([x.expert for x in experts] == list(range(e)),
-            f"the loop covers experts {[x.expert for x in experts]}, not each of 0..{e - 1} once; tokens routed elsewhere would be lost")
     first = experts[0]
     for x in experts[1:]:
         expect(x.dense == first.dense, f"expert {x.expert} reads its router weight otherwise than expert 0")
         expect(x.ids is first.ids and x.weights is first.weights and x.hidden is first.hidden,
                 f"expert {x.expert} reads other expert ids, router weights or hidden states than expert 0")
-        expect(len(x.ups) == len(first.ups), f"expert {x.expert} has {len(x.ups)} input matmuls, expert 0 {len(first.ups)}")
-        for part in ("activation", "post"):
-            expect(_signature(getattr(x, part)) == _signature(getattr(first, part)),
-                    f"expert {x.expert} computes a different {part} than expert 0 (or reads parameters of its own there)")
+    up, side_up, down, block = stack_experts([ExpertFn(x.expert, x.ups, x.down, x.activation, x.post) for x in experts])
     ids = first.ids
     t, k = fake(ids).shape
     num_classes = [arg(n, 1, "num_classes") for n in first.nodes if is_op(n, "one_hot")]
@@ -446,11 +392,6 @@ def _region(acc: fx.Node, experts: list[_Expert]) -> MoERegion:
     gates_width = int_value(fake(first.weights).shape[1]) if first.dense else e
     expect(gates_width == e, f"the loop covers {e} experts but the gates hold {gates_width}")
     expect(same_size(fake(first.hidden).shape[0], t), "hidden rows do not match the routed tokens")
-    up = stacked_projection([x.ups[0] for x in experts], "first input")
-    side_up = tuple(stacked_projection([x.ups[i] for x in experts], "second input") for i in range(1, len(first.ups)))
-    down = stacked_projection([x.down for x in experts], "output")
-    sources = [w for p in (up, *side_up, down) for w in (p.weight if isinstance(p.weight, tuple) else (p.weight,))]
-    block = experts_owner(sources)
     last = max(x.update.node for x in experts)
     stray = [u for u in acc.users if u > acc and u < last and not any(u in x.nodes for x in experts)]
     expect(not stray, f"the accumulator is read inside the loop ({stray[0].name if stray else ''})")
