@@ -18,6 +18,7 @@ from tests.tolerances import within
 REWRITTEN = {
     1: (dict(cls="MaskedAssignMoE"), "expert_loop"),
     3: (dict(cls="FlatMaskMoE"), "expert_loop"),
+    4: (dict(cls="SequentialMLPMoE"), "split_experts"),
     5: (dict(cls="DenseEinsumMoE"), "dense_bmm"),
     6: (dict(cls="GptOssReferenceMoE"), "weight_gather_einsum"),
     7: (dict(cls="TorchMoERefFixed"), "expert_loop"),  # torch_moe after the fix explain() gives
@@ -32,7 +33,6 @@ CASES = [case for case, _ in REWRITTEN.values()]
 REFUSED = {
     2: ("SortedInferMoE", [r"SortedInferMoE", r"for i, n in enumerate\(counts\)", r"\.cpu\(\)\.numpy\(\)",
                            r"torch\.where\(ids == e\)"]),
-    4: ("SequentialMLPMoE", [r"router", r"masked_select over a \[T, E\] routing map", r"torch\.where\(ids == e\)"]),
     7: ("TorchMoERef", [r"TorchMoERef", r"data-dependent Python branch \(if mask\.sum\(\):\)", r"remove the branch"]),
 }
 

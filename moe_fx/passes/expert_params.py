@@ -170,7 +170,7 @@ def _signature(fn: RowFn) -> tuple:
 def expert_matmuls(rows: fx.Node, y: fx.Node, expert: int) -> tuple[tuple[ExpertLinear, ...], ExpertLinear]:
     """(input matmuls, output matmul) of one expert on the path from its selected ``rows`` (or
     their index) to its output ``y``."""
-    projections = [p for n in _between(rows, y) if (p := expert_linear(n)) is not None]
+    projections = [p for n in rows_path(rows, y) if (p := expert_linear(n)) is not None]
     expect(projections, "no expert matmul between the selected rows and the expert output")
     downs = [p for p in projections if any(depends_on(p.input, q.node) for q in projections if q is not p)]
     ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
@@ -180,7 +180,7 @@ def expert_matmuls(rows: fx.Node, y: fx.Node, expert: int) -> tuple[tuple[Expert
     return ups, downs[0]
 
 
-def _between(tok: fx.Node, y: fx.Node) -> list[fx.Node]:
+def rows_path(tok: fx.Node, y: fx.Node) -> list[fx.Node]:
     """Nodes on a path from the selected rows' index to the expert output, in graph order."""
     after = {tok}
     for node in _graph_range(tok, y):

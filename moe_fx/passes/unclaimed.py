@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, depends_on, fake, int_value, is_graph_input, is_op, nearest_downstream, op_name, owner_path,
+    arg, depends_on, fake, int_value, is_graph_input, is_op, owner_path,
 )
 from moe_fx.passes.region import MoERegion, NoMatch
 
@@ -36,9 +36,11 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
             continue
         weight, num_experts = router
         router_path = owner_path(weight)
-        block = router_path.rsplit(".", 1)[0]  # the module holding the router (and its experts)
-        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(block) for m in misses):
+        # the module holding the router (and its experts); "" when the router is the root's child
+        parent = router_path.rsplit(".", 1)[0] if "." in router_path else ""
+        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(parent) for m in misses):
             continue
+        block = parent or "<root module>"
         if reason := _where_ids_go(node, num_experts, router_path):
             found.append(NoMatch(block, FORM, reason))
     return found
@@ -84,8 +86,6 @@ def _where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
             reaches = reaches or _expert_read(node, num_experts)
     if reaches is None:
         return None
-    if hint := _hint(ids):
-        return f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}): {hint}"
     return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) reach per-expert code "
             f"({reaches}) that none of moe_fx's recognizers matched (README: \"Supported MoE forms\"); "
             "the block runs as traced, without expert parallelism")
@@ -98,21 +98,6 @@ def _returns_routing(output: fx.Node, seen: set[fx.Node], ids: fx.Node) -> bool:
     values = [v for v in output.all_input_nodes if v in seen and fake(v) is not None]
     shape = tuple(fake(ids).shape)
     return any(not v.is_floating_point() or tuple(v.shape) == shape for v in map(fake, values))
-
-
-# Constructs on the ids' way to the experts that no recognizer reads, and what to write instead.
-_STATIC_LOOP = ("write the experts as a static loop: tok, slot = torch.where(ids == e); "
-                "out.index_add_(0, tok, expert_e(x[tok]) * weights[tok, slot, None])")
-_HINTS = {
-    "masked_select": ("rows permuted by masked_select over a [T, E] routing map and split per expert (Megatron's "
-                      "permute and SequentialMLP), a form no recognizer reads; " + _STATIC_LOOP),
-}
-
-
-def _hint(ids: fx.Node) -> str:
-    """What to write instead, when the ids reach a construct of ``_HINTS`` ("" otherwise)."""
-    found = nearest_downstream(ids, lambda n: op_name(n) in _HINTS)
-    return _HINTS[op_name(found)] if found is not None else ""
 
 
 def _expert_read(node: fx.Node, num_experts: int) -> str | None:
