@@ -25,6 +25,7 @@ from moe_fx.passes.expert_params import (
 from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, size_guards, strip_casts
 from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, counted_ids, expect, row_functions
 from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.rowwise import ELEMENTWISE
 
 FORM = "split_experts"
 REQUIRES = "fullgraph=True (or torch._dynamo.config.capture_scalar_outputs=True) to capture .tolist()"
@@ -216,12 +217,18 @@ def _mlp_parts(cat: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return (split, parts) if all(p.args[0] is split for p in parts) else None
 
 
+# What an expert's body is made of between its part and its output: the walk up from a piece
+# crosses only these (and expert matmuls), so it stays inside one expert whatever else is cat'ed.
+_BODY = ELEMENTWISE | {"chunk", "split", "getitem", "view", "reshape", "contiguous"}
+
+
 def _part_of(piece: fx.Node) -> fx.Node | None:
     """The nearest ``split(...)[e]`` above ``piece``, through at least one expert matmul."""
     seen, frontier, through_matmul = {piece}, [piece], False
     while frontier:
         through_matmul = through_matmul or any(expert_linear(n) is not None for n in frontier)
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and not seen.add(a)]
+        frontier = [a for n in frontier if expert_linear(n) is not None or op_name(n) in _BODY
+                    for a in n.all_input_nodes if a not in seen and not seen.add(a)]
         for node in frontier:
             if is_op(node, "getitem") and is_op(node.args[0], "split") and isinstance(node.args[1], int):
                 return node if through_matmul or expert_linear(piece) is not None else None
