@@ -15,19 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_fx.errors import MoEFxError
+from moe_fx.graph_breaks import break_site, explain_break, owner_modules
 from moe_fx.passes import PassReport, analyze_graph
 from moe_fx.passes.graph_utils import fake, module_path, real_value
 from moe_fx.passes.region import MoERegion
+from moe_fx.passes.unclaimed import FORM as UNCLAIMED
 from moe_fx.shard import expert_shard, held_bytes
 
 _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "specialized integer", "unbacked")
-
-_DATA_DEPENDENT_BRANCH = ("Could not guard on data-dependent expression", "data-dependent branching")
-
-_FIX_BRANCH = (
-    "expert loop contains a data-dependent Python branch ({where}); every expert must run "
-    "unconditionally for the loop to be one graph (an expert with no tokens costs nothing): remove the branch"
-)
 
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
@@ -116,22 +111,28 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
-    if captured.graph_break_count > len(captured.break_reasons):
-        _add_silent_break(report, model_or_fn, args, kwargs, flags)
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph), params)
+    explained = False
     for brk in captured.break_reasons:
         where = _where(brk)
         text = f"{where}: {brk.reason.strip().splitlines()[0]}"
         report.graph_breaks.append(text)
         if any(marker in brk.reason for marker in _DATA_DEPENDENT):
             report.near_misses.append(NearMissRow(block=where, form="graph break", reason=_FIX_EAGER_EXPERTS))
+            explained = True
+    # A break dynamo gave no reason for (a data-dependent guard restarts the frame; one inside a
+    # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
+    # once more with fullgraph=True to read the error.
+    leaves = any(m.form == UNCLAIMED and "leave this graph" in m.reason for m in report.near_misses)
+    if captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
+        _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
     return report
 
 
-def _add_silent_break(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:
-    """Breaks on data-dependent guards (``if tok.numel() == 0``) restart the frame and are not in
-    dynamo's break reasons: capture once more with fullgraph=True to read the error."""
+def _add_fullgraph_error(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:
+    """The error of a fullgraph capture: a graph break line, and for a data-dependent one a
+    near-miss naming the module, the line and the fix (moe_fx/graph_breaks.py)."""
     def ignore(gm, example_inputs):
         return gm.forward
 
@@ -140,14 +141,12 @@ def _add_silent_break(report: ExplainReport, model_or_fn, args, kwargs, flags: d
             torch.compile(model_or_fn, backend=ignore, fullgraph=True)(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001  (any capture error is what the report shows)
         text = str(exc)
-        # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
-        caused = next((line.split("Caused by:", 1)[1] for line in text.splitlines() if "Caused by:" in line), "")
-        code, _, location = caused.partition("#")
-        location = location.split(" (")[0].strip().rsplit("/", 1)[-1] or "<unknown>"
+        site = break_site(text)
+        location = site.where if site is not None else "<unknown>"
         report.graph_breaks.append(f"{location}: {type(exc).__name__}: {text.strip().splitlines()[0]}")
-        if any(marker in text for marker in _DATA_DEPENDENT_BRANCH):
-            report.near_misses.append(NearMissRow(block=location, form="graph break",
-                                                  reason=_FIX_BRANCH.format(where=code.strip() or "see the graph break")))
+        reason = explain_break(site, text) if site is not None else None
+        if reason is not None:
+            report.near_misses.append(NearMissRow(block=owner_modules(model_or_fn, site), form="graph break", reason=reason))
     finally:
         torch._dynamo.reset()
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import moe_fx
 from tests.form_modules import LoopMoE
+from tests.handwritten_forms import FORMS as HANDWRITTEN
 
 H, I, E, K, T = 16, 8, 4, 2, 6
 
@@ -104,6 +105,9 @@ def test_a_router_whose_ids_leave_the_graph_is_a_near_miss():
 FORM_MODULES = [("LoopMoE", {}), ("LoopMoE", {"experts": "params", "select": "eq", "accumulate": "setitem"}),
                 ("TitanMoE", {"dtype": "bfloat16"}), ("WeightGatherMoE", {}), ("DenseMoE", {}), ("SplitMoE", {}),
                 ("PartialLoopMoE", {}), ("BranchyLoopMoE", {}), ("CapacityMoE", {})]
+# issue 20's hand-written forms of public repositories (tests/handwritten_forms.py)
+FORM_MODULES += [(name, {"dtype": "bfloat16"} if name.startswith(("Titan", "GroupedMLP")) else {})
+                 for name in (*HANDWRITTEN.values(), "TorchMoERefFixed")]
 
 
 @pytest.mark.parametrize("cls,kw", FORM_MODULES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(FORM_MODULES)])

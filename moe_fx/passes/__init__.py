@@ -1,7 +1,7 @@
 """The moe_fx graph pass: find every MoE experts region, choose its lowering, rewrite it.
 
-find (passes/find.py) -> plan (passes/plan.py) -> rewrite (passes/rewrite.py). Invariants every step
-keeps are in README.md beside this file.
+respell (passes/canonical.py) -> find (passes/find.py) -> plan (passes/plan.py) -> rewrite
+(passes/rewrite.py). Invariants every step keeps are in README.md beside this file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from moe_fx import config
 from moe_fx.config_check import check_config, warn_unmatched_overrides
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import choose_lowering
+from moe_fx.passes.canonical import canonicalize
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
 from moe_fx.passes.region import NoMatch
@@ -31,10 +32,12 @@ __all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_e
 
 
 def analyze_graph(graph: fx.Graph) -> PassReport:
-    """Find the regions and decide their lowering without touching the graph."""
+    """Find the regions and decide their lowering. The graph changes only by the exact respellings
+    of passes/canonical.py (counted in ``respelled``)."""
     check_config()
+    respelled = canonicalize(graph)
     regions, misses = find_moe_regions(graph)
-    report = PassReport(misses=misses)
+    report = PassReport(misses=misses, respelled=respelled)
     for region in regions:
         plan = ep_plan(region)
         check_shard_matches_group(region, plan)
@@ -65,7 +68,7 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         counters["moe_fx"][f"lowering_{decision.choice.strategy.value}"] += 1
         log.info("moe_fx: rewrote %s (%s) with %s", decision.region.block, decision.region.form, lowering)
     check_sharded_params_rewritten(gm.graph, report.misses, new_nodes)
-    if report.blocks:
+    if report.blocks or analysis.respelled:
         gm.graph.lint()
         gm.recompile()
     return report

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, is_graph_input, is_op, module_path, owner_path
+from moe_fx.passes.graph_utils import arg, depends_on, fake, is_graph_input, is_op, module_path, op_name, owner_path
 from moe_fx.passes.matching import expect
-from moe_fx.passes.region import ExpertProjection
+from moe_fx.passes.region import ExpertProjection, RowFn
 
 _TRANSPOSES = ("t", "T", "mT")
 
@@ -117,3 +117,86 @@ def _per_expert(sources: list[tuple[fx.Node, int | None]], what: str) -> fx.Node
     shapes = {tuple(fake(s).shape) for s, _ in sources}
     expect(len(shapes) == 1, f"the experts' {what}s differ in shape: {sorted(shapes)}")
     return tuple(s for s, _ in sources)
+
+
+@dataclass(frozen=True)
+class ExpertFn:
+    """One expert's computation on its rows, as traced: input matmuls (w1 [, w3]), the row-wise
+    activation, the output matmul, the row-wise code after it."""
+
+    expert: int
+    ups: tuple[ExpertLinear, ...]
+    down: ExpertLinear
+    activation: RowFn
+    post: RowFn
+
+
+def stack_experts(fns: list[ExpertFn]) -> tuple[ExpertProjection, tuple[ExpertProjection, ...], ExpertProjection, str]:
+    """(first input, further inputs, output projection, owner) of E experts traced one by one,
+    once each covers 0..E-1 exactly and all compute the same row-wise function (compared node by
+    node); or Miss. The first expert's activation and post-expert code are replayed for all."""
+    fns = sorted(fns, key=lambda f: f.expert)
+    e = len(fns)
+    expect([f.expert for f in fns] == list(range(e)),
+           f"the experts run are {[f.expert for f in fns]}, not each of 0..{e - 1} once; tokens routed elsewhere would be lost")
+    first = fns[0]
+    for f in fns[1:]:
+        expect(len(f.ups) == len(first.ups), f"expert {f.expert} has {len(f.ups)} input matmuls, expert 0 {len(first.ups)}")
+        for part in ("activation", "post"):
+            expect(_signature(getattr(f, part)) == _signature(getattr(first, part)),
+                   f"expert {f.expert} computes a different {part} than expert 0 (or reads parameters of its own there)")
+    up = stacked_projection([f.ups[0] for f in fns], "first input")
+    side_up = tuple(stacked_projection([f.ups[i] for f in fns], "second input") for i in range(1, len(first.ups)))
+    down = stacked_projection([f.down for f in fns], "output")
+    sources = [w for p in (up, *side_up, down) for w in (p.weight if isinstance(p.weight, tuple) else (p.weight,))]
+    return up, side_up, down, experts_owner(sources)
+
+
+def _signature(fn: RowFn) -> tuple:
+    """What a row function computes, with node identities replaced by positions (parameters kept)."""
+    position = {fn.input: "in", **{s: f"side{i}" for i, s in enumerate(fn.side_inputs)}}
+    position.update({n: i for i, n in enumerate(fn.nodes)})
+
+    def norm(value):
+        if isinstance(value, fx.Node):
+            return position.get(value, value)  # a parameter read whole must be the same node
+        if isinstance(value, (tuple, list)):
+            return tuple(norm(v) for v in value)
+        return value
+
+    return tuple((op_name(n), norm(n.args), norm(dict(n.kwargs))) for n in fn.nodes)
+
+
+def expert_matmuls(rows: fx.Node, y: fx.Node, expert: int) -> tuple[tuple[ExpertLinear, ...], ExpertLinear]:
+    """(input matmuls, output matmul) of one expert on the path from its selected ``rows`` (or
+    their index) to its output ``y``."""
+    projections = [p for n in rows_path(rows, y) if (p := expert_linear(n)) is not None]
+    expect(projections, "no expert matmul between the selected rows and the expert output")
+    downs = [p for p in projections if any(depends_on(p.input, q.node) for q in projections if q is not p)]
+    ups = tuple(sorted((p for p in projections if p not in downs), key=lambda p: p.node))
+    expect(len(downs) == 1 and 1 <= len(ups) <= 2,
+            f"expert {expert}: {len(ups)} input and {len(downs)} output matmuls (expected w1 [and w3], then w2)")
+    expect(all(p.input is ups[0].input for p in ups), f"expert {expert}: its input matmuls read different rows")
+    return ups, downs[0]
+
+
+def rows_path(tok: fx.Node, y: fx.Node) -> list[fx.Node]:
+    """Nodes on a path from the selected rows' index to the expert output, in graph order."""
+    after = {tok}
+    for node in _graph_range(tok, y):
+        if any(a in after for a in node.all_input_nodes):
+            after.add(node)
+    before, stack = {y}, [y]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in after and a not in before:
+                before.add(a)
+                stack.append(a)
+    return sorted(before)
+
+
+def _graph_range(first: fx.Node, last: fx.Node):
+    node = first.next
+    while node is not last.next:
+        yield node
+        node = node.next

@@ -24,12 +24,14 @@ _RECOGNIZERS: tuple[tuple[str, Callable[[fx.Node], bool], Callable[[fx.Node], Mo
     (weight_gather.FORM, weight_gather.is_weight_gather_einsum, weight_gather.match_weight_gather),
     (dense_experts.FORM, dense_experts.is_dense_bmm, dense_experts.match_dense),
     (split_experts.FORM, split_experts.is_expert_cat, split_experts.match_split),
+    (split_experts.FORM, split_experts.is_expert_mlp_cat, split_experts.match_split_mlps),
     (capacity_gate.FORM, capacity_gate.is_capacity_cumsum, capacity_gate.match_capacity),
 )
 
 
 def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
-    """Every rewritable experts region of ``graph``, and every near-miss with its reason."""
+    """Every rewritable experts region of ``graph``, and every near-miss with its reason (on a
+    graph passes/canonical.py has put in the recognizers' spellings)."""
     regions: list[MoERegion] = []
     misses: list[tuple[fx.Node, NoMatch]] = []
     for node in graph.nodes:

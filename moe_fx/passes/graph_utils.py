@@ -189,3 +189,15 @@ def size_guards(source: fx.Node) -> set[fx.Node]:
                 out.add(u)
                 frontier.append(u)
     return out
+
+
+def einsum_parts(node: fx.Node) -> tuple[list[str], str, list] | None:
+    """(input subscripts, output subscripts, operands) of an einsum node."""
+    if not is_op(node, "einsum") or not isinstance(node.args[0], str):
+        return None
+    operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+    equation = node.args[0].replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    return inputs.split(","), output, operands

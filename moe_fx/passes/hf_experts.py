@@ -34,7 +34,7 @@ from moe_fx.passes.graph_utils import (
     arg, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, nearest_downstream, op_name, owner_path,
     same_shape, same_size, strip_casts,
 )
-from moe_fx.passes.matching import Miss, blame, expect
+from moe_fx.passes.matching import blame, counted_ids, expect, stacked_weight
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 from moe_fx.passes.rowwise import extract_row_fn, mutates
 
@@ -160,15 +160,17 @@ def _sum_over_topk(weighted: fx.Node, t: int, k: int, h: int) -> fx.Node:
     return total
 
 
-def _projection(weight_arg: fx.Node) -> ExpertProjection:
-    """``W`` ([E, K, N]) or ``W.transpose(-2, -1)`` (W [E, N, K], nn.Linear layout) of a grouped matmul."""
+def _projection(weight_arg: fx.Node) -> tuple[ExpertProjection, list[fx.Node]]:
+    """(projection, helper nodes) of ``W`` ([E, K, N]) or ``W.transpose(-2, -1)`` (W [E, N, K],
+    nn.Linear layout) of a grouped matmul; W may be a 2-D parameter viewed as [E, ...]."""
+    helpers = []
     if is_op(weight_arg, "transpose") and sorted(weight_arg.args[1:3]) in ([-2, -1], [1, 2]):
         weight, layout = weight_arg.args[0], "out_in"
+        helpers.append(weight_arg)
     else:
         weight, layout = weight_arg, "in_out"
-    expect(is_graph_input(weight) and fake(weight) is not None and fake(weight).dim() == 3,
-            f"expert weight {weight.name} is not a 3-D parameter")
-    return ExpertProjection(weight=weight, layout=layout)
+    weight, view = stacked_weight(weight)
+    return ExpertProjection(weight=weight, layout=layout), helpers + view
 
 
 @dataclass
@@ -250,12 +252,12 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
     if len(mms) == 3:
         return None  # separate w1, w3, w2: torchtitan's form (titan_experts.py)
     form = GROUPED_FORM
-    up = _projection(up_mm.args[1])
+    up, up_helpers = _projection(up_mm.args[1])
     block = owner_path(up.weight)
     with blame(block):
         expect(len(mms) == 2, f"{len(mms)} grouped matmuls share one offsets tensor (expected gate_up and down)")
         down_mm = mms[1]
-        down = _projection(down_mm.args[1])
+        down, down_helpers = _projection(down_mm.args[1])
         # rows: hidden[perm // K]
         x_sel = strip_casts(up_mm.args[0])
         expect(is_op(x_sel, "getitem"), "grouped matmul input is not hidden[perm // K]")
@@ -276,14 +278,11 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
         expect(int_value(k) == kk, f"rows computed as perm // {k}, but top-k is {kk}")
         expect(fake(hidden) is not None and same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
         # offsets = cumsum(histc(sorted_ids, bins=E, min=0, max=E-1), int32)
-        expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
-        hist = offs.args[0]
-        if is_op(hist, "histc"):
-            expect(strip_casts(hist.args[0]) is row_ids, "histogram is not over the sorted expert ids")
-            bins, lo, hi = (arg(hist, 1, "bins"), arg(hist, 2, "min", 0), arg(hist, 3, "max", 0))
-            expect((bins, lo, hi) == (e, 0, e - 1), f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
-        else:
-            raise Miss(f"expert counts come from {op_name(hist)}, not histc")
+        cumsum = strip_casts(offs)
+        expect(is_op(cumsum, "cumsum"), "offsets are not a cumsum of expert counts")
+        hist = strip_casts(cumsum.args[0])
+        counted, count_nodes = counted_ids(hist, e, histc_max=(e - 1,))
+        expect(counted in (row_ids, flat_ids, topk_ids), "the expert counts are not over the routed expert ids")
         # weighting and unpermute
         def is_sorted_weights(n):
             return is_op(n, "getitem") and n.args[1] is perm and fake(n.args[0]) is not None and fake(n.args[0]).dim() == 1
@@ -304,7 +303,8 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
                  ws_sorted, unperm, inv, setters[0], setters[0].args[2], output, *output.all_input_nodes,
                  next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0],
                  *ids.chain(masked_y, y_post), *guards}
-        nodes |= {n for n in (hist.args[0], up_mm.args[0], up_mm.args[1], down_mm.args[0], down_mm.args[1]) if isinstance(n, fx.Node) and not is_graph_input(n)}
+        nodes |= {n for n in (up_mm.args[0], down_mm.args[0]) if isinstance(n, fx.Node) and not is_graph_input(n)}
+        nodes |= count_nodes | set(up_helpers) | set(down_helpers) | set(_casts_to(offs, cumsum)) | {cumsum} | set(_casts_to(cumsum.args[0], hist))
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=ids)
@@ -378,6 +378,14 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
                        up_out=up_out, down_in=down_in, down_mm=down_bmm, down_out=down_out, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=id_range)
     return _region(parts, form=form, block=block)
+
+
+def _casts_to(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
+    out = []
+    while top is not bottom:
+        out.append(top)
+        top = top.args[0]
+    return out
 
 
 def _single_squeeze(bmm: fx.Node) -> fx.Node:

@@ -149,6 +149,10 @@ class MoERegion:
         return self.hidden.meta["example_value"].shape[0]
 
 
+# Long enough for a reason and its fix; the cap keeps a runaway message (a node list) readable.
+_REASON_CAP = 400
+
+
 @dataclass(frozen=True)
 class NoMatch:
     """Why a candidate is not a rewritable MoE region. Falsy; the message is built lazily."""
@@ -163,4 +167,4 @@ class NoMatch:
     @property
     def reason(self) -> str:
         text = self._reason() if callable(self._reason) else self._reason
-        return text if len(text) <= 200 else text[:197] + "..."
+        return text if len(text) <= _REASON_CAP else text[:_REASON_CAP - 3] + "..."

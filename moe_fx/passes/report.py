@@ -25,3 +25,4 @@ class BlockDecision:
 class PassReport:
     blocks: list[BlockDecision] = field(default_factory=list)
     misses: list[NoMatch] = field(default_factory=list)
+    respelled: int = 0  # nodes passes/canonical.py replaced by the recognizers' spelling

@@ -17,7 +17,7 @@ from moe_fx.passes.graph_utils import arg, fake, is_expert_gather, is_graph_inpu
 from moe_fx.passes.region import NoMatch, RowFn
 
 # Row-independent whatever their arguments (scalars and broadcasts only touch columns).
-_ELEMENTWISE = frozenset(
+ELEMENTWISE = frozenset(
     """add sub mul truediv floordiv neg pow iadd isub imul itruediv add_ sub_ mul_ div div_ clamp
     clamp_ clip clip_ sigmoid sigmoid_ silu silu_ gelu relu relu_ tanh tanh_ exp exp_ erf rsqrt sqrt
     abs square log reciprocal softplus mish leaky_relu elu selu hardswish hardsigmoid to float
@@ -52,7 +52,7 @@ def _is_column_slice(index) -> bool:
 
 def _row_safe(node: fx.Node, rows_rank: int) -> bool:
     name = op_name(node)
-    if name in _ELEMENTWISE:
+    if name in ELEMENTWISE:
         return True
     if name in _LAST_DIM:
         return _is_last_dim(node, rows_rank)

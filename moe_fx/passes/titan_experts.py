@@ -1,6 +1,7 @@
 """Recognizer for torchtitan's grouped experts (separate w1, w3, w2; three grouped matmuls).
 
-    counts = histc(ids.view(-1), bins=E, min=0, max=E)         # max E or E-1
+    counts = histc(ids.view(-1), bins=E, min=0, max=E)         # max E or E-1; or bincount(minlength=E),
+                                                               # or zeros(T, E).scatter_(1, ids, True).sum(0)
     order = argsort(ids.view(-1), stable=True)                 # or sort(...)[1]
     scores_sorted = scores.view(-1)[order]
     token_idx = (order // K).reshape(-1, 1).expand(-1, H)
@@ -10,7 +11,8 @@
     h = silu(grouped_mm(rows, w1.transpose(-2, -1), offs)) * grouped_mm(rows, w3.transpose(-2, -1), offs)
     y = grouped_mm(h, w2.transpose(-2, -1), offs)
     [y = (y.float() * scores_sorted.reshape(-1, 1)).to(x.dtype)]            # otherwise
-    out = zeros_like(x).scatter_add(0, token_idx, y)             # or a shared expert's output
+    out = zeros_like(x).scatter_add(0, token_idx, y)             # or a shared expert's output; the index
+                                                               # may be a second expand of order // K
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.fx as fx
 
 from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
 from moe_fx.passes.hf_experts import GROUPED_MM_OPS
-from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
+from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, counted_ids, expect, row_functions, stacked_weight
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 
 FORM = "titan_grouped_mm"
@@ -41,7 +43,7 @@ def match_titan(first_mm: fx.Node) -> MoERegion | NoMatch | None:
 
 
 def _weight(node: fx.Node) -> tuple[fx.Node, str, list[fx.Node]]:
-    """(3-D parameter, layout, helper nodes) of ``w.transpose(-2, -1)`` / ``w``, through casts that keep its dtype."""
+    """([E, ...] weight, layout, helper nodes) of ``w.transpose(-2, -1)`` / ``w``, through casts that keep its dtype."""
     helpers, layout = [], "in_out"
     if is_op(node, "transpose") and sorted(node.args[1:3]) in ([-2, -1], [1, 2]):
         helpers.append(node)
@@ -51,8 +53,8 @@ def _weight(node: fx.Node) -> tuple[fx.Node, str, list[fx.Node]]:
                 f"expert weight {strip_casts(node).name} is cast to {fake(node).dtype} inside the experts")
         helpers.append(node)
         node = node.args[0]
-    expect(is_graph_input(node) and fake(node) is not None and fake(node).dim() == 3, f"expert weight {node.name} is not a 3-D parameter")
-    return node, layout, helpers
+    node, view = stacked_weight(node)
+    return node, layout, helpers + view
 
 
 def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoERegion:
@@ -68,18 +70,21 @@ def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoE
     expect(top_k == k, f"rows computed as order // {top_k}, but top-k is {k}")
     expect(same_size(fake(hidden).shape[0], t), "hidden rows do not match the routed tokens")
     e = fake(weights[0][0]).shape[0]
-    expect(is_op(offs, "cumsum"), "offsets are not a cumsum of expert counts")
-    hist = offs.args[0]
-    expect(is_op(hist, "histc"), f"expert counts come from {op_name(hist)}, not histc")
-    expect(_flat_of(strip_casts(hist.args[0])) is ids, "the histogram is not over the routed expert ids")
-    bins, lo, hi = arg(hist, 1, "bins"), arg(hist, 2, "min", 0), arg(hist, 3, "max", 0)
-    expect(bins == e and lo == 0 and hi in (e - 1, e), f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
-    # the scatter_add that puts the rows back, and the router weights before or after the experts
-    scatters = [u for u in token_idx.users if is_op(u, "scatter_add", "scatter_add_") and arg(u, 2, "index") is token_idx]
+    cumsum = strip_casts(offs)
+    expect(is_op(cumsum, "cumsum"), "offsets are not a cumsum of expert counts")
+    counted, count_nodes = counted_ids(strip_casts(cumsum.args[0]), e, histc_max=(e - 1, e))
+    expect(counted is ids or (fake(counted) is not None and fake(counted).dim() == 1 and _flat_of(counted) is ids),
+           "the expert counts are not over the routed expert ids")
+    # the scatter_add that puts the rows back (its index built from order // K, maybe apart from
+    # the rows' own), and the router weights before or after the experts
+    indices = _token_indices(order, top_k)
+    scatters = [u for i in indices for u in i.users if is_op(u, "scatter_add", "scatter_add_") and arg(u, 2, "index") is i]
     expect(len(scatters) == 1 and arg(scatters[0], 1, "dim") == 0, "expert rows are not put back with scatter_add(0, token_idx, rows)")
     scatter = scatters[0]
     src = arg(scatter, 3, "src")
-    nodes = {scatter, *_chain(src, down), offs, hist, *_chain(hist.args[0], ids), order, flat_ids, *_routed_nodes(rows, hidden), *(m for m in mms), *(h for w in weights for h in w[2]), *(mm.args[0] for mm in mms)}
+    nodes = {scatter, *_chain(src, down), offs, cumsum, *_casts_of(offs), *_casts_of(cumsum.args[0]), *count_nodes, *_chain(counted, ids), order,
+             flat_ids, *_routed_nodes(rows, hidden), *indices, *(m for m in mms), *(h for w in weights for h in w[2]),
+             *(mm.args[0] for mm in mms)}
     if scale is None:
         mul, scores_sorted, y_post = _output_scaling(src, down)
         weights_node = _scores(scores_sorted, order)
@@ -106,6 +111,19 @@ def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoE
         num_experts=e, top_k=k, hidden_size=up.features()[0], intermediate_size=down_p.features()[0], dtype=up.dtype,
         side_up=(side,), base=base, weights_on_input=scale is not None,
     )
+
+
+def _token_indices(order: fx.Node, k: int) -> list[fx.Node]:
+    """Every spelling of the rows' token index in the graph: each ``order // K`` and each
+    ``(order // K).reshape(-1, 1).expand(-1, H)`` made of one (torchtitan builds one for the gather
+    or ``x[order // K]``, another for the scatter_add; dynamo keeps both)."""
+    divs = [d for d in order.users if is_op(d, "floordiv") and d.args[0] is order and int_value(d.args[1]) == k]
+    flats = [v for d in divs for v in d.users if is_op(v, "reshape", "view")]
+    return [*divs, *flats, *(x for v in flats for x in v.users if is_op(x, "expand"))]
+
+
+def _casts_of(node: fx.Node) -> list[fx.Node]:
+    return _chain(node, strip_casts(node))
 
 
 def _chain(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, owner_path
+from moe_fx.passes.graph_utils import (
+    arg, depends_on, fake, int_value, is_graph_input, is_op, owner_path,
+)
 from moe_fx.passes.region import MoERegion, NoMatch
 
 FORM = "unrecognized"
@@ -34,9 +36,11 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
             continue
         weight, num_experts = router
         router_path = owner_path(weight)
-        block = router_path.rsplit(".", 1)[0]  # the module holding the router (and its experts)
-        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(block) for m in misses):
+        # the module holding the router (and its experts); "" when the router is the root's child
+        parent = router_path.rsplit(".", 1)[0] if "." in router_path else ""
+        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(parent) for m in misses):
             continue
+        block = parent or "<root module>"
         if reason := _where_ids_go(node, num_experts, router_path):
             found.append(NoMatch(block, FORM, reason))
     return found
@@ -75,7 +79,7 @@ def _where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
     while frontier and reaches is None:
         frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
         for node in frontier:
-            if node.op == "output":
+            if node.op == "output" and _returns_routing(node, seen, ids):
                 return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) leave this graph: "
                         "dynamo broke the graph after the router (see the graph breaks), so the experts code is "
                         "not in one graph moe_fx can rewrite")
@@ -85,6 +89,15 @@ def _where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
     return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) reach per-expert code "
             f"({reaches}) that none of moe_fx's recognizers matched (README: \"Supported MoE forms\"); "
             "the block runs as traced, without expert parallelism")
+
+
+def _returns_routing(output: fx.Node, seen: set[fx.Node], ids: fx.Node) -> bool:
+    """The graph returns the ids, or a value shaped like them (the router weights), computed from
+    the ids: the graph ends between the router and the experts. (A whole block's output is
+    computed from the ids too, but it is the hidden states.)"""
+    values = [v for v in output.all_input_nodes if v in seen and fake(v) is not None]
+    shape = tuple(fake(ids).shape)
+    return any(not v.is_floating_point() or tuple(v.shape) == shape for v in map(fake, values))
 
 
 def _expert_read(node: fx.Node, num_experts: int) -> str | None:
@@ -98,6 +111,9 @@ def _expert_read(node: fx.Node, num_experts: int) -> str | None:
         return f"{node.name} one-hot encodes the ids over {num_experts} experts"
     if is_op(node, "eq") and any(isinstance(a, int) for a in node.args[1:]):
         return f"{node.name} compares the ids with an expert index"
+    value = fake(node)
+    if is_op(node, "scatter", "scatter_") and value is not None and value.dim() == 2 and int_value(value.shape[-1]) == num_experts:
+        return f"{node.name} scatters the ids into a [T, {num_experts}] routing map"
     return None
 
 

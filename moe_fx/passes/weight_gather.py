@@ -13,23 +13,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import fake, is_graph_input, is_op, nearest_downstream, owner_path
+from moe_fx.passes.graph_utils import einsum_parts, fake, is_graph_input, is_op, nearest_downstream, owner_path
 from moe_fx.passes.matching import blame, expect, row_functions
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
 
 FORM = "weight_gather_einsum"
-
-
-def _einsum(node: fx.Node) -> tuple[list[str], str, list] | None:
-    """(input subscripts, output subscripts, operands) of an einsum node."""
-    if not is_op(node, "einsum") or not isinstance(node.args[0], str):
-        return None
-    operands = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
-    equation = node.args[0].replace(" ", "")
-    if "->" not in equation or "." in equation:
-        return None
-    inputs, output = equation.split("->")
-    return inputs.split(","), output, operands
 
 
 def _gathered_weight(node) -> tuple[fx.Node, fx.Node] | None:
@@ -42,13 +30,13 @@ def _gathered_weight(node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def is_weight_gather_einsum(node: fx.Node) -> bool:
-    parsed = _einsum(node)
+    parsed = einsum_parts(node)
     return parsed is not None and len(parsed[2]) == 2 and _gathered_weight(parsed[2][1]) is not None
 
 
 def match_weight_gather(anchor: fx.Node) -> MoERegion | NoMatch | None:
     """Recognize the form anchored at its first expert einsum; None if ``anchor`` is a later one."""
-    weight, ids = _gathered_weight(_einsum(anchor)[2][1])
+    weight, ids = _gathered_weight(einsum_parts(anchor)[2][1])
     einsums = sorted(e for g in ids.users if _gathered_weight(g) is not None for e in g.users if is_weight_gather_einsum(e))
     if einsums[0] is not anchor:
         return None
@@ -60,7 +48,7 @@ def match_weight_gather(anchor: fx.Node) -> MoERegion | NoMatch | None:
 def _projection(einsum: fx.Node, rows_rank: int) -> tuple[fx.Node, ExpertProjection]:
     """(row operand, projection) of ``einsum("<rows>,<t a p q>-><t a out>", rows, W[ids])``: the row
     operand is [T, H] (``ti``) or [T, K, I] (``tai``); its last letter must be contracted."""
-    (rows_subs, w_subs), out_subs, (rows, gathered) = _einsum(einsum)
+    (rows_subs, w_subs), out_subs, (rows, gathered) = einsum_parts(einsum)
     weight, _ = _gathered_weight(gathered)
     expect(len(w_subs) == 4 and len(rows_subs) == rows_rank and len(out_subs) == 3,
             f"{einsum.name}: einsum {rows_subs},{w_subs}->{out_subs} is not rows x W[ids]")
@@ -75,7 +63,7 @@ def _projection(einsum: fx.Node, rows_rank: int) -> tuple[fx.Node, ExpertProject
 
 def _region(einsums: list[fx.Node], ids: fx.Node, block: str) -> MoERegion:
     expect(len(einsums) in (2, 3), f"{len(einsums)} einsums read weights gathered by one id tensor (expected w1 [w3] w2)")
-    reads = {e: _einsum(e)[2][0] for e in einsums}
+    reads = {e: einsum_parts(e)[2][0] for e in einsums}
     ups = [e for e in einsums if fake(reads[e]).dim() == 2]
     downs = [e for e in einsums if fake(reads[e]).dim() == 3]
     expect(len(downs) == 1 and len(ups) == len(einsums) - 1, "expected input einsums on [T, H] rows and one output einsum on [T, K, I]")
@@ -86,10 +74,10 @@ def _region(einsums: list[fx.Node], ids: fx.Node, block: str) -> MoERegion:
     down_in, down_p = _projection(down, 3)
     t, k = fake(ids).shape
     # the combine: einsum("tai,ta->ti", y, weights)
-    output = nearest_downstream(down, lambda u: _einsum(u) is not None and len(_einsum(u)[2]) == 2
-                                and fake(_einsum(u)[2][1]) is not None and fake(_einsum(u)[2][1]).dim() == 2)
+    output = nearest_downstream(down, lambda u: einsum_parts(u) is not None and len(einsum_parts(u)[2]) == 2
+                                and fake(einsum_parts(u)[2][1]) is not None and fake(einsum_parts(u)[2][1]).dim() == 2)
     expect(output is not None, "no einsum weighting the expert outputs by [T, K] router weights")
-    (y_subs, w_subs), out_subs, (y, weights) = _einsum(output)
+    (y_subs, w_subs), out_subs, (y, weights) = einsum_parts(output)
     expect(len(y_subs) == 3 and w_subs == y_subs[:2] and out_subs == y_subs[0] + y_subs[2],
             f"combine einsum {y_subs},{w_subs}->{out_subs} is not a weighted sum over the slots")
     expect(tuple(fake(weights).shape) == (t, k), "router weights are not [T, K]")

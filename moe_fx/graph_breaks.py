@@ -1,0 +1,97 @@
+"""Why an experts block cannot be one graph, said in the user's terms: which module, which line,
+what on it breaks the graph, and what to write instead (for ``explain()``).
+
+dynamo reports a break as an error text; a break inside a loop may even skip the frame without
+a reason. ``explain()`` captures once more with ``fullgraph=True`` and hands the error here.
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+from dataclasses import dataclass
+
+import torch
+
+# Reads of device values on the host: a Python loop or branch over their result is data-dependent.
+_HOST_READS = (".cpu()", ".numpy()", ".tolist()", ".item()")
+
+_STATIC_LOOP = ("loop over range(E) on the device instead: `tok, slot = torch.where(ids == e)` and "
+                "`out.index_add_(0, tok, expert_e(x[tok]) * weights[tok, slot, None])` for every e "
+                "(README \"Supported MoE forms\": expert_loop)")
+
+
+@dataclass(frozen=True)
+class BreakSite:
+    """The user's line where dynamo stopped."""
+
+    filename: str
+    lineno: int
+    code: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.filename.rsplit('/', 1)[-1]}:{self.lineno}"
+
+
+def break_site(error_text: str) -> BreakSite | None:
+    """The first user frame of a dynamo error: its ``from user code:`` block, else its ``Caused by:`` line."""
+    lines = error_text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "from user code:" and i + 2 < len(lines):
+            found = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i + 1])
+            if found:
+                return BreakSite(found[1], int(found[2]), lines[i + 2].strip())
+    for line in lines:
+        # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
+        found = re.search(r"Caused by:\s*(.*?)\s*#\s*(\S+?):(\d+) in ", line)
+        if found:
+            return BreakSite(found[2], int(found[3]), found[1])
+    return None
+
+
+def owner_modules(model, site: BreakSite) -> str:
+    """The module paths whose class's ``forward`` holds the line, e.g. ``layers.0.mlp (and 3 more)``."""
+    if not isinstance(model, torch.nn.Module):
+        return site.where
+    paths = []
+    for path, module in model.named_modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if code is None or not code.co_filename.endswith(site.filename.lstrip(".")):
+            continue
+        last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+        if code.co_firstlineno <= site.lineno <= last:
+            paths.append(f"{path or '<root module>'} ({type(module).__name__})")
+    if not paths:
+        return site.where
+    return paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+
+
+def explain_break(site: BreakSite, error_text: str) -> str | None:
+    """What on the line breaks the graph and the fix, or None when the break is not data-dependent."""
+    lowered = error_text.lower()
+    if "data-dependent" not in lowered and "data dependent" not in lowered:
+        return None
+    code = site.code
+    host = _host_source(site)
+    if code.startswith(("if ", "elif ", "while ")) or code == "continue" or "branching" in lowered:
+        return (f"expert loop contains a data-dependent Python branch ({code}) at {site.where}: dynamo cannot "
+                "capture it in one graph; remove the branch so every expert runs unconditionally (an expert with "
+                "no rows costs nothing)")
+    if host is not None:
+        return (f"`{code}` ({site.where}) runs a Python loop over values read on the host (`{host[1]}`, line "
+                f"{host[0]}): it cannot be one graph; {_STATIC_LOOP}")
+    return (f"`{code}` ({site.where}) depends on tensor values dynamo cannot trace into one graph; "
+            f"compute it on the device: {_STATIC_LOOP}")
+
+
+def _host_source(site: BreakSite) -> tuple[int, str] | None:
+    """(line, code) of the host read feeding the loop on ``site``: ``name = ....cpu()`` above it."""
+    names = re.findall(r"\bin\s+(?:enumerate\(|zip\()?\s*([A-Za-z_]\w*)", site.code)
+    if not names:
+        return None
+    for lineno in range(site.lineno - 1, max(site.lineno - 40, 0), -1):
+        line = linecache.getline(site.filename, lineno).strip()
+        if re.match(rf"{re.escape(names[0])}\s*(:[^=]*)?=[^=]", line) and any(r in line for r in _HOST_READS):
+            return lineno, line
+    return None
