@@ -44,10 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_fx.shard import PREPARED_ATTR
+
 log = logging.getLogger(__name__)
 
-# Attribute holding a module's plan (on prepared modules) and the model's report (on the root).
-PLAN_ATTR = "_moe_fx_prepared"
+# Attribute holding a module's plan (on prepared modules; moe_fx.shard_experts reads it) and the
+# model's report (on the root).
+PLAN_ATTR = PREPARED_ATTR
 REPORT_ATTR = "_moe_fx_prepare_report"
 
 # Source fragments of data-dependent steps dynamo cannot capture in one graph.
@@ -431,6 +434,12 @@ def _prepare_one(module: nn.Module, cand: _Candidate, gen: torch.Generator) -> t
         delattr(module, PLAN_ATTR)
     raise _Refused(f"the static expert loop built from its parameters differs from its own {name} "
                    f"(tolerance {tol:g}; {'; '.join(tried)})")
+
+
+def find_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(path, module, layout) of every block ``prepare`` would try, by structure alone (no probes)."""
+    return [(path or "<root module>", m, c.layout.value) for path, m in model.named_modules()
+            if not hasattr(m, PLAN_ATTR) and (c := _candidate(m)) is not None]
 
 
 def prepare(model: nn.Module, *, seed: int = 0) -> nn.Module:

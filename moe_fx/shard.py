@@ -43,6 +43,7 @@ from torch import nn
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 
 SHARD_ATTR = "_moe_fx_expert_shard"
+PREPARED_ATTR = "_moe_fx_prepared"  # moe_fx.prepare's plan on a module (moe_fx/prepare.py imports shard's names, not back)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,9 @@ def _reads_expert_count(module: nn.Module, e: int) -> tuple[str, str] | None:
     """(why, what to do) if ``module``'s own code would break with fewer than its e experts, else None.
     It does when it reads ``num_experts`` as the router's id range, unless it is a transformers
     experts module in a form moe_fx rewrites whole."""
+    if hasattr(module, PREPARED_ATTR):
+        return (f"moe_fx.prepare gave it a static loop over all {e} experts (a loop cannot run on a block of them)",
+                "Compile it unsharded: moe_fx still runs it expert-parallel, each rank computing its own experts.")
     impl = _hf_experts_implementation(module)
     if impl is not None:
         if impl in _HF_SHARDABLE:
