@@ -16,11 +16,12 @@ computed from the module's own parameters and expert modules:
 Three layouts (``Layout``), recognized by what the module holds, not its class name:
 
 - ``routed_block``: a router ``nn.Linear`` H -> E and an ``nn.ModuleList`` of E alike experts, the
-  routing inline in ``forward`` (Mixtral, Qwen2/3-MoE without shared experts, PhiMoE). The routing
-  is rebuilt: the first of ``ROUTINGS`` whose outputs equal the module's on the probes is kept.
+  routing inline in ``forward`` (Mixtral, Qwen3-MoE, PhiMoE; Qwen2-MoE with its sigmoid-gated
+  ``shared_expert``). The routing is rebuilt: the first of ``ROUTINGS`` whose outputs equal the
+  module's on the probes is kept.
 - ``experts_method``: the router is a child module and the experts loop is a method
-  ``moe(hidden, topk_ids, topk_weights)`` (DeepSeek-V2/V3): only that method is replaced; the
-  router and the shared experts keep their own code.
+  ``moe(hidden, topk_ids, topk_weights)`` (DeepSeek-V2/V3, GLM-4-MoE, dots1): only that method is
+  replaced; the router and the shared experts keep their own code.
 - ``stacked_experts``: GPT-OSS's experts module (``gate_up_proj`` [E, H, 2I] interleaved,
   ``down_proj`` [E, I, H], their biases, ``alpha``, ``limit``), called with the router's ids and
   its [T, E] scores: only its forward is replaced; the expert function is GPT-OSS's clamped SwiGLU.
@@ -54,7 +55,8 @@ PLAN_ATTR = PREPARED_ATTR
 REPORT_ATTR = "_moe_fx_prepare_report"
 
 # Source fragments of data-dependent steps dynamo cannot capture in one graph.
-_BREAKS = ("nonzero(", ".numel()", ".shape[0] == 0", ".tolist()", ".item()", "expert_hit")
+# A false positive costs only the probes: a replacement is kept only where it equals the module's code.
+_BREAKS = ("nonzero(", ".numel()", ".shape[0] == 0", "== 0:", ".tolist()", ".item()", "expert_hit")
 
 # Relative tolerance of the probe check per dtype (of max(1, max |reference|)): a few roundings.
 _TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -82,6 +84,7 @@ class _Plan:
     top_k: int = 0  # routed_block: the router's K
     gate: str = ""  # routed_block: name of the router Linear
     experts: str = ""  # routed_block / experts_method: name of the ModuleList
+    shared: str = ""  # routed_block: Qwen2-MoE's shared expert, added as sigmoid(shared_gate(x)) * shared(x)
     routing: str = ""  # routed_block: key of ROUTINGS
     returns_logits: bool = False  # routed_block: forward returns (out, router_logits)
     sparsemixer: Callable | None = None  # routed_block "sparsemixer": the model file's own function
@@ -178,6 +181,9 @@ def _routed_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     w_TK, ids_TK = ROUTINGS[plan.routing](self, logits_TE, plan.top_k)
     experts = getattr(self, plan.experts)
     out_TH = _expert_loop(x_TH, ids_TK, w_TK, lambda e, rows: experts[e](rows), plan.num_experts, x_TH.dtype)
+    if plan.shared:
+        shared_gate = getattr(self, plan.shared + "_gate")
+        out_TH = out_TH + F.sigmoid(shared_gate(x_TH)) * getattr(self, plan.shared)(x_TH)
     out = out_TH.view(hidden_states.shape)
     return (out, logits_TE) if plan.returns_logits else out
 
@@ -245,6 +251,7 @@ class _Candidate:
     hidden_size: int
     gate: str = ""
     experts: str = ""
+    shared: str = ""
 
 
 def _source(fn) -> str:
@@ -292,8 +299,10 @@ def _candidate(module: nn.Module) -> _Candidate | None:
     if len(gates) != 1:
         return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts), hidden_size=0, experts=name)
     gate = getattr(module, gates[0])
+    shared_gate = getattr(module, "shared_expert_gate", None)
+    shared = isinstance(shared_gate, nn.Linear) and shared_gate.out_features == 1 and hasattr(module, "shared_expert")
     return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts), hidden_size=gate.in_features,
-                      gate=gates[0], experts=name)
+                      gate=gates[0], experts=name, shared="shared_expert" if shared else "")
 
 
 def _top_k(module: nn.Module) -> int | None:
@@ -399,7 +408,7 @@ def _plans(module: nn.Module, cand: _Candidate, wants: list) -> list[_Plan]:
     if getattr(module, "norm_topk_prob", True) is False:
         routings.sort(key=lambda r: r != "softmax, top-k")
     returns_logits = isinstance(wants[0], tuple) and len(wants[0]) == 2
-    return [_Plan(**base, top_k=k, gate=cand.gate, routing=r, returns_logits=returns_logits,
+    return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, routing=r, returns_logits=returns_logits,
                   sparsemixer=mixer if own_mixer else None) for r in routings]
 
 
