@@ -35,6 +35,8 @@ HAND_BUILT = {
     "hit_loop": (lambda: HitLoopBlock(H, I, E, K), "<root module>", "routed_block", "softmax, top-k, renormalized"),
     "hit_loop_no_renorm": (lambda: HitLoopBlock(H, I, E, K, norm_topk_prob=False), "<root module>", "routed_block",
                            "softmax, top-k"),
+    "hit_loop_shared": (lambda: HitLoopBlock(H, I, E, K, norm_topk_prob=False, shared=True), "<root module>",
+                        "routed_block", "softmax, top-k"),
     "moe_method": (lambda: MethodLoopMoE(H, I, E, K), "<root module>", "experts_method", "the module's own router"),
     "stacked": (lambda: StackedLoopBlock(H, I, E, K), "experts", "stacked_experts", "the module's own router"),
 }

@@ -18,14 +18,18 @@ def _experts(hidden: int, intermediate: int, num_experts: int) -> nn.ModuleList:
 
 
 class HitLoopBlock(nn.Module):
-    """Mixtral / Qwen3-MoE 4.x: softmax, top-k, optional renormalization inline; a loop over the
-    experts hit; returns (out, router_logits)."""
+    """Mixtral / Qwen2-MoE / Qwen3-MoE 4.x: softmax, top-k, optional renormalization inline; a loop
+    over the experts hit; returns (out, router_logits)."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, norm_topk_prob: bool = True):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *, norm_topk_prob: bool = True,
+                 shared: bool = False):
         super().__init__()
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = _experts(hidden, intermediate, num_experts)
+        if shared:  # Qwen2-MoE: a shared expert scaled by a sigmoid gate
+            self.shared_expert = ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu")
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
@@ -39,6 +43,8 @@ class HitLoopBlock(nn.Module):
         for e in hit.flatten().tolist():
             tok, slot = torch.where(ids == e)
             out.index_add_(0, tok, self.experts[e](x_TH[tok]) * w[tok, slot, None])
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
         return out.view_as(x), logits
 
 
