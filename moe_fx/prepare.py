@@ -34,6 +34,7 @@ dtype's tolerance. Anything else is left exactly as it was and recorded with the
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import logging
@@ -230,8 +231,6 @@ _PREPARED_CLASSES: dict[tuple[type, Layout], type] = {}
 def _prepared_class(cls: type, layout: Layout) -> type:
     """A subclass of ``cls`` with the replaced method: isinstance checks and hooks keep working,
     and ``type(module).forward`` is the code that runs (moe_fx.shard_experts reads it)."""
-    if issubclass(cls, tuple(_PREPARED_CLASSES.values())):
-        return cls
     key = (cls, layout)
     if key not in _PREPARED_CLASSES:
         name, fn = _REPLACED[layout]
@@ -390,7 +389,7 @@ def _references(module: nn.Module, method: str, probes: list[_Probe]) -> list:
     return wants
 
 
-def _plans(module: nn.Module, cand: _Candidate, wants: list) -> list[_Plan]:
+def _plans(module: nn.Module, cand: _Candidate) -> list[_Plan]:
     """The replacements to try, in order."""
     name, _ = _REPLACED[cand.layout]
     base = dict(layout=cand.layout, num_experts=cand.num_experts, experts=cand.experts,
@@ -407,8 +406,7 @@ def _plans(module: nn.Module, cand: _Candidate, wants: list) -> list[_Plan]:
     routings = [r for r in ROUTINGS if own_mixer or r != _SPARSEMIXER]
     if getattr(module, "norm_topk_prob", True) is False:
         routings.sort(key=lambda r: r != "softmax, top-k")
-    returns_logits = isinstance(wants[0], tuple) and len(wants[0]) == 2
-    return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, routing=r, returns_logits=returns_logits,
+    return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, routing=r,
                   sparsemixer=mixer if own_mixer else None) for r in routings]
 
 
@@ -421,6 +419,7 @@ def _prepare_one(module: nn.Module, cand: _Candidate, gen: torch.Generator) -> t
     dtype, device = params[0].dtype, params[0].device
     tol = _TOLERANCE.get(dtype, 1e-2)
     name, replacement = _REPLACED[cand.layout]
+    plans = _plans(module, cand)
     probes = _probes(module, cand, dtype, device, gen)
     tried = []
     was_training = module.training
@@ -428,9 +427,16 @@ def _prepare_one(module: nn.Module, cand: _Candidate, gen: torch.Generator) -> t
     try:
         with torch.no_grad():
             wants = _references(module, name, probes)
-            for plan in _plans(module, cand, wants):
+            # A routed block returning (out, router_logits) gets the same structure back.
+            returns_logits = isinstance(wants[0], tuple) and len(wants[0]) == 2
+            for plan in plans:
+                plan = dataclasses.replace(plan, returns_logits=returns_logits)
                 setattr(module, PLAN_ATTR, plan)
-                diffs = [(_max_diff(replacement(module, *p.args), want), p.name) for p, want in zip(probes, wants)]
+                try:
+                    diffs = [(_max_diff(replacement(module, *p.args), want), p.name) for p, want in zip(probes, wants)]
+                except Exception as exc:  # noqa: BLE001  (a routing that does not fit this block: try the next)
+                    tried.append(f"{plan.routing or 'the loop'}: raised {type(exc).__name__}: {exc}")
+                    continue
                 worst, where = max(diffs)
                 if worst <= tol:
                     module.__class__ = _prepared_class(type(module), cand.layout)
@@ -446,9 +452,11 @@ def _prepare_one(module: nn.Module, cand: _Candidate, gen: torch.Generator) -> t
 
 
 def find_candidates(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(path, module, layout) of every block ``prepare`` would try, by structure alone (no probes)."""
+    """(path, module, layout) of every block ``prepare`` would try, by structure alone (no probes);
+    a routed block without a router Linear is left out (prepare refuses it)."""
     return [(path or "<root module>", m, c.layout.value) for path, m in model.named_modules()
-            if not hasattr(m, PLAN_ATTR) and (c := _candidate(m)) is not None]
+            if not hasattr(m, PLAN_ATTR) and (c := _candidate(m)) is not None
+            and (c.gate or c.layout is not Layout.ROUTED_BLOCK)]
 
 
 def prepare(model: nn.Module, *, seed: int = 0) -> nn.Module:
