@@ -137,8 +137,8 @@ class _Pair:
 
 
 def test_shard_experts_after_prepare():
-    """A prepared loop runs every expert: shard_experts refuses stacked experts with the reason
-    (ModuleList experts hold no [E, ...] parameters and are not sharded at all)."""
+    """A prepared loop over stacked experts reads every expert: shard_experts refuses it with the
+    reason, before changing anything. A ModuleList's experts are sharded (other ranks' as stubs)."""
     model = StackedLoopBlock(H, I, E, K)
     moe_fx.prepare(model)
     with pytest.raises(moe_fx.UnsupportedMoEError, match=r"moe_fx\.prepare gave it a static loop over all 4 experts"
@@ -146,7 +146,10 @@ def test_shard_experts_after_prepare():
         moe_fx.shard_experts(model, _Pair())
     listed = HitLoopBlock(H, I, E, K)
     moe_fx.prepare(listed)
-    assert moe_fx.shard_experts(listed, _Pair()) == []
+    (block,) = moe_fx.shard_experts(listed, _Pair())
+    assert (block.block, block.shard.start, block.shard.num_local) == ("experts", 0, 2)
+    stub = listed.experts[3].w1.weight
+    assert stub.shape == (I, H) and stub.stride() == (0, 0) and not stub.requires_grad
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,3 +228,19 @@ def test_transformers4_models_run_expert_parallel(tmp_path):
             assert [(b[1], b[2]) for b in r["blocks"]] == [("expert_loop", strategy)], f"{where}: {r['blocks']}"
             assert r["touched"] > 0, f"{where}: foreign experts were not zeroed"
             assert r["diff"] <= FP32_ATOL, f"{where}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
+
+
+@pytest.mark.parametrize("kind,lowering", [("hit_loop", "allgather"), ("moe_method", "all2allv")])
+def test_shard_experts_keeps_a_prepared_blocks_local_experts(rank_pool, kind, lowering):
+    """After prepare, shard_experts keeps this rank's experts of the ModuleList (others become
+    one-element stubs): about half the expert bytes at ep = 2, and the compiled model still
+    equals the whole block run eagerly."""
+    results = rank_pool(2).run("tests.prepare_jobs:sharded_case", kind=kind, lowering=lowering)
+    for rank, r in enumerate(results):
+        assert r["local"] == (2 * rank, 2)
+        assert [b[1:] for b in r["blocks"]] == [("expert_loop", lowering)], r["blocks"]
+        assert r["diff"] <= FP32_ATOL, f"rank {rank}: {r['diff']:.3g}"
+        before, after = r["bytes"]
+        assert after < 0.51 * before, r["bytes"]
+        assert "holds only experts" in r["eager"] and r["expert_params"] > 0
+        assert "Compile with the group the model was sharded with" in r["wrong_group"], r["wrong_group"]
