@@ -24,6 +24,9 @@ from moe_fx.prepare import PLAN_ATTR  # noqa: E402
 from tests.ep_jobs import TOKENS_PER_RANK  # noqa: E402
 from tests.tiny_models import _COMMON, _NUM_EXPERTS_KEY, _model_kwargs, _reinit_, make_input_ids  # noqa: E402
 
+# Models whose prepared experts are also sharded (moe_fx.shard_experts, after zeroing): their
+# ModuleList keeps this rank's experts, the others become zero stubs.
+SHARDED = ("mixtral", "deepseek_v3")
 # model key -> (class-name prefix, lowering): one compile per model, the lowerings spread over them.
 MODELS = {
     "mixtral": ("Mixtral", "allgather"),
@@ -85,6 +88,7 @@ def run_model(key: str, rank: int, world: int) -> dict:
     moe_fx.prepare(model)
     report = moe_fx.prepare_report(model)
     touched = zero_foreign_experts(model, rank, world)
+    sharded = [(b.block, b.bytes_before, b.bytes_after) for b in moe_fx.shard_experts(model)] if key in SHARDED else []
     lowering = MODELS[key][1]
     torch._dynamo.reset()
     settings = dict(lowering=lowering, inner_backend="eager", max_tokens_per_rank=max(TOKENS_PER_RANK))
@@ -94,6 +98,7 @@ def run_model(key: str, rank: int, world: int) -> dict:
         "key": key, "rank": rank, "tokens": ids.shape[1], "touched": touched,
         "prepared": [(b.path, b.layout) for b in report.prepared],
         "refused": [(b.path, b.reason) for b in report.refused],
+        "sharded": sharded,
         "graphs": len(graphs),
         "blocks": [(b.region.block, b.region.form, b.choice.strategy.value) for g in graphs for b in g.report.blocks],
         "misses": [m.reason for g in graphs for m in g.report.misses],
