@@ -25,6 +25,11 @@ transformers' ``experts_implementation="eager"``), a dense or split form. With e
 with E, it would index rows [e, E) of the [e, ...] weights. moe_fx rewrites such blocks
 expert-parallel unsharded (every rank holds every expert, computes its own).
 
+A block ``moe_fx.prepare`` gave its loop over an ``nn.ModuleList`` of experts keeps this rank's
+experts; the others' parameters become one-element stubs expanded to their shapes (the traced
+loop still sees every expert; the rewrite stacks the local ones only). Prepared stacked experts
+(GPT-OSS) are refused: their loop indexes all E.
+
 After sharding the eager model raises ``MoEFxError`` (its experts code would need every expert):
 only the model compiled with ``moe_fx.backend`` runs. Shard before compiling.
 """
