@@ -233,12 +233,12 @@ def test_transformers4_models_run_expert_parallel(tmp_path):
             assert r["diff"] <= FP32_ATOL, f"{where}: max |diff| {r['diff']:.3g}, max |eager| {r['scale']:.3g}"
 
 
-@pytest.mark.parametrize("kind,lowering", [("hit_loop", "allgather"), ("moe_method", "all2allv")])
-def test_shard_experts_keeps_a_prepared_blocks_local_experts(rank_pool, kind, lowering):
+def test_shard_experts_keeps_a_prepared_blocks_local_experts(rank_pool):
     """After prepare, shard_experts keeps this rank's experts of the ModuleList (others become
     one-element stubs): about half the expert bytes at ep = 2, and the compiled model still
-    equals the whole block run eagerly."""
-    results = rank_pool(2).run("tests.prepare_jobs:sharded_case", kind=kind, lowering=lowering)
+    equals the whole block run eagerly. (The transformers 4.57 test shards a routed block too.)"""
+    lowering = "all2allv"
+    results = rank_pool(2).run("tests.prepare_jobs:sharded_case", kind="moe_method", lowering=lowering)
     for rank, r in enumerate(results):
         assert r["local"] == (2 * rank, 2)
         assert [b[1:] for b in r["blocks"]] == [("expert_loop", lowering)], r["blocks"]
