@@ -12,7 +12,8 @@ H, I, E, K = 16, 8, 4, 2
 BUILDERS = {"hit_loop": lambda: HitLoopBlock(H, I, E, K), "moe_method": lambda: MethodLoopMoE(H, I, E, K)}
 
 
-def sharded_case(*, rank: int = 0, world_size: int = 1, kind: str, lowering: str, tokens=(5, 9)) -> dict:
+def sharded_case(*, rank: int = 0, world_size: int = 1, kind: str, lowering: str, tokens=(5, 9),
+                 inner: str = "eager") -> dict:
     """A prepared block, then moe_fx.shard_experts: this rank keeps its experts only; compiled, it
     equals the whole block run eagerly on this rank's tokens."""
     torch.manual_seed(0)
@@ -29,7 +30,7 @@ def sharded_case(*, rank: int = 0, world_size: int = 1, kind: str, lowering: str
     except moe_fx.MoEFxError as exc:
         eager = str(exc)
     torch._dynamo.reset()
-    with moe_fx.config.patch(lowering=lowering, inner_backend="eager"), moe_fx.recording() as graphs, torch.no_grad():
+    with moe_fx.config.patch(lowering=lowering, inner_backend=inner), moe_fx.recording() as graphs, torch.no_grad():
         out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x)
     out = out[0] if isinstance(out, tuple) else out
     singles = [dist.new_group([r]) for r in range(world_size)]  # every rank creates every group
