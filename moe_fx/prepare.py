@@ -13,7 +13,8 @@ computed from the module's own parameters and expert modules:
         tok, slot = torch.where(ids_TK == e)
         out_TH.index_add_(0, tok, expert_e(x_TH[tok]) * w_TK[tok, slot, None])
 
-Three layouts (``Layout``), recognized by what the module holds, not its class name:
+Three layouts (``Layout``), recognized by what the module holds and the attribute names
+transformers gives it (``moe``, ``shared_expert``, GPT-OSS's parameter names), never a class name:
 
 - ``routed_block``: a router ``nn.Linear`` H -> E and an ``nn.ModuleList`` of E alike experts, the
   routing inline in ``forward`` (Mixtral, Qwen3-MoE, PhiMoE; Qwen2-MoE with its sigmoid-gated
@@ -30,6 +31,9 @@ A module is a candidate only when the code being replaced contains a data-depend
 (``_BREAKS``); the replacement is swapped in only when it equals the module's own code on probe
 inputs (random hidden states, and one routing that sends tokens to every expert) within the
 dtype's tolerance. Anything else is left exactly as it was and recorded with the reason.
+
+``moe_fx.shard_experts`` afterwards keeps this rank's experts of a prepared ModuleList (the
+others become stubs, moe_fx/shard.py) and refuses prepared stacked experts (the loop indexes all E).
 """
 
 from __future__ import annotations
