@@ -202,7 +202,8 @@ def _free_port() -> int:
 def test_transformers4_models_run_expert_parallel(tmp_path):
     tf4 = _tf4_dir()
     repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tf4), str(repo)]), "OMP_NUM_THREADS": "1"}
+    path = [str(tf4), str(repo), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
     port, world = _free_port(), 2
     procs = [subprocess.Popen([sys.executable, "-m", "tests.tf4_jobs", "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--out", str(tmp_path / f"rank{r}.json")],
