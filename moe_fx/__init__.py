@@ -9,6 +9,7 @@ from moe_fx.backend import RecordedGraph, backend, recording
 from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
 from moe_fx.errors import CollectiveTimeoutError, MoEFxError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
+from moe_fx.prepare import PrepareReport, prepare, prepare_report
 from moe_fx.runtime.guard import reset_call_counts
 from moe_fx.parallel import average_expert_gradients, expert_parallel_parameters
 from moe_fx.shard import ExpertShard, shard_experts
@@ -18,6 +19,7 @@ __all__ = [
     "ExpertShard",
     "ExplainReport",
     "MoEFxError",
+    "PrepareReport",
     "RankMismatchError",
     "RecordedGraph",
     "RoutingError",
@@ -30,6 +32,8 @@ __all__ = [
     "expert_parallel_parameters",
     "explain",
     "load_sharded",
+    "prepare",
+    "prepare_report",
     "recording",
     "reset_call_counts",
     "shard_experts",

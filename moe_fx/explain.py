@@ -20,14 +20,22 @@ from moe_fx.passes import PassReport, analyze_graph
 from moe_fx.passes.graph_utils import fake, module_path, real_value
 from moe_fx.passes.region import MoERegion
 from moe_fx.passes.unclaimed import FORM as UNCLAIMED
+from moe_fx.prepare import find_candidates, prepare_report
 from moe_fx.shard import expert_shard, held_bytes
 
 _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "specialized integer", "unbacked")
 
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
-    "graph; for transformers models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
-    "the config or call model.set_experts_implementation(\"grouped_mm\")"
+    "graph; for transformers >= 5 models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
+    "the config or call model.set_experts_implementation(\"grouped_mm\"); for transformers 4.x models call "
+    "model = moe_fx.prepare(model) before torch.compile"
+)
+
+_FIX_PREPARE = (
+    "{cls}.{method} runs its experts behind a data-dependent step (a graph break); call "
+    "model = moe_fx.prepare(model) before torch.compile: it gives this block a static expert loop "
+    "({layout}) and keeps it only if it equals the block's own code on probe inputs"
 )
 
 
@@ -127,7 +135,32 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     leaves = any(m.form == UNCLAIMED and "leave this graph" in m.reason for m in report.near_misses)
     if captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
         _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
+    if any(m.form == "graph break" for m in report.near_misses):
+        _add_prepare_candidates(report, model_or_fn)
+    _add_prepare_report(report, model_or_fn)
     return report
+
+
+def _add_prepare_candidates(report: ExplainReport, model_or_fn) -> None:
+    """A near-miss per block ``moe_fx.prepare`` would handle: the module, by path, and the fix."""
+    if not isinstance(model_or_fn, torch.nn.Module):
+        return
+    for path, module, layout in find_candidates(model_or_fn):
+        method = "moe" if layout == "experts_method" else "forward"
+        report.near_misses.append(NearMissRow(block=path, form="graph break", reason=_FIX_PREPARE.format(
+            cls=type(module).__name__, method=method, layout=layout)))
+
+
+def _add_prepare_report(report: ExplainReport, model_or_fn) -> None:
+    prepared = prepare_report(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else None
+    if prepared is None:
+        return
+    for block in prepared.prepared:
+        report.notes.append(f"moe_fx.prepare gave {block.path} ({block.module}) a static expert loop "
+                            f"({block.layout}, routing: {block.routing})")
+    for block in prepared.refused:
+        report.near_misses.append(NearMissRow(block=block.path, form="moe_fx.prepare",
+                                              reason=f"{block.module} left as it is: {block.reason}; fix: {block.fix}"))
 
 
 def _add_fullgraph_error(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:

@@ -61,5 +61,6 @@ def average_expert_gradients(model: nn.Module, dp_size: int | None = None) -> li
             "would also need a sum over the replica group)"
         )
     scale = 1.0 / dp_size
-    return [p.register_hook(lambda g: g * scale) for _, p in params]
+    # Stubs of other ranks' experts (a prepared block's ModuleList) take no gradient.
+    return [p.register_hook(lambda g: g * scale) for _, p in params if p.requires_grad]
 

@@ -25,6 +25,11 @@ transformers' ``experts_implementation="eager"``), a dense or split form. With e
 with E, it would index rows [e, E) of the [e, ...] weights. moe_fx rewrites such blocks
 expert-parallel unsharded (every rank holds every expert, computes its own).
 
+A block ``moe_fx.prepare`` gave its loop over an ``nn.ModuleList`` of experts keeps this rank's
+experts; the others' parameters become one-element stubs expanded to their shapes (the traced
+loop still sees every expert; the rewrite stacks the local ones only). Prepared stacked experts
+(GPT-OSS) are refused: their loop indexes all E.
+
 After sharding the eager model raises ``MoEFxError`` (its experts code would need every expert):
 only the model compiled with ``moe_fx.backend`` runs. Shard before compiling.
 """
@@ -43,6 +48,7 @@ from torch import nn
 from moe_fx.errors import MoEFxError, UnsupportedMoEError
 
 SHARD_ATTR = "_moe_fx_expert_shard"
+PREPARED_ATTR = "_moe_fx_prepared"  # moe_fx.prepare's plan on a module (moe_fx/prepare.py imports shard's names, not back)
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +141,12 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
     if ep == 1:
         return []
     found = find_experts_modules(model)
-    if not found:
+    lists = _prepared_expert_lists(model)
+    if not found and not lists:
         log.warning(
             "moe_fx.shard_experts: %s holds no experts module (two or more [E, ...] parameters, E >= 2), so "
             "nothing was sharded. Experts kept as an nn.ModuleList of modules stay whole on every rank (moe_fx "
-            "still runs them expert-parallel).", type(model).__name__,
+            "still runs them expert-parallel), unless moe_fx.prepare gave their block its loop.", type(model).__name__,
         )
     for path, module, e, names in found:  # every block is checked before any is changed
         if any(expert_shard(getattr(module, n)) is not None for n in names):
@@ -157,7 +164,15 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
                 f"MoE block {path!r}: {e} experts cannot be split evenly over an expert-parallel group of "
                 f"{ep} ranks ({e} % {ep} = {e % ep}). Use a group whose size divides {e}."
             )
-    done = []
+    for path, _, experts in lists:
+        if any(expert_shard(p) is not None for p in experts.parameters()):
+            raise MoEFxError(f"MoE block {path!r} is already sharded (moe_fx.shard_experts was called twice)")
+        if len(experts) % ep:
+            raise UnsupportedMoEError(
+                f"MoE block {path!r}: {len(experts)} experts cannot be split evenly over an expert-parallel group "
+                f"of {ep} ranks ({len(experts)} % {ep} = {len(experts) % ep}). Use a group whose size divides it."
+            )
+    done = [_shard_expert_list(path, block, experts, rank, ep) for path, block, experts in lists]
     for path, module, e, names in found:
         local = e // ep
         count = isinstance(getattr(module, "num_experts", None), int) and module.num_experts == e
@@ -175,6 +190,43 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | str | None = N
         done.append(ShardedBlock(block=path, shard=shard, params=names, bytes_before=before,
                                  bytes_after=held_bytes(getattr(module, n) for n in names)))
     return done
+
+
+def _prepared_expert_lists(model: nn.Module) -> list[tuple[str, nn.Module, nn.ModuleList]]:
+    """(path of the experts, block, experts) of every block ``moe_fx.prepare`` gave a loop over an
+    nn.ModuleList: moe_fx rewrites that loop and reads only the local experts (stacked per call)."""
+    out = []
+    for path, module in model.named_modules():
+        plan = getattr(module, PREPARED_ATTR, None)
+        if plan is not None and plan.experts:
+            out.append((f"{path}.{plan.experts}" if path else plan.experts, module, getattr(module, plan.experts)))
+    return out
+
+
+def _shard_expert_list(path: str, block: nn.Module, experts: nn.ModuleList, rank: int, ep: int) -> ShardedBlock:
+    """Keep this rank's experts of a prepared block's ModuleList; every other expert's parameters
+    become stubs of one element expanded to their shape (the traced loop still sees every expert's
+    shapes; the rewrite never reads them). All carry the ExpertShard record: the backend checks the
+    compile-time group against it, and data-parallel wrappers leave them alone."""
+    e = len(experts)
+    local = e // ep
+    shard = ExpertShard(block=path, num_experts=e, start=rank * local, num_local=local, ep_size=ep)
+    before = held_bytes(experts.parameters())
+    names = []
+    for j, expert in enumerate(experts):
+        for name, param in list(expert.named_parameters()):
+            owner = expert.get_submodule(name.rpartition(".")[0]) if "." in name else expert
+            leaf = name.rpartition(".")[2]
+            if shard.start <= j < shard.stop:
+                setattr(param, SHARD_ATTR, shard)
+            else:
+                stub = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+                owner._parameters[leaf] = nn.Parameter(stub, requires_grad=False)
+                setattr(owner._parameters[leaf], SHARD_ATTR, shard)
+            names.append(f"{j}.{name}")
+    block.register_forward_pre_hook(_EagerGuard(shard))
+    return ShardedBlock(block=path, shard=shard, params=tuple(names), bytes_before=before,
+                        bytes_after=held_bytes(experts.parameters()))
 
 
 # transformers' experts implementations whose code moe_fx rewrites whole (hf_experts.py); "eager"
@@ -197,6 +249,9 @@ def _reads_expert_count(module: nn.Module, e: int) -> tuple[str, str] | None:
     """(why, what to do) if ``module``'s own code would break with fewer than its e experts, else None.
     It does when it reads ``num_experts`` as the router's id range, unless it is a transformers
     experts module in a form moe_fx rewrites whole."""
+    if hasattr(module, PREPARED_ATTR):
+        return (f"moe_fx.prepare gave it a static loop over all {e} experts (a loop cannot run on a block of them)",
+                "Compile it unsharded: moe_fx still runs it expert-parallel, each rank computing its own experts.")
     impl = _hf_experts_implementation(module)
     if impl is not None:
         if impl in _HF_SHARDABLE:

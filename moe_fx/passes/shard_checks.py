@@ -10,11 +10,19 @@ from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import EPPlan
 from moe_fx.passes.graph_utils import expert_shard_of, module_path
 from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.shard import ExpertShard
+
+
+def _list_shard(region: MoERegion) -> ExpertShard | None:
+    """The record of per-expert weights (a ModuleList) sharded by moe_fx.shard_experts: they stay
+    one tensor per expert (other ranks' as stubs), so the region reads them as unsharded."""
+    weights = [w for p in (region.up, *region.side_up, region.down) if isinstance(p.weight, tuple) for w in p.weight]
+    return next((s for w in weights if (s := expert_shard_of(w)) is not None), None)
 
 
 def check_shard_matches_group(region: MoERegion, plan: EPPlan) -> None:
     """Sharded weights must be exactly the block the compile-time EP group gives this rank."""
-    shard = region.shard
+    shard = region.shard or _list_shard(region)
     if shard is None or (shard.start, shard.num_local) == (plan.expert_start, plan.num_local_experts):
         return
     raise UnsupportedMoEError(
