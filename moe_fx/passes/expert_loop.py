@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, fake, int_value, is_graph_input, is_op, op_name, same_size, size_guards, strip_casts, upstream,
+    arg, chain, fake, int_value, is_graph_input, is_op, op_name, same_size, size_guards, strip_casts, upstream,
 )
 from moe_fx.passes.expert_params import ExpertFn, ExpertLinear, expert_matmuls, experts_owner, stack_experts
 from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, expect, row_functions
@@ -252,10 +252,7 @@ def _weighted_topk_sum(acc: fx.Node, last: fx.Node, t, k: int) -> tuple[fx.Node,
 
 def _weights_column(column: fx.Node, t, k: int) -> tuple[fx.Node, list[fx.Node]]:
     """w [T, K] of ``w.unsqueeze(-1)`` or ``w.view(-1).view(T, -1, 1)`` (through casts)."""
-    nodes, node = [], column
-    while node is not strip_casts(node):
-        nodes.append(node)
-        node = node.args[0]
+    nodes, node = chain(column), strip_casts(column)
     if is_op(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 2):
         w = node.args[0]
     else:

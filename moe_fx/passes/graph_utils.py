@@ -89,6 +89,17 @@ def strip_casts(node: fx.Node) -> fx.Node:
     return node
 
 
+def chain(top: fx.Node, bottom: fx.Node | None = None) -> list[fx.Node]:
+    """The nodes from ``top`` back to ``bottom`` (exclusive) through first arguments: the casts
+    ``strip_casts`` skips when ``bottom`` is None, else single-input steps (casts, views)."""
+    bottom = strip_casts(top) if bottom is None else bottom
+    out, node = [], top
+    while isinstance(node, fx.Node) and node is not bottom:
+        out.append(node)
+        node = node.args[0] if node.args else None
+    return out
+
+
 def int_value(value: Any) -> int | None:
     """A Python int for a literal or a constant SymInt; None otherwise. Never guards: reading a
     symbolic size as an int would specialize the graph on it (a recompile per token count)."""

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import (
-    arg, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, nearest_downstream, op_name, owner_path,
-    same_shape, same_size, strip_casts,
+    arg, chain, expert_shard_of, fake, int_value, is_graph_input, is_op, module_path, nearest_downstream, op_name, owner_path, same_shape, same_size, strip_casts,
 )
 from moe_fx.passes.matching import blame, counted_ids, expect, stacked_weight
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
@@ -304,7 +303,7 @@ def match_grouped(up_mm: fx.Node) -> MoERegion | NoMatch | None:
                  next(a for a in weighted.args if is_op(a, "unsqueeze")), ws_sorted.args[0],
                  *ids.chain(masked_y, y_post), *guards}
         nodes |= {n for n in (up_mm.args[0], down_mm.args[0]) if isinstance(n, fx.Node) and not is_graph_input(n)}
-        nodes |= count_nodes | set(up_helpers) | set(down_helpers) | set(_casts_to(offs, cumsum)) | {cumsum} | set(_casts_to(cumsum.args[0], hist))
+        nodes |= count_nodes | set(up_helpers) | set(down_helpers) | set(chain(offs, cumsum)) | {cumsum} | set(chain(cumsum.args[0], hist))
         parts = _Parts(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, row_ids=row_ids,
                        up_out=up_mm, down_in=down_mm.args[0], down_mm=down_mm, down_out=down_mm, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=ids)
@@ -378,14 +377,6 @@ def match_batched(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
                        up_out=up_out, down_in=down_in, down_mm=down_bmm, down_out=down_out, up=up, down=down,
                        weighted=weighted, y_post=y_post, output=output, nodes=nodes, ids=id_range)
     return _region(parts, form=form, block=block)
-
-
-def _casts_to(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
-    out = []
-    while top is not bottom:
-        out.append(top)
-        top = top.args[0]
-    return out
 
 
 def _single_squeeze(bmm: fx.Node) -> fx.Node:

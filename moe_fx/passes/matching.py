@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_graph_input, is_op, op_name, strip_casts
+from moe_fx.passes.graph_utils import arg, chain, fake, int_value, is_graph_input, is_op, op_name, strip_casts
 from moe_fx.passes.region import RowFn
 from moe_fx.passes.rowwise import extract_row_fn
 
@@ -66,11 +66,11 @@ def counted_ids(counts: fx.Node, num_experts: int, *, histc_max: tuple[int, ...]
     if is_op(counts, "histc"):
         bins, lo, hi = arg(counts, 1, "bins"), arg(counts, 2, "min", 0), arg(counts, 3, "max", 0)
         expect(bins == e and lo == 0 and hi in histc_max, f"histogram bins={bins} min={lo} max={hi}, expected {e} experts")
-        return strip_casts(counts.args[0]), {counts, *_casts(counts.args[0])}
+        return strip_casts(counts.args[0]), {counts, *chain(counts.args[0])}
     if is_op(counts, "bincount"):
         expect(int_value(arg(counts, 2, "minlength", 0)) == e and arg(counts, 1, "weights") is None,
                f"bincount without minlength={e}: fewer than {e} counts when the last experts get no rows")
-        return strip_casts(counts.args[0]), {counts, *_casts(counts.args[0])}
+        return strip_casts(counts.args[0]), {counts, *chain(counts.args[0])}
     expect(is_op(counts, "sum") and arg(counts, 1, "dim") in (0, (0,), [0]),
            f"expert counts come from {op_name(counts)}, not histc, bincount or a routing map's sum over tokens")
     onehot = strip_casts(counts.args[0])
@@ -79,15 +79,9 @@ def counted_ids(counts: fx.Node, num_experts: int, *, histc_max: tuple[int, ...]
            "expert counts sum something other than a routing map scattered from the expert ids into zeros")
     expect(fake(onehot) is not None and int_value(fake(onehot).shape[-1]) == e,
            f"the routing map has {fake(onehot).shape[-1] if fake(onehot) is not None else '?'} columns, not {e} experts")
-    return arg(onehot, 2, "index"), {counts, onehot, onehot.args[0], *_casts(counts.args[0])}
+    return arg(onehot, 2, "index"), {counts, onehot, onehot.args[0], *chain(counts.args[0])}
 
 
-def _casts(node: fx.Node) -> list[fx.Node]:
-    out = []
-    while node is not strip_casts(node):
-        out.append(node)
-        node = node.args[0]
-    return out
 
 
 def stacked_weight(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:

@@ -22,7 +22,7 @@ from moe_fx.passes.expert_params import (
     ExpertFn, expert_linear, expert_matmuls, experts_owner, rows_path, stack_experts,
     stacked_projection,
 )
-from moe_fx.passes.graph_utils import arg, fake, int_value, is_op, op_name, same_size, size_guards, strip_casts
+from moe_fx.passes.graph_utils import arg, chain, fake, int_value, is_op, op_name, same_size, size_guards, strip_casts
 from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, counted_ids, expect, row_functions
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rowwise import ELEMENTWISE
@@ -110,7 +110,7 @@ def _region(up_cat: fx.Node, down_cat: fx.Node, block: str) -> MoERegion:
     up = stacked_projection(ups, "input")
     down = stacked_projection(downs, "output")
     nodes = {up_cat, down_cat, up_split, down_split, *count_nodes, sort, perm, flat, tok, rows, output, mul,
-             *_casts(arg(output, 3, "source"), mul), column, column_source, column_source.args[0],
+             *chain(arg(output, 3, "source"), mul), column, column_source, column_source.args[0],
              *act.nodes, *post.nodes}
     for split, projections in ((up_split, ups), (down_split, downs)):
         nodes |= {p.node for p in projections} | {n for p in projections for n in p.nodes} | {p.input for p in projections}
@@ -181,14 +181,6 @@ def _flat_source(sorted_gates: fx.Node) -> fx.Node:
     expect(is_op(flat, "flatten", "view", "reshape") and fake(flat.args[0]) is not None and fake(flat.args[0]).dim() == 2,
             "router weights are not a flattened [T, K] tensor")
     return flat.args[0]
-
-
-def _casts(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
-    out = []
-    while top is not bottom:
-        out.append(top)
-        top = top.args[0]
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def _mlp_region(cat, split, fns, up, side_up, down, block, nodes) -> MoERegion:
     acc = output.args[0]
     base = None if is_op(acc, *ZERO_CONSTRUCTORS) else acc
     nodes |= {cat, split, *count_nodes, *counted, rows, *tok_nodes, mul, *prob_nodes, output,
-              *output.all_input_nodes, *_casts(arg(output, 3, "src"), mul)}
+              *output.all_input_nodes, *chain(arg(output, 3, "src"), mul)}
     if base is None:
         nodes.add(acc)
     first = fns[0]
@@ -316,12 +308,12 @@ def _expert_major(tok: fx.Node, routing_map: fx.Node, t) -> list[fx.Node]:
     expect(is_op(tok, "masked_select"), f"the rows' token index is {op_name(tok)}, not a masked_select over the routing map")
     source, mask = tok.args[0], arg(tok, 1, "mask")
     expect(_same_map(_transposed_map(mask), routing_map), "the token index is not selected by the counted routing map")
-    chain = [source]
-    while is_op(chain[-1], "expand", "unsqueeze", "view", "reshape"):
-        chain.append(chain[-1].args[0])
-    expect(is_op(chain[-1], "arange") and len(chain[-1].args) == 1 and same_size(chain[-1].args[0], t),
+    steps = [source]
+    while is_op(steps[-1], "expand", "unsqueeze", "view", "reshape"):
+        steps.append(steps[-1].args[0])
+    expect(is_op(steps[-1], "arange") and len(steps[-1].args) == 1 and same_size(steps[-1].args[0], t),
            "the masked token index is not arange(T) over the experts")
-    return [tok, mask, *_map_chain(mask), *chain]
+    return [tok, mask, *_map_chain(mask), *steps]
 
 
 def _same_map(a: fx.Node | None, b: fx.Node) -> bool:
@@ -347,7 +339,7 @@ def _permuted_probs(column: fx.Node | None, ids: fx.Node, routing_map: fx.Node, 
     each routed row's probability, in the rows' order."""
     expect(column is not None, "the experts' outputs are not multiplied by the routing probabilities")
     nodes, node = [column], strip_casts(column)
-    nodes += _casts(column, node)
+    nodes += chain(column, node)
     expect(is_op(node, "unsqueeze") and arg(node, 1, "dim") in (-1, 1), "the probabilities are not a column of the rows")
     selected = node.args[0]
     expect(is_op(selected, "masked_select") and _same_map(_transposed_map(arg(selected, 1, "mask")), routing_map),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from moe_fx.passes.graph_utils import arg, depends_on, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
+from moe_fx.passes.graph_utils import arg, chain, depends_on, fake, int_value, is_graph_input, is_op, op_name, owner_path, same_size, strip_casts
 from moe_fx.passes.hf_experts import GROUPED_MM_OPS
 from moe_fx.passes.matching import ZERO_CONSTRUCTORS, Miss, blame, counted_ids, expect, row_functions, stacked_weight
 from moe_fx.passes.region import ExpertProjection, MoERegion, NoMatch
@@ -82,7 +82,7 @@ def _region(mms: list[fx.Node], weights: list, offs: fx.Node, block: str) -> MoE
     expect(len(scatters) == 1 and arg(scatters[0], 1, "dim") == 0, "expert rows are not put back with scatter_add(0, token_idx, rows)")
     scatter = scatters[0]
     src = arg(scatter, 3, "src")
-    nodes = {scatter, *_chain(src, down), offs, cumsum, *_casts_of(offs), *_casts_of(cumsum.args[0]), *count_nodes, *_chain(counted, ids), order,
+    nodes = {scatter, *chain(src, down), offs, cumsum, *_casts_of(offs), *_casts_of(cumsum.args[0]), *count_nodes, *chain(counted, ids), order,
              flat_ids, *_routed_nodes(rows, hidden), *indices, *(m for m in mms), *(h for w in weights for h in w[2]),
              *(mm.args[0] for mm in mms)}
     if scale is None:
@@ -123,16 +123,7 @@ def _token_indices(order: fx.Node, k: int) -> list[fx.Node]:
 
 
 def _casts_of(node: fx.Node) -> list[fx.Node]:
-    return _chain(node, strip_casts(node))
-
-
-def _chain(top: fx.Node, bottom: fx.Node) -> list[fx.Node]:
-    """Nodes from ``top`` back to ``bottom`` through single-input steps (casts, views)."""
-    out, node = [], top
-    while isinstance(node, fx.Node) and node is not bottom:
-        out.append(node)
-        node = node.args[0] if node.args else None
-    return out
+    return chain(node, strip_casts(node))
 
 
 def _routed_rows(rows: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, int, fx.Node | None]:
