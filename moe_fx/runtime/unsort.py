@@ -33,8 +33,10 @@ def _reference(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor, out_dty
 def _rows(y: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(y's row at each position, zero where the position is -1; the mask of valid positions)."""
     valid = position >= 0
-    rows = y[position.clamp(min=0)] if y.shape[0] else y.new_zeros((position.shape[0], y.shape[1]))
-    return torch.where(valid.unsqueeze(1), rows, 0), valid
+    # A zero row past the end serves the -1 positions: no branch on y's row count, which may be
+    # data-dependent (this function is the op's fake implementation too).
+    padded = torch.cat([y, y.new_zeros((1, y.shape[1]))])
+    return padded[torch.where(valid, position, y.shape[0])], valid
 
 
 def _terms(y: torch.Tensor, position: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
