@@ -34,7 +34,7 @@ def main(rank: int) -> None:
     fingerprint = [block_id("b"), 8, 64, 2, 0, 2, -1, 2, -1]
 
     def guard(every_call: bool):
-        return lambda: torch.ops.moe_fx.guard(ids, fingerprint, "b", "0", 30000, every_call)
+        return lambda: torch.ops.moe_fx.guard(ids, fingerprint, "b", "0", 30000, every_call, True)  # op checks ids
 
     per_call_us(guard(True), 20)  # warm-up: creates the guard's gloo group
     dist.barrier()

@@ -236,7 +236,7 @@ class NpuRegionSnapshots(expecttest.TestCase):
 
     def test_allgather(self):
         self.assertExpectedInline(self._rendering("allgather"), """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, True, True)
 v1 = moe_fx.gather_tokens(hidden, v0, topk_weights, '0')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 1)
@@ -271,7 +271,7 @@ v31 = moe_fx.scatter_tokens(v30, v10, '0')""")
 
     def test_all2allv(self):
         self.assertExpectedInline(self._rendering("all2allv"), """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 2, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 2, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True, True)
 v1 = to(v0, int32)
 v2 = npu.npu_moe_token_permute(hidden, v1)
 v3 = getitem(v2, 0)
@@ -310,7 +310,7 @@ v33 = npu.npu_moe_token_unpermute(v32, v4, probs=topk_weights)""")
         """qwen3_moe in bf16 (MC2 refuses fp32) on A2: expert_scales / expand_scales, comm_alg
         "fullmesh", padding rows routed to experts 0..K-1, MC2's own group (not WORLD's '0')."""
         self.assertExpectedInline(self._rendering_bf16("mc2"), """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 3, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, False)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 3, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, False, True)
 v1 = size(hidden, 0)
 v2 = le(v1, 16)
 v3 = aten._assert_scalar.default(v2, "MoE block 'model.layers.0.mlp.experts': more tokens than the mc2 capacity moe_fx.config.max_tokens_per_rank=16")

@@ -15,7 +15,7 @@ class RewrittenRegionSnapshots(expecttest.TestCase):
     def test_local_mixtral_grouped_fp32(self):
         self.assertExpectedInline(
             render_case(key="mixtral", impl="grouped_mm", dtype="float32", lowering="auto"), """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 0, -1, 1, -1], 'model.layers.0.mlp.experts', None, 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 0, -1, 1, -1], 'model.layers.0.mlp.experts', None, 30000, True, False)
 v1 = reshape(v0, -1)
 v2 = to(v1, int16)
 v3 = sort(v2, stable=True)
@@ -46,7 +46,7 @@ v24 = moe_fx.unsort_weighted_sum(v20, v23, topk_weights, None)"""
         rendering = get_pool(2).run("tests.ep_jobs:render_case", key="mixtral", impl="grouped_mm",
                                     dtype="float32", lowering="allgather")[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True, False)
 v1 = moe_fx.allgather_dispatch(hidden, v0, topk_weights, 0, 4, '0')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 2)
@@ -73,7 +73,7 @@ v21 = moe_fx.allgather_combine(v20, v4, v6, 2, 7, '0', None)""")
         rendering = get_pool(2).run("tests.ep_jobs:render_case", key="gpt_oss", impl="batched_mm",
                                     dtype="bfloat16", lowering="all2allv")[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 2, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 2, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True, False)
 v1 = moe_fx.all2allv_dispatch(hidden, v0, 8, '0')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 1)
@@ -111,7 +111,7 @@ v31 = sum(v30, dim=1)""")
                                     dtype="float32", lowering="mc2",
                                     config_patch={"max_tokens_per_rank": 16})[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 3, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, True)
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 3, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, True, False)
 v1 = moe_fx.mc2_dispatch(hidden, v0, 8, 16, '0', 'model.layers.0.mlp.experts')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 2)

@@ -1,7 +1,8 @@
 """The agreement check at the entry of every rewritten MoE block (moe_fx/runtime/guard.py).
 
-    topk_ids [T, K] -> moe_fx::guard(topk_ids, fingerprint, block, group, timeout_ms, every_call)
-                    [-> _assert_async(ids in [0, E)), clamp     where the table is read on the first call only]
+    topk_ids [T, K] -> moe_fx::guard(topk_ids, fingerprint, block, group, timeout_ms, every_call, checks_ids)
+                    [-> _assert_async(ids in [0, E)), clamp     where the table is read on the first call only,
+                                                                 off Ascend]
                     -> dispatch, experts, combine (as before, reading the checked ids)
 
 ``GuardPlan`` is resolved by the pass (moe_fx/passes/plan.py ``guard_plan``) from the block's
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from moe_fx.runtime.guard import STRATEGIES, block_id, dtype_code
+from moe_fx.runtime.guard import STRATEGIES, block_id, device_check, dtype_code
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,7 @@ class GuardPlan:
     group_name: str | None  # the EP group; None at ep = 1
     timeout_ms: int
     every_call: bool  # exchange and read the table on every call (else: the first call of the block)
+    check_in_graph: bool  # calls without the table: the ids' device check as graph ops (else in the op)
 
     def fingerprint(self) -> list[int]:
         """The compile-time fields of moe_fx.runtime.guard.FIELDS, in order (without "call")."""
@@ -43,17 +45,9 @@ class GuardPlan:
 
 def emit_guard(plan: GuardPlan, topk_ids_TK: fx.Proxy) -> fx.Proxy:
     """The ids every later op of the region reads, after the ranks agreed on this call."""
+    in_graph = plan.check_in_graph and not plan.every_call
     checked = torch.ops.moe_fx.guard(topk_ids_TK, plan.fingerprint(), plan.block, plan.group_name,
-                                     plan.timeout_ms, plan.every_call)
-    return checked if plan.every_call else _checked_on_device(checked, plan)
-
-
-def _checked_on_device(topk_ids_TK: fx.Proxy, plan: GuardPlan) -> fx.Proxy:
-    """Calls after a block's first read no table: ids outside [0, E) fail this rank's CUDA context
-    at its next synchronization (``_assert_async``: no host sync), and are clamped meanwhile, so
-    no op reads out of bounds and the peers' exchange stays matched. As graph ops, the compiler
-    fuses the check into one reduction and the clamp into the ids' consumers."""
-    num_experts = plan.num_experts
-    bad = (topk_ids_TK < 0) | (topk_ids_TK >= num_experts)
-    torch._assert_async(~bad.any(), f"moe_fx: MoE block {plan.block!r}: an expert id outside [0, {num_experts})")
-    return topk_ids_TK.clamp(0, num_experts - 1)
+                                     plan.timeout_ms, plan.every_call, not plan.check_in_graph)
+    # As graph ops the compiler fuses the check into one reduction and the clamp into the ids'
+    # consumers, rather than the op launching them eagerly on every call.
+    return device_check(checked, plan.num_experts, plan.block) if in_graph else checked

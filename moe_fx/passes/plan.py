@@ -102,6 +102,8 @@ def guard_plan(region: MoERegion, plan: LoweringPlan, choice: LoweringChoice) ->
         limit=capacity if static and per_rank else None, ep_size=plan.ep.ep_size,
         group_name=plan.ep.group_name if plan.ep.ep_size > 1 else None,
         timeout_ms=max(1, round(config.collective_timeout_s * 1000)), every_call=every_call,
+        # torchair compiles the Ascend graph: the check stays inside the op there
+        check_in_graph=plan.device_type != "npu",
     )
 
 

@@ -25,12 +25,14 @@ ranks that did not arrive are learned through the default store (each arrived ra
 on the error path only). A group that failed stays failed: later calls raise at once.
 
 ``every_call`` False (CUDA strategies without a host sync: MC2, AllGather with a token bound,
-ep = 1): the table is exchanged and read on the first call of each block only; later calls (and
-calls inside a CUDA graph capture) only copy the ids. Such blocks get a device-side check right
-after the op in the graph (``moe_fx.lowering.guard.emit_guard``): ids outside [0, E) are clamped
-into range (no out-of-bounds access, the exchange stays matched, peers' tokens stay correct) and
-``torch._assert_async`` fails this rank's CUDA context at its next synchronization (a
-device-side assert: the process cannot continue).
+ep = 1; Ascend MC2): the table is exchanged and read on the first call of each block only; later
+calls (and calls inside a CUDA graph capture) check the ids on the device (``device_check``): ids
+outside [0, E) are clamped into range (no out-of-bounds access, the exchange stays matched, peers'
+tokens stay correct) and ``torch._assert_async`` fails this rank's device context at its next
+synchronization (a device-side assert: the process cannot continue). Where inductor compiles the
+graph the check is graph ops right after this op, which then only copies the ids
+(``moe_fx.lowering.guard.emit_guard``); elsewhere (``checks_ids``: Ascend, whose graph compiler
+gets the guard as one op) the op runs it.
 
 The call numbers and failed groups are per-process state (``reset_call_counts``).
 """
@@ -93,10 +95,11 @@ def reset_call_counts() -> None:
 
 @torch.library.custom_op(f"{LIB}::guard", mutates_args=())
 def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name: Optional[str], timeout_ms: int,
-          every_call: bool) -> torch.Tensor:
+          every_call: bool, checks_ids: bool) -> torch.Tensor:
     """topk_ids [T, K] -> the same ids [T, K] (a copy), after the ranks agreed on this call
     (module docstring). ``fingerprint``: the compile-time fields of ``FIELDS`` without "call", in
-    order."""
+    order. ``checks_ids``: on calls without the table, this op checks the ids on the device itself
+    (where the graph holds no check of its own: moe_fx.lowering.guard)."""
     num_experts = fingerprint[1]
     key = (group_name, block)
     call = _calls.get(key, 0) + 1
@@ -104,9 +107,7 @@ def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name
     _block_names.setdefault(fingerprint[0], block)
     capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
     if capturing or not (every_call or call == 1):
-        # The device-side check follows in the graph (moe_fx/lowering/guard.py): compiled code,
-        # fused with the ids' other consumers, rather than eager launches from this op.
-        return topk_ids.clone()
+        return device_check(topk_ids, num_experts, block) if checks_ids else topk_ids.clone()
     # NOTE: host read of the bad-id count (free on CPU; on CUDA only where the strategy reads
     # the host anyway, or on a block's first call).
     bad = (topk_ids < 0) | (topk_ids >= num_experts)
@@ -124,8 +125,19 @@ def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name
 
 
 @guard.register_fake
-def _(topk_ids, fingerprint, block, group_name, timeout_ms, every_call):
+def _(topk_ids, fingerprint, block, group_name, timeout_ms, every_call, checks_ids):
     return torch.empty_like(topk_ids)
+
+
+def device_check(topk_ids: torch.Tensor, num_experts: int, block: str) -> torch.Tensor:
+    """The check of calls without the table: ids outside [0, E) fail this rank's device context at
+    its next synchronization (``_assert_async``: no host sync), and are clamped meanwhile, so no op
+    reads out of bounds and the peers' exchange stays matched. Plain torch calls: emitted into the
+    graph on fx Proxies (moe_fx/lowering/guard.py), or run by the op on tensors."""
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    torch._assert_async(~bad.any(), f"moe_fx: MoE block {block!r}: an expert id outside [0, {num_experts})")
+    return topk_ids.clamp(0, num_experts - 1)
+
 
 
 def _guard_group(group_name: str, timeout_ms: int) -> dist.ProcessGroup:
