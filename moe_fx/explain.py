@@ -114,8 +114,16 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
             )
     torch._dynamo.reset()
     flags = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
-    with torch._dynamo.config.patch(**flags):
+    try:
+        with torch._dynamo.config.patch(**flags):
+            captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
+        capture_failed = False
+    except Exception:  # noqa: BLE001  (the flags make some breaks errors; the fullgraph capture below says why)
+        # e.g. a loop over `nonzero(...).tolist()`: with capture_scalar_outputs its unbacked
+        # length is guarded on, an error; without the flags dynamo breaks the graph there.
+        torch._dynamo.reset()
         captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
+        capture_failed = True
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
@@ -133,7 +141,7 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
     # once more with fullgraph=True to read the error.
     leaves = any(m.form == UNCLAIMED and "leave this graph" in m.reason for m in report.near_misses)
-    if captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
+    if capture_failed or captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
         _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
     if any(m.form == "graph break" for m in report.near_misses):
         _add_prepare_candidates(report, model_or_fn)
