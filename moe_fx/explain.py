@@ -28,8 +28,13 @@ _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "speci
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
     "graph; for transformers >= 5 models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
-    "the config or call model.set_experts_implementation(\"grouped_mm\"); for transformers 4.x models call "
-    "model = moe_fx.prepare(model) before torch.compile"
+    "the config or call model.set_experts_implementation(\"grouped_mm\"); "
+)
+# The 4.x half of that fix: prepare where it finds a block, else what to write instead.
+_FIX_BY_PREPARE = "for transformers 4.x models call model = moe_fx.prepare(model) before torch.compile"
+_FIX_WITHOUT_PREPARE = (
+    "moe_fx.prepare finds no block of this model it can rebuild (README: its layouts), so for transformers 4.x "
+    "write the experts as a static `for e in range(E)` loop (README \"Supported MoE forms\": expert_loop)"
 )
 
 _FIX_PREPARE = (
@@ -130,12 +135,14 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph), params)
     explained = False
+    candidates = find_candidates(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else []
+    fix = _FIX_EAGER_EXPERTS + (_FIX_BY_PREPARE if candidates else _FIX_WITHOUT_PREPARE)
     for brk in captured.break_reasons:
         where = _where(brk)
         text = f"{where}: {brk.reason.strip().splitlines()[0]}"
         report.graph_breaks.append(text)
         if any(marker in brk.reason for marker in _DATA_DEPENDENT):
-            report.near_misses.append(NearMissRow(block=where, form="graph break", reason=_FIX_EAGER_EXPERTS))
+            report.near_misses.append(NearMissRow(block=where, form="graph break", reason=fix))
             explained = True
     # A break dynamo gave no reason for (a data-dependent guard restarts the frame; one inside a
     # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
@@ -144,16 +151,14 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     if capture_failed or captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
         _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
     if any(m.form == "graph break" for m in report.near_misses):
-        _add_prepare_candidates(report, model_or_fn)
+        _add_prepare_candidates(report, candidates)
     _add_prepare_report(report, model_or_fn)
     return report
 
 
-def _add_prepare_candidates(report: ExplainReport, model_or_fn) -> None:
+def _add_prepare_candidates(report: ExplainReport, candidates: list) -> None:
     """A near-miss per block ``moe_fx.prepare`` would handle: the module, by path, and the fix."""
-    if not isinstance(model_or_fn, torch.nn.Module):
-        return
-    for path, module, layout in find_candidates(model_or_fn):
+    for path, module, layout in candidates:
         method = "moe" if layout == "experts_method" else "forward"
         report.near_misses.append(NearMissRow(block=path, form="graph break", reason=_FIX_PREPARE.format(
             cls=type(module).__name__, method=method, layout=layout)))

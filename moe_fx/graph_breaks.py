@@ -35,13 +35,22 @@ class BreakSite:
 
 
 def break_site(error_text: str) -> BreakSite | None:
-    """The first user frame of a dynamo error: its ``from user code:`` block, else its ``Caused by:`` line."""
+    """The innermost user frame of a dynamo error: the last frame of its ``from user code:`` block
+    (the outer ones are the callers: a model's forward, transformers' wrappers), else its
+    ``Caused by:`` line."""
     lines = error_text.splitlines()
     for i, line in enumerate(lines):
-        if line.strip() == "from user code:" and i + 2 < len(lines):
-            found = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i + 1])
+        if line.strip() != "from user code:":
+            continue
+        site = None
+        for j in range(i + 1, len(lines) - 1):
+            found = re.match(r'\s*File "([^"]+)", line (\d+)', lines[j])
             if found:
-                return BreakSite(found[1], int(found[2]), lines[i + 2].strip())
+                site = BreakSite(found[1], int(found[2]), lines[j + 1].strip())
+            elif not lines[j].strip() and site is not None:
+                break  # the end of the block
+        if site is not None:
+            return site
     for line in lines:
         # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
         found = re.search(r"Caused by:\s*(.*?)\s*#\s*(\S+?):(\d+) in ", line)

@@ -164,10 +164,11 @@ class Row:
 
 
 def _compile_with_breaks(model: torch.nn.Module, kwargs: dict, row: Row) -> torch.Tensor:
-    """Compile without fullgraph. The static loop's torch.where then needs
-    capture_dynamic_output_shape_ops (README); where that flag turns another break into an
-    error, compile with dynamo's defaults."""
-    for flags in (dict(capture_dynamic_output_shape_ops=True), {}):
+    """Compile without fullgraph, with the flags explain() captures with (README: the static
+    loop's torch.where needs capture_dynamic_output_shape_ops, split_experts' .tolist()
+    capture_scalar_outputs); where a flag turns another break into an error, with fewer."""
+    both = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+    for flags in (both, dict(capture_dynamic_output_shape_ops=True), {}):
         torch._dynamo.reset()
         try:
             with torch._dynamo.config.patch(**flags), moe_fx.recording() as graphs:
