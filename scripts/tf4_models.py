@@ -2,8 +2,8 @@
 
 For each family a tiny fp32 model (one or two layers, H 64, 4 experts, top-2) is run eagerly,
 explained (before prepare), prepared (``moe_fx.prepare``), compiled with ``moe_fx.backend``
-(fullgraph where the model allows; inner backend ``eager``) and compared with the eager output.
-One markdown row per family; then every reason in full.
+(inner backend ``eager``; fullgraph where the model allows, else with the capture flags explain()
+uses) and compared with the eager output. One markdown row per family; then every reason in full.
 
     PYTHONPATH=~/.cache/moe_fx/transformers-4.57.1:. python scripts/tf4_models.py [--only mixtral,dbrx]
 
@@ -220,21 +220,31 @@ def _forms(row: Row) -> str:
     return f"{len(row.rewritten)} × {', '.join(forms)}" if row.rewritten else "0"
 
 
+# The most specific of a family's explain() lines first: what in the code prevents the rewrite.
+_SPECIFIC = ("(moe_fx.prepare)", "(capacity_gate)", "(dense_bmm)", "(split_experts)", "reach per-expert code",
+             "Python branch", "read on the host", "call model = moe_fx.prepare", "(graph break)", "")
+
+
+def _key_reason(lines: list[str]) -> str:
+    for marker in _SPECIFIC:
+        found = [line for line in lines if marker in line]
+        if found:
+            more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+            return _short(found[0]) + more
+    return "-"
+
+
 def print_table(rows: list[Row]) -> None:
-    print("| family | verdict | rewritten | prepared | refused by prepare | explain() before prepare | "
-          "graphs (fullgraph) | max abs diff |")
+    print("| family | verdict | rewritten | prepared | refused by prepare | explain() before prepare (most specific line) "
+          "| graphs (fullgraph) | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.error:
             print(f"| {r.family} | error | | | | {_short(r.error)} | | |")
             continue
-        misses = "; ".join(_short(m, 120) for m in r.near_misses[:2]) + (f" (+{len(r.near_misses) - 2})"
-                                                                        if len(r.near_misses) > 2 else "")
-        refused = "; ".join(_short(m, 120) for m in r.refused[:1]) + (f" (+{len(r.refused) - 1})"
-                                                                      if len(r.refused) > 1 else "")
         fullgraph = "yes" if r.fullgraph == "yes" else "no"
-        print(f"| {r.family} | {r.verdict} | {_forms(r)} | {len(r.prepared)} | {refused or '-'} | {misses or '-'} | "
-              f"{r.graphs} ({fullgraph}) | {r.diff:.2g} |")
+        print(f"| {r.family} | {r.verdict} | {_forms(r)} | {len(r.prepared)} | {_key_reason(r.refused)} | "
+              f"{_key_reason(r.near_misses)} | {r.graphs} ({fullgraph}) | {r.diff:.2g} |")
     print()
     for r in rows:
         for kind, lines in (("explain", r.near_misses), ("prepare refused", r.refused),
