@@ -221,8 +221,9 @@ def _forms(row: Row) -> str:
 
 
 # The most specific of a family's explain() lines first: what in the code prevents the rewrite.
-_SPECIFIC = ("(moe_fx.prepare)", "(capacity_gate)", "(dense_bmm)", "(split_experts)", "call model = moe_fx.prepare",
-             "Python branch", "read on the host", "reach per-expert code", "(graph break)", "")
+_SPECIFIC = ("(moe_fx.prepare)", "(capacity_gate)", "(dense_bmm)", "(split_experts)",
+             "runs its experts behind a data-dependent step", "Python branch", "read on the host",
+             "reach per-expert code", "(graph break)", "")
 
 
 def _key_reason(lines: list[str]) -> str:
