@@ -108,7 +108,7 @@ def _expert_read(node: fx.Node, num_experts: int) -> str | None:
     comparison with an expert index."""
     for a in node.all_input_nodes:
         # the parameter itself, or one expert's slice of it (Aria's `weight[e]` in a loop over range(E))
-        if is_op(a, "getitem", "select") and isinstance(a.args[1], int):
+        if (is_op(a, "getitem") and isinstance(a.args[1], int)) or (is_op(a, "select") and a.args[1] == 0):
             a = a.args[0]
         meta = fake(a) if is_graph_input(a) else None
         if meta is not None and meta.dim() >= 2 and int_value(meta.shape[0]) == num_experts:
