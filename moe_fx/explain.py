@@ -28,8 +28,13 @@ _DATA_DEPENDENT = ("data-dependent", "Dynamic shape operator", "nonzero", "speci
 _FIX_EAGER_EXPERTS = (
     "the experts loop iterates over a data-dependent set of experts and cannot be captured as one "
     "graph; for transformers >= 5 models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
-    "the config or call model.set_experts_implementation(\"grouped_mm\"); for transformers 4.x models call "
-    "model = moe_fx.prepare(model) before torch.compile"
+    "the config or call model.set_experts_implementation(\"grouped_mm\"); "
+)
+# The 4.x half of that fix: prepare where it finds a block, else what to write instead.
+_FIX_BY_PREPARE = "for transformers 4.x models call model = moe_fx.prepare(model) before torch.compile"
+_FIX_WITHOUT_PREPARE = (
+    "moe_fx.prepare finds no block of this model it can rebuild (README: its layouts), so for transformers 4.x "
+    "write the experts as a static `for e in range(E)` loop (README \"Supported MoE forms\": expert_loop)"
 )
 
 _FIX_PREPARE = (
@@ -114,38 +119,46 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
             )
     torch._dynamo.reset()
     flags = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
-    with torch._dynamo.config.patch(**flags):
+    try:
+        with torch._dynamo.config.patch(**flags):
+            captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
+        capture_failed = False
+    except Exception:  # noqa: BLE001  (the flags make some breaks errors; the fullgraph capture below says why)
+        # e.g. a loop over `nonzero(...).tolist()`: with capture_scalar_outputs its unbacked
+        # length is guarded on, an error; without the flags dynamo breaks the graph there.
+        torch._dynamo.reset()
         captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
+        capture_failed = True
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph), params)
     explained = False
+    candidates = find_candidates(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else []
+    fix = _FIX_EAGER_EXPERTS + (_FIX_BY_PREPARE if candidates else _FIX_WITHOUT_PREPARE)
     for brk in captured.break_reasons:
         where = _where(brk)
         text = f"{where}: {brk.reason.strip().splitlines()[0]}"
         report.graph_breaks.append(text)
         if any(marker in brk.reason for marker in _DATA_DEPENDENT):
-            report.near_misses.append(NearMissRow(block=where, form="graph break", reason=_FIX_EAGER_EXPERTS))
+            report.near_misses.append(NearMissRow(block=where, form="graph break", reason=fix))
             explained = True
     # A break dynamo gave no reason for (a data-dependent guard restarts the frame; one inside a
     # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
     # once more with fullgraph=True to read the error.
     leaves = any(m.form == UNCLAIMED and "leave this graph" in m.reason for m in report.near_misses)
-    if captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
+    if capture_failed or captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
         _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
     if any(m.form == "graph break" for m in report.near_misses):
-        _add_prepare_candidates(report, model_or_fn)
+        _add_prepare_candidates(report, candidates)
     _add_prepare_report(report, model_or_fn)
     return report
 
 
-def _add_prepare_candidates(report: ExplainReport, model_or_fn) -> None:
+def _add_prepare_candidates(report: ExplainReport, candidates: list) -> None:
     """A near-miss per block ``moe_fx.prepare`` would handle: the module, by path, and the fix."""
-    if not isinstance(model_or_fn, torch.nn.Module):
-        return
-    for path, module, layout in find_candidates(model_or_fn):
+    for path, module, layout in candidates:
         method = "moe" if layout == "experts_method" else "forward"
         report.near_misses.append(NearMissRow(block=path, form="graph break", reason=_FIX_PREPARE.format(
             cls=type(module).__name__, method=method, layout=layout)))

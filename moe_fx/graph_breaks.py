@@ -8,6 +8,7 @@ a reason. ``explain()`` captures once more with ``fullgraph=True`` and hands the
 from __future__ import annotations
 
 import linecache
+import os
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 
 # Reads of device values on the host: a Python loop or branch over their result is data-dependent.
 _HOST_READS = (".cpu()", ".numpy()", ".tolist()", ".item()")
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 _STATIC_LOOP = ("loop over range(E) on the device instead: `tok, slot = torch.where(ids == e)` and "
                 "`out.index_add_(0, tok, expert_e(x[tok]) * weights[tok, slot, None])` for every e "
@@ -35,13 +38,22 @@ class BreakSite:
 
 
 def break_site(error_text: str) -> BreakSite | None:
-    """The first user frame of a dynamo error: its ``from user code:`` block, else its ``Caused by:`` line."""
+    """The innermost user frame of a dynamo error: the last frame outside torch of its ``from user code:`` block
+    (the outer ones are the callers: a model's forward, transformers' wrappers), else its
+    ``Caused by:`` line."""
     lines = error_text.splitlines()
     for i, line in enumerate(lines):
-        if line.strip() == "from user code:" and i + 2 < len(lines):
-            found = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i + 1])
-            if found:
-                return BreakSite(found[1], int(found[2]), lines[i + 2].strip())
+        if line.strip() != "from user code:":
+            continue
+        site = None
+        for j in range(i + 1, len(lines) - 1):
+            found = re.match(r'\s*File "([^"]+)", line (\d+)', lines[j])
+            if found and not found[1].startswith(_TORCH_DIR):  # dynamo's polyfills, nn.Module's call
+                site = BreakSite(found[1], int(found[2]), lines[j + 1].strip())
+            elif not lines[j].strip() and site is not None:
+                break  # the end of the block
+        if site is not None:
+            return site
     for line in lines:
         # "Caused by: if tok.numel() == 0:  # .../model.py:107 in forward (_dynamo/...)"
         found = re.search(r"Caused by:\s*(.*?)\s*#\s*(\S+?):(\d+) in ", line)

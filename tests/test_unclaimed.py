@@ -102,6 +102,50 @@ def test_a_router_whose_ids_leave_the_graph_is_a_near_miss():
     assert report.graph_breaks
 
 
+class HostCountsLoop(ElementwiseExperts):
+    """Aria 4.x: top-k over dim=1, rows sorted by expert, a loop over range(E) slicing them by
+    counts read on the host and multiplying one expert's slice ``w_in[e]``."""
+
+    def forward(self, x):
+        logits = self.gate(x)
+        top, ids = torch.topk(logits, K, dim=1)
+        counts = torch.histc(ids.flatten().float(), bins=E, min=0, max=E - 1).long()
+        order = torch.argsort(ids.flatten())
+        rows = x.index_select(0, order // K)
+        ends = torch.cumsum(counts, 0).cpu()
+        y = torch.zeros(T * K, H)
+        for e in range(E):
+            start, end = (ends[e - 1] if e else 0), ends[e]
+            y[start:end] = F.silu(rows[start:end] @ self.w_in[e]) @ self.w_out[e]
+        out = torch.zeros(T * K, H).index_copy_(0, order, y).view(T, K, H)
+        return (out * top.softmax(-1)[..., None]).sum(1)
+
+
+def test_a_router_over_dim_1_feeding_expert_slices_is_a_near_miss():
+    report = moe_fx.explain(HostCountsLoop(), torch.randn(T, H))
+    misses = [m for m in report.near_misses if m.form == "unrecognized"]
+    assert len(misses) == 1 and f"[{E}, ...] parameter" in misses[0].reason, str(report)
+
+
+class NonzeroListLoop(ElementwiseExperts):
+    """Switch Transformers 4.x: a loop over ``nonzero(counts).tolist()``. explain()'s capture
+    flags make it a guard error; explain() must still answer, naming the line."""
+
+    def forward(self, x):
+        _, ids = torch.topk(self.gate(x), 1)
+        mask = F.one_hot(ids[:, 0], E).bool()
+        out = torch.zeros_like(x)
+        for e in torch.nonzero(mask.sum(0), as_tuple=True)[0].tolist():
+            out[mask[:, e]] = F.silu(x[mask[:, e]] @ self.w_in[e]) @ self.w_out[e]
+        return out
+
+
+def test_explain_survives_a_loop_over_a_host_list():
+    report = moe_fx.explain(NonzeroListLoop(), torch.randn(T, H))
+    assert not report.blocks and report.graph_breaks, str(report)
+    assert any("test_unclaimed.py" in m.block + m.reason for m in report.near_misses), str(report)
+
+
 FORM_MODULES = [("LoopMoE", {}), ("LoopMoE", {"experts": "params", "select": "eq", "accumulate": "setitem"}),
                 ("TitanMoE", {"dtype": "bfloat16"}), ("WeightGatherMoE", {}), ("DenseMoE", {}), ("SplitMoE", {}),
                 ("PartialLoopMoE", {}), ("BranchyLoopMoE", {}), ("CapacityMoE", {})]

@@ -61,6 +61,8 @@ def match_split(up_cat: fx.Node) -> MoERegion | NoMatch | None:
     sizes = arg(split, 1, "split_size_or_sections")
     if not isinstance(sizes, (list, tuple)):
         return None
+    if not any(isinstance(s, fx.Node) for s in sizes):
+        return None  # constant sizes: the counts were read before a graph break, not in this graph
     cats = sorted(c for s in _splits_sharing(sizes) for g in s.users for lin in g.users for c in lin.users if is_expert_cat(c))
     if cats[0] is not up_cat:
         return None

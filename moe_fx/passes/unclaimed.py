@@ -48,10 +48,13 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
 
 def _router(topk: fx.Node) -> tuple[fx.Node, int] | None:
     """(router weight, E) of a ``topk`` over a router's scores, or None."""
-    if not is_op(topk, "topk") or arg(topk, 2, "dim", -1) not in (-1, None):
+    if not is_op(topk, "topk"):
         return None
     scores = fake(topk.args[0])
     if scores is None or scores.dim() < 2 or int_value(scores.shape[-1]) is None:
+        return None
+    # over the last dim, however spelled (Aria: dim=1 of [T, E] scores)
+    if arg(topk, 2, "dim", -1) not in (-1, None, scores.dim() - 1):
         return None
     num_experts = int_value(scores.shape[-1])
     node = topk.args[0]
@@ -104,6 +107,9 @@ def _expert_read(node: fx.Node, num_experts: int) -> str | None:
     """What makes ``node`` per-expert code: a stacked [E, ...] parameter, a one-hot over E, or a
     comparison with an expert index."""
     for a in node.all_input_nodes:
+        # the parameter itself, or one expert's slice of it (Aria's `weight[e]` in a loop over range(E))
+        if (is_op(a, "getitem") and isinstance(a.args[1], int)) or (is_op(a, "select") and a.args[1] == 0):
+            a = a.args[0]
         meta = fake(a) if is_graph_input(a) else None
         if meta is not None and meta.dim() >= 2 and int_value(meta.shape[0]) == num_experts:
             return f"{node.name} reads an [{num_experts}, ...] parameter"
