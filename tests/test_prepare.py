@@ -165,6 +165,7 @@ _EXPECTED = {  # key -> (prepared layout, strategy of tests/tf4_jobs.py)
     "deepseek_v3": ("experts_method", "allgather"),
     "gpt_oss": ("stacked_experts", "all2allv"),
     "phimoe": ("routed_block", "mc2"),
+    "qwen2_moe": ("routed_block", "mc2"),
 }
 
 

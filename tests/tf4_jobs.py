@@ -34,6 +34,7 @@ MODELS = {
     "deepseek_v3": ("DeepseekV3", "allgather"),
     "gpt_oss": ("GptOss", "all2allv"),
     "phimoe": ("Phimoe", "mc2"),
+    "qwen2_moe": ("Qwen2Moe", "mc2"),
 }
 NUM_EXPERTS = 4  # few: dynamo unrolls every expert of the loop, and compile time is what this test costs
 
