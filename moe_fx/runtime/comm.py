@@ -90,7 +90,8 @@ def with_nccl_protocol(group: dist.ProcessGroup, protocol: str | None) -> dist.P
     NCCL reads NCCL_PROTO when a communicator starts, so the variable is set only while this one
     starts (a one-element all-reduce on the current device) and the process's other
     communicators keep their own choice. Every rank of ``group`` must call it at the same point
-    (moe_fx does, when the first block of an EP group is compiled)."""
+    (moe_fx does: when it compiles the first block whose exchange is that large,
+    which every rank does alike)."""
     if protocol is None or dist.get_backend(group) != "nccl":
         return group
     key = (group.group_name, protocol)
