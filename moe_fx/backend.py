@@ -14,7 +14,9 @@ import torch
 import torch.fx as fx
 
 from moe_fx import config
+from moe_fx.errors import CollectiveTimeoutError
 from moe_fx.passes import PassReport, moe_ep_pass
+from moe_fx.runtime.guard import is_gloo_failure, peer_failure_message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +54,27 @@ def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
     report = moe_ep_pass(gm)
     for graphs in _recorders:
         graphs.append(RecordedGraph(original=original, rewritten=gm, report=report))
-    return _inner_compile(gm, example_inputs)
+    compiled = _inner_compile(gm, example_inputs)
+    exchanging = [b.region.block for b in report.blocks if b.output is not None and b.plan.ep_size > 1]
+    return _naming_peer_failures(compiled, exchanging) if exchanging else compiled
+
+
+def _naming_peer_failures(compiled: Callable, blocks: list[str]) -> Callable:
+    """``compiled``, raising ``CollectiveTimeoutError`` naming ``blocks`` where a gloo collective
+    of the graph failed (moe_fx's exchanges time out after ``config.collective_timeout_s``: a
+    peer raised inside a block, stopped calling or died). NCCL's timeouts end the process from
+    its watchdog instead; nothing reaches Python there."""
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except RuntimeError as exc:
+            if not is_gloo_failure(exc):
+                raise
+            raise CollectiveTimeoutError(peer_failure_message(blocks, exc)) from exc
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)  # dynamo passes boxed args alike
+    return run
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:

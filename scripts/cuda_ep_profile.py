@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,22 @@ def _profiled(fn, calls: int) -> profile:
             fn()
         torch.cuda.synchronize()
     return prof
+
+
+def _host_times(fn, calls: int = 20) -> tuple[float, float]:
+    """Median µs of (host time to return from one call, time until its GPU work is done), each call
+    starting with an idle GPU: equal values mean the call waits on the GPU (a host sync) or the
+    host paces the GPU."""
+    enqueue, done = [], []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        enqueue.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        done.append(time.perf_counter() - start)
+    return statistics.median(enqueue) * 1e6, statistics.median(done) * 1e6
 
 
 def main() -> None:
@@ -55,9 +73,12 @@ def main() -> None:
         compiled = torch.compile(block, backend=backend, fullgraph=True)
         with torch.no_grad():
             prof = _profiled(lambda: compiled(x), args.calls)
+            host_us, done_us = _host_times(lambda: compiled(x))
         if rank == 0 and args.trace:
             os.makedirs(args.trace, exist_ok=True)
             prof.export_chrome_trace(os.path.join(args.trace, f"{shape.name}_{args.tokens}_{name}.json"))
+        print(f"[rank {rank}] {shape.name} {args.tokens} {name}: host returns after {host_us:.0f} µs, "
+              f"GPU done after {done_us:.0f} µs (one call from an idle GPU)", flush=True)
         if rank == 0:
             events = prof.key_averages()
             cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]

@@ -133,7 +133,17 @@ def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtyp
     settings = {"lowering": lowering, "inner_backend": "eager", **(config_patch or {})}
     with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
         torch.compile(model, backend=moe_fx.backend, fullgraph=True)(ids)
-    return graphs[0].report.blocks[0].rendering
+    return _stable_group_names(graphs[0].report.blocks[0].rendering)
+
+
+def _stable_group_names(rendering: str) -> str:
+    """moe_fx's own groups (comm.timed_sibling) are named by c10d in creation order: shown as
+    ``moe_fx(<EP group's name>)``."""
+    from moe_fx.runtime.comm import _own_groups
+
+    for (parent, _, _), group in _own_groups.items():
+        rendering = rendering.replace(repr(group.group_name), repr(f"moe_fx({parent})"))
+    return rendering
 
 
 def grad_case(*, rank: int = 0, world_size: int = 1, lowering: str, hidden: int = 16,

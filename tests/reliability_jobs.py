@@ -265,3 +265,29 @@ def device_check_case(*, inner_backend: str) -> list[tuple]:
         return outcomes
     finally:
         guard.reset_call_counts()
+
+
+def _failing_kernel(*args, **kwargs):
+    raise RuntimeError("simulated failure inside the block")
+
+
+def raise_inside_case(*, rank: int = 0, world_size: int = 1, patch: dict, op: str, failing_rank: int = 0) -> dict:
+    """Every rank calls once; on the second call rank ``failing_rank`` raises inside the block
+    (``moe_fx::<op>``'s CPU kernel replaced: after the guard, before the strategy's last
+    exchange). Its peers, waiting in that exchange, must raise within the timeout, naming the
+    blocks, rather than wait for the EP group's timeout."""
+    guard.reset_call_counts()
+    model, eager = _setup(rank, world_size)
+    call = _compiled(model, patch)
+    x, ids, w = _routing(rank, 5, 4, 2)
+    first = _outcome(lambda: _diff(call(x, ids, w), eager, (x, ids, w)))
+    override = torch.library.Library("moe_fx", "IMPL") if rank == failing_rank else None
+    try:
+        if override is not None:
+            override.impl(op, _failing_kernel, "CPU")
+        start = time.monotonic()
+        second = _outcome(lambda: _diff(call(x, ids, w), eager, (x, ids, w)))
+        return {"first": first, "second": second, "seconds": time.monotonic() - start}
+    finally:
+        if override is not None:
+            override._destroy()

@@ -185,3 +185,24 @@ def test_dtype_codes_agree_between_processes():
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
             for seed in ("1", "2", "3")}
     assert len(seen) == 1, seen
+
+
+@pytest.mark.parametrize("strategy,op", [("allgather-bounded", "unsort_weighted_sum"), ("all2allv", "grouped_mm"),
+                                         ("mc2", "grouped_mm")])
+def test_a_rank_that_raises_inside_a_block_stops_its_peers_within_the_timeout(strategy, op):
+    """Rank 0 raises inside the block, after the guard (an op's kernel fails): rank 1, waiting in
+    the strategy's exchange, raises within moe_fx's timeout, naming the blocks, instead of waiting
+    for the EP group's (30 min for gloo by default)."""
+    try:
+        results = _run(2, "raise_inside_case", op=op, patch={**STRATEGIES[strategy], "collective_timeout_s": TIMEOUT_S})
+    finally:
+        get_pool(2).close()
+    assert results[0]["second"] == ("error", "RuntimeError: simulated failure inside the block"), results
+    for rank, res in enumerate(results):
+        assert res["first"][0] == "ok" and res["first"][1] <= GOOD, res
+    kind, message = results[1]["second"]
+    assert kind == "error" and message.startswith("CollectiveTimeoutError: MoE block(s) '<root module>': an exchange "
+                                                  "between the ranks did not complete within "
+                                                  "moe_fx.config.collective_timeout_s=2 s"), results
+    assert "a peer raised inside a block after the entry check" in message, message
+    assert results[1]["seconds"] < TIMEOUT_S + 5.0, results

@@ -86,21 +86,41 @@ def test_device_rules_take_over_their_device_only():
     (Strategy.ALLGATHER, 128, 2048, "cuda", False),   # 512 KiB: NCCL's own pick
     (Strategy.MC2, 128, 2048, "cuda", True),          # C*K rows: 4 MiB
     (Strategy.ALLGATHER, None, 2048, "cuda", False),  # sized at run time
-    (Strategy.ALLGATHER, 4096, 2048, "cpu", False),   # gloo
 ])
 def test_large_static_exchanges_take_the_bulk_protocol_group(monkeypatch, strategy, capacity, hidden, device, bulk):
     """config.ep_nccl_protocol / ep_nccl_bulk_bytes: which blocks run their collectives on the
-    communicator started with the bulk protocol (moe_fx/runtime/comm.with_nccl_protocol)."""
+    communicator started with the bulk protocol (moe_fx/runtime/comm.timed_sibling)."""
     from moe_fx.lowering import EPPlan
     from moe_fx.passes import plan as plan_module
 
     asked = []
     monkeypatch.setattr(plan_module, "resolve_group", lambda name: name)
-    monkeypatch.setattr(plan_module, "with_nccl_protocol",
-                        lambda group, protocol: asked.append((group, protocol)) or type("G", (), {"group_name": "bulk"}))
+    monkeypatch.setattr(plan_module, "timed_sibling", lambda group, timeout_s, protocol: asked.append(
+        (group, timeout_s, protocol)) or type("G", (), {"group_name": "bulk"}))
     region = type("Region", (), {"top_k": 8, "hidden_size": hidden, "dtype": torch.bfloat16})
     ep = EPPlan(block="b", num_experts=16, ep_size=2, ep_rank=0, group_name="ep")
-    got = plan_module._bulk_exchange_group(ep, region, strategy, capacity, device)
-    assert got.group_name == ("bulk" if bulk else "ep") and asked == ([("ep", "Simple")] if bulk else [])
+    got = plan_module._exchange_group(ep, region, strategy, capacity, device)
+    assert got.group_name == ("bulk" if bulk else "ep") and asked == ([("ep", 30.0, "Simple")] if bulk else [])
     with moe_fx.config.patch(ep_nccl_protocol=None):
-        assert plan_module._bulk_exchange_group(ep, region, strategy, capacity, device) is ep
+        assert plan_module._exchange_group(ep, region, strategy, capacity, device) is ep
+
+
+@pytest.mark.parametrize("strategy,capacity", [(Strategy.ALLGATHER, 8), (Strategy.ALLGATHER, None), (Strategy.MC2, 8),
+                                               (Strategy.ALL2ALLV, None)])
+def test_cpu_exchanges_take_a_group_with_moe_fx_timeout(monkeypatch, strategy, capacity):
+    """On gloo every strategy's collectives run on moe_fx's own group, which fails after
+    config.collective_timeout_s (a peer that raised inside a block stops the others in time)."""
+    from moe_fx.lowering import EPPlan
+    from moe_fx.passes import plan as plan_module
+
+    asked = []
+    monkeypatch.setattr(plan_module, "resolve_group", lambda name: name)
+    monkeypatch.setattr(plan_module, "timed_sibling", lambda group, timeout_s, protocol: asked.append(
+        (group, timeout_s, protocol)) or type("G", (), {"group_name": "timed"}))
+    region = type("Region", (), {"top_k": 2, "hidden_size": 16, "dtype": torch.float32})
+    with moe_fx.config.patch(collective_timeout_s=7.5):
+        got = plan_module._exchange_group(EPPlan(block="b", num_experts=4, ep_size=2, ep_rank=0, group_name="ep"),
+                                          region, strategy, capacity, "cpu")
+    assert got.group_name == "timed" and asked == [("ep", 7.5, None)]
+    one = EPPlan(block="b", num_experts=4, ep_size=1, ep_rank=0, group_name="ep")
+    assert plan_module._exchange_group(one, region, strategy, capacity, "cpu") is one

@@ -46,8 +46,8 @@ v24 = moe_fx.unsort_weighted_sum(v20, v23, topk_weights, None)"""
         rendering = get_pool(2).run("tests.ep_jobs:render_case", key="mixtral", impl="grouped_mm",
                                     dtype="float32", lowering="allgather")[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True, False)
-v1 = moe_fx.allgather_dispatch(hidden, v0, topk_weights, 0, 4, '0')
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 1, -1, 2, -1], 'model.layers.0.mlp.experts', 'moe_fx(0)', 30000, True, False)
+v1 = moe_fx.allgather_dispatch(hidden, v0, topk_weights, 0, 4, 'moe_fx(0)')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 2)
 v4 = getitem(v1, 3)
@@ -67,14 +67,14 @@ v17 = transpose(v16, -2, -1)
 v18 = moe_fx.grouped_mm(v15, v17, v5)
 v19 = unsqueeze(v3, -1)
 v20 = mul(v18, v19)
-v21 = moe_fx.allgather_combine(v20, v4, v6, 2, 7, '0', None)""")
+v21 = moe_fx.allgather_combine(v20, v4, v6, 2, 7, 'moe_fx(0)', None)""")
 
     def test_all2allv_gpt_oss_batched_bf16(self):
         rendering = get_pool(2).run("tests.ep_jobs:render_case", key="gpt_oss", impl="batched_mm",
                                     dtype="bfloat16", lowering="all2allv")[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 2, -1, 2, -1], 'model.layers.0.mlp.experts', '0', 30000, True, False)
-v1 = moe_fx.all2allv_dispatch(hidden, v0, 8, '0')
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 1, 2, -1, 2, -1], 'model.layers.0.mlp.experts', 'moe_fx(0)', 30000, True, False)
+v1 = moe_fx.all2allv_dispatch(hidden, v0, 8, 'moe_fx(0)')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 1)
 v4 = getitem(v1, 2)
@@ -100,7 +100,7 @@ v23 = narrow(down_proj, 0, 0, 4)
 v24 = _grouped_mm(v22, v23, offs=v4)
 v25 = getitem(down_proj_bias, v11)
 v26 = add_(v24, v25)
-v27 = moe_fx.all2allv_combine(v24, v5, v6, v7, v8, '0')
+v27 = moe_fx.all2allv_combine(v24, v5, v6, v7, v8, 'moe_fx(0)')
 v28 = reshape(topk_weights, -1, 1)
 v29 = mul(v27, v28)
 v30 = view(v29, 7, 2, 64)
@@ -111,8 +111,8 @@ v31 = sum(v30, dim=1)""")
                                     dtype="float32", lowering="mc2",
                                     config_patch={"max_tokens_per_rank": 16})[0]
         self.assertExpectedInline(rendering, """\
-v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 3, 16, 2, 16], 'model.layers.0.mlp.experts', '0', 30000, True, False)
-v1 = moe_fx.mc2_dispatch(hidden, v0, 8, 16, '0', 'model.layers.0.mlp.experts')
+v0 = moe_fx.guard(topk_ids, [1074106077, 8, 64, 2, 0, 3, 16, 2, 16], 'model.layers.0.mlp.experts', 'moe_fx(0)', 30000, True, False)
+v1 = moe_fx.mc2_dispatch(hidden, v0, 8, 16, 'moe_fx(0)', 'model.layers.0.mlp.experts')
 v2 = getitem(v1, 0)
 v3 = getitem(v1, 2)
 v4 = getitem(v1, 3)
@@ -129,7 +129,7 @@ v14 = to(v13, float32)
 v15 = narrow(down_proj, 0, 0, 4)
 v16 = transpose(v15, -2, -1)
 v17 = moe_fx.grouped_mm(v14, v16, v3)
-v18 = moe_fx.mc2_combine(v17, v4, v5, '0')
+v18 = moe_fx.mc2_combine(v17, v4, v5, 'moe_fx(0)')
 v19 = reshape(topk_weights, -1, 1)
 v20 = mul(v18, v19)
 v21 = view(v20, 7, 2, 64)

@@ -23,7 +23,7 @@ from moe_fx.lowering.token_layout import ReplicatedTokens, TokenGroup
 from moe_fx.passes.graph_utils import fake
 from moe_fx.passes.region import MoERegion
 from moe_fx.runtime import symm_mem
-from moe_fx.runtime.comm import current_ep_group, resolve_group, with_nccl_protocol
+from moe_fx.runtime.comm import current_ep_group, resolve_group, timed_sibling
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
     device_type, cuda_graphs = _device_type(region), _records_cuda_graphs()
-    ep = _bulk_exchange_group(ep, region, choice.strategy, capacity, device_type)
+    ep = _exchange_group(ep, region, choice.strategy, capacity, device_type)
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
@@ -117,20 +117,30 @@ def make_lowering(region: MoERegion, plan: LoweringPlan) -> LocalLowering:
     return lowering
 
 
-def _bulk_exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: int | None,
-                         device_type: str) -> EPPlan:
-    """Static exchanges of at least ``config.ep_nccl_bulk_bytes`` per rank run on a communicator
-    over the same ranks started with ``config.ep_nccl_protocol`` (moe_fx/runtime/comm.py); smaller
-    ones, and those sized at run time, stay on the EP group. On 2 H200s NCCL picked LL for the
-    bounded AllGather's 16 MB exchanges (Simple: Qwen3-30B-A3B's layer at 4096 tokens per rank
-    1.57x ep1 rather than 1.73x), while LL served the decode-sized ones better under CUDA graphs
-    (GPT-OSS-20B at 128 tokens: 424 µs rather than 457); README, "Multi-GPU benchmark"."""
-    if ep.ep_size == 1 or device_type != "cuda" or capacity is None or config.ep_nccl_protocol is None:
+def _exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: int | None,
+                    device_type: str) -> EPPlan:
+    """The group the strategy's collectives run on: a communicator of moe_fx's own over the EP
+    ranks that fails after ``config.collective_timeout_s`` (moe_fx/runtime/comm.timed_sibling), so a
+    peer that raised inside a block (after the guard) stops this rank within the timeout rather
+    than the EP group's (30 min for gloo by default). On CUDA only for static exchanges of at
+    least ``config.ep_nccl_bulk_bytes`` per rank, whose communicator also starts with
+    ``config.ep_nccl_protocol``: a communicator costs GPU memory, and the others stay on the EP
+    group (and its timeout). On 2 H200s NCCL picked LL for the bounded AllGather's 16 MB exchanges
+    (Simple: Qwen3-30B-A3B's layer at 4096 tokens per rank 1.57x ep1 rather than 1.73x), while LL
+    served the decode-sized ones better under CUDA graphs (GPT-OSS-20B at 128 tokens: 424 µs
+    rather than 457); README, "Multi-GPU benchmark"."""
+    if ep.ep_size == 1 or device_type == "npu":
         return ep
-    rows = capacity * (region.top_k if strategy is Strategy.MC2 else 1)  # MC2 sends C*K-row buffers
-    if rows * region.hidden_size * region.dtype.itemsize < config.ep_nccl_bulk_bytes:
-        return ep
-    group = with_nccl_protocol(resolve_group(ep.group_name), config.ep_nccl_protocol)
+    if device_type == "cuda":
+        if capacity is None or config.ep_nccl_protocol is None:
+            return ep
+        rows = capacity * (region.top_k if strategy is Strategy.MC2 else 1)  # MC2 sends C*K-row buffers
+        if rows * region.hidden_size * region.dtype.itemsize < config.ep_nccl_bulk_bytes:
+            return ep
+        protocol = config.ep_nccl_protocol
+    else:
+        protocol = None
+    group = timed_sibling(resolve_group(ep.group_name), config.collective_timeout_s, protocol)
     return dataclasses.replace(ep, group_name=group.group_name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -79,33 +80,37 @@ def current_ep_group() -> dist.ProcessGroup | None:
     return None
 
 
-_protocol_groups: dict[tuple[str, str], dist.ProcessGroup] = {}
+_own_groups: dict[tuple[str, str | None, int], dist.ProcessGroup] = {}
 
 
-def with_nccl_protocol(group: dist.ProcessGroup, protocol: str | None) -> dist.ProcessGroup:
-    """A communicator over ``group``'s ranks whose NCCL collectives use ``protocol`` ("Simple",
-    "LL128", "LL"), created once per group; ``group`` itself when ``protocol`` is None or the
-    group is not NCCL's.
+def timed_sibling(group: dist.ProcessGroup, timeout_s: float, protocol: str | None = None) -> dist.ProcessGroup:
+    """A communicator of moe_fx's own over ``group``'s ranks, on its backend, whose collectives
+    fail after ``timeout_s`` rather than the user's group's timeout, and (NCCL) run with
+    ``protocol`` ("Simple", "LL128", "LL"; None: NCCL's own choice). Created once per (group,
+    protocol, timeout).
 
     NCCL reads NCCL_PROTO when a communicator starts, so the variable is set only while this one
     starts (a one-element all-reduce on the current device) and the process's other
     communicators keep their own choice. Every rank of ``group`` must call it at the same point
-    (moe_fx does: when it compiles the first block whose exchange is that large,
-    which every rank does alike)."""
-    if protocol is None or dist.get_backend(group) != "nccl":
-        return group
-    key = (group.group_name, protocol)
-    if key not in _protocol_groups:
+    (moe_fx does: when it compiles the first block that needs it, which every rank does alike); a
+    rank whose peers never come raises after ``timeout_s``."""
+    backend = dist.get_backend(group)
+    nccl = "nccl" in backend
+    key = (group.group_name, protocol if nccl else None, round(timeout_s * 1000))
+    if key not in _own_groups:
         before = os.environ.get("NCCL_PROTO")
-        os.environ["NCCL_PROTO"] = protocol
+        if nccl and protocol is not None:
+            os.environ["NCCL_PROTO"] = protocol
         try:
-            sibling = dist.new_group(dist.get_process_group_ranks(group), backend="nccl",
-                                     use_local_synchronization=True)
-            dist.all_reduce(torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device())), group=sibling)
+            sibling = dist.new_group(dist.get_process_group_ranks(group), backend=backend,
+                                     timeout=timedelta(seconds=timeout_s), use_local_synchronization=True)
+            if nccl:
+                dist.all_reduce(torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device())),
+                                group=sibling)
         finally:
             if before is None:
-                del os.environ["NCCL_PROTO"]
+                os.environ.pop("NCCL_PROTO", None)
             else:
                 os.environ["NCCL_PROTO"] = before
-        _protocol_groups[key] = sibling
-    return _protocol_groups[key]
+        _own_groups[key] = sibling
+    return _own_groups[key]

@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from moe_fx.errors import CollectiveTimeoutError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.runtime.comm import all_gather_rows, resolve_group
-from moe_fx.runtime.library import LIB, capacity_message
+from moe_fx.runtime.library import LIB, capacity_message, host_op
 
 # One row of the exchanged table. The first nine are compared between ranks ("call" is filled
 # in at run time); "limit" is the token capacity checked (-1: none), then this call's facts.
@@ -93,7 +93,7 @@ def reset_call_counts() -> None:
     _failed.clear()
 
 
-@torch.library.custom_op(f"{LIB}::guard", mutates_args=())
+@host_op("guard")
 def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name: Optional[str], timeout_ms: int,
           every_call: bool, checks_ids: bool) -> torch.Tensor:
     """topk_ids [T, K] -> the same ids [T, K] (a copy), after the ranks agreed on this call
@@ -124,7 +124,7 @@ def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name
     return topk_ids.clone()
 
 
-@guard.register_fake
+@torch.library.register_fake(f"{LIB}::guard")
 def _(topk_ids, fingerprint, block, group_name, timeout_ms, every_call, checks_ids):
     return torch.empty_like(topk_ids)
 
@@ -175,6 +175,22 @@ def _absent_message(group_name: str, ranks: list[int], block: str, call: int, ti
         who = f"the exchange failed although every rank reached it ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     return (f"MoE block {block!r}, call {call}: {who}. A peer that stopped calling, hangs or died leaves the "
             "EP group's collectives out of step: end the job on every rank and restart it")
+
+
+def is_gloo_failure(exc: BaseException) -> bool:
+    """A gloo collective that timed out or lost its peer (gloo's transport errors)."""
+    return "gloo/transport" in str(exc) or "Timed out waiting" in str(exc)
+
+
+def peer_failure_message(blocks: list[str], exc: BaseException) -> str:
+    """The error of a graph whose strategy exchange failed after the blocks' entry checks."""
+    from moe_fx import config
+
+    shown = ", ".join(repr(b) for b in blocks)
+    return (f"MoE block(s) {shown}: an exchange between the ranks did not complete within "
+            f"moe_fx.config.collective_timeout_s={config.collective_timeout_s:g} s ({str(exc).splitlines()[0]}): a peer "
+            "raised inside a block after the entry check, stopped calling, or died. The EP group's collectives are "
+            "out of step: end the job on every rank and restart it")
 
 
 def _arrivals(prefix: str, ranks: list[int], timeout_ms: int) -> tuple[list[int], list[int]]:

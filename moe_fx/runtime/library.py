@@ -35,6 +35,23 @@ def kernel_op(name: str, has_triton: bool):
     return define
 
 
+_LIBRARY = torch.library.Library(LIB, "FRAGMENT")
+
+
+def host_op(name: str):
+    """Decorator for an op whose Python body runs on every call, on every device, and never needs
+    a gradient (the guard): defined from the function's annotations and registered directly with
+    the dispatcher. ``torch.library.custom_op`` wraps each call in Python layers of its own that
+    cost about 20 µs of host time per call (30 against 10 for the same body on CPU)."""
+
+    def define(fn):
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+
+    return define
+
+
 def fake_rows() -> int:
     """A fresh unbacked size for the data-dependent number of rows routed to this rank."""
     return torch.library.get_ctx().new_dynamic_size()
