@@ -101,14 +101,17 @@ def reference(model, batches, args) -> dict:
         model.float()  # bf16 -> fp32 -> bf16 is exact: the weights come back unchanged
         exact = [model(ids, logits_to_keep=1).logits[:, -1].float() for ids in batches]
         model.to(dtype)
-    noise = max(rel_err(run[1][:, 0], e) for run, e in zip(runs, exact))
+    # per row, as compare() measures each row: a batch's error averages its rows' and is smaller
+    noise = max(rel_err(run[1][row, 0], e[row]) for run, e in zip(runs, exact) for row in range(e.shape[0]))
     return {"runs": runs, "noise": noise}
 
 
 def compare(model, batches, ref: dict, rounds: int, args) -> dict:
     """This rank's tokens and logits against the reference: logits within the tolerance at every step up
     to each row's first differing token (after it the prefixes differ and nothing is comparable)."""
-    tol = max(4 * ref["noise"], 1e-5)
+    # fp32 has no error of its own against fp32: the floor is summation order (real widths, 8 layers:
+    # 2.1e-5 on Mixtral-8x7B with every token equal on 2 x H200)
+    tol = max(4 * ref["noise"], 1e-4 if args.dtype == "float32" else 1e-5)
     worst, same_rows, rows, diverged = 0.0, 0, 0, []
     runs = [generate(model, batches[min(i, len(batches) - 1)], args, logits=True) for i in range(rounds)]
     for ids, (tokens, logits), (ref_tokens, ref_logits) in zip(batches, runs, ref["runs"]):

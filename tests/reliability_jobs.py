@@ -275,7 +275,7 @@ def raise_inside_case(*, rank: int = 0, world_size: int = 1, patch: dict, op: st
     """Every rank calls once; on the second call rank ``failing_rank`` raises inside the block
     (``moe_fx::<op>``'s CPU kernel replaced: after the guard, before the strategy's last
     exchange). Its peers, waiting in that exchange, must raise within the timeout, naming the
-    blocks, rather than wait for the EP group's timeout."""
+    blocks, rather than wait for the EP group's timeout. Then every rank calls again."""
     guard.reset_call_counts()
     model, eager = _setup(rank, world_size)
     call = _compiled(model, patch)
@@ -287,7 +287,10 @@ def raise_inside_case(*, rank: int = 0, world_size: int = 1, patch: dict, op: st
             override.impl(op, _failing_kernel, "CPU")
         start = time.monotonic()
         second = _outcome(lambda: _diff(call(x, ids, w), eager, (x, ids, w)))
-        return {"first": first, "second": second, "seconds": time.monotonic() - start}
+        seconds = time.monotonic() - start
     finally:
         if override is not None:
             override._destroy()
+    # every rank calls again, as a user catching the errors would: an error or the right answer
+    third = _outcome(lambda: _diff(call(x, ids, w), eager, (x, ids, w)))
+    return {"first": first, "second": second, "seconds": seconds, "third": third}

@@ -166,7 +166,22 @@ def test_every_form_module_is_rewritten_or_explained(cls, kw):
     assert not (report.blocks and report.near_misses), str(report)  # a rewritten block is not also a miss
 
 
-@pytest.mark.parametrize("model", [TopkAttention(), DepthRouter()], ids=["topk_attention", "mixture_of_depths"])
+class HeadProjection(nn.Module):
+    """Per-head projections as one einsum over a [heads, H, d] parameter, and a gather of its rows
+    by integer ids with an ellipsis: the spellings passes/canonical.py respells for MoE blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, H, 8) * 0.2)
+
+    def forward(self, x):
+        heads = torch.einsum("th,ehf->etf", x, self.w)  # [4, T, 8]
+        picked = self.w[torch.arange(2), ...]  # [2, H, 8]
+        return heads.sum(0) + (x @ picked[0])
+
+
+@pytest.mark.parametrize("model", [TopkAttention(), DepthRouter(), HeadProjection()],
+                         ids=["topk_attention", "mixture_of_depths", "head_projection"])
 def test_models_without_experts_compile_untouched(model):
     """Compiled with moe_fx, a model without experts keeps its traced graph: nothing rewritten."""
     from torch._dynamo.utils import counters
@@ -179,3 +194,11 @@ def test_models_without_experts_compile_untouched(model):
         assert torch.equal(out, model(x))
     assert graphs and all(not g.report.blocks and not g.report.misses for g in graphs)
     assert counters["moe_fx"]["regions_rewritten"] == 0
+    for g in graphs:  # the user's spelling, op for op (a respelling no region claims is undone)
+        assert _spelling(g.original) == _spelling(g.rewritten), g.rewritten.code
+
+
+def _spelling(gm) -> list:
+    """Each node's op, target and arguments, nodes named by position (a restored node's name may differ)."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [(n.op, n.target, str(torch.fx.node.map_arg(n.args, lambda a: position[a]))) for n in gm.graph.nodes]

@@ -16,7 +16,7 @@ from moe_fx import config
 from moe_fx.config_check import check_config, warn_unmatched_overrides
 from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import choose_lowering
-from moe_fx.passes.canonical import canonicalize
+from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
 from moe_fx.passes.region import NoMatch
@@ -33,7 +33,7 @@ __all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_e
 
 def analyze_graph(graph: fx.Graph) -> PassReport:
     """Find the regions and decide their lowering. The graph changes only by the exact respellings
-    of passes/canonical.py (counted in ``respelled``)."""
+    of passes/canonical.py (listed in ``respelled``)."""
     check_config()
     respelled = canonicalize(graph)
     regions, misses = find_moe_regions(graph)
@@ -52,10 +52,11 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
     warn_unmatched_overrides([d.region.block for d in analysis.blocks])
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
+    chosen = [d for d in analysis.blocks if d.plan.ep_size > 1 or config.rewrite_without_ep]
+    # the user's spelling comes back wherever no rewritten region holds a respelling
+    keep_claimed(analysis.respelled, set().union(*(d.region.nodes for d in chosen)))
     new_nodes: set[fx.Node] = set()
-    for decision in analysis.blocks:
-        if decision.plan.ep_size == 1 and not config.rewrite_without_ep:
-            continue
+    for decision in chosen:
         plan = lowering_plan(decision.region, decision.plan, decision.choice)
         lowering = make_lowering(decision.region, plan)
         guard = guard_plan(decision.region, plan, decision.choice)
@@ -68,7 +69,7 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         counters["moe_fx"][f"lowering_{decision.choice.strategy.value}"] += 1
         log.info("moe_fx: rewrote %s (%s) with %s", decision.region.block, decision.region.form, lowering)
     check_sharded_params_rewritten(gm.graph, report.misses, new_nodes)
-    if report.blocks or analysis.respelled:
+    if report.blocks or analysis.respelled:  # respelled and undone: recompiled all the same
         gm.graph.lint()
         gm.recompile()
     return report

@@ -16,9 +16,16 @@ claims still computes what the user wrote:
 
 Letters are read by their roles (which operand is a parameter, which letters are contracted),
 never by name. W is a graph input (a parameter) with a leading expert dim; ids an integer tensor.
+
+A respelling stays only where a recognizer then claims it (``keep_claimed``): elsewhere the user's
+spelling comes back, so a graph with no MoE block, or a block left as traced, is not touched (the
+dense respelling would hold E copies of x where the einsum held none).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -27,21 +34,48 @@ from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.graph_utils import depends_on, einsum_parts, fake, is_graph_input, is_op
 
 
-def canonicalize(graph: fx.Graph) -> int:
-    """Apply the rewrites above in place; returns how many nodes were replaced."""
+@dataclass(frozen=True)
+class Respelling:
+    """One rewrite applied: the nodes it emitted (or edited), and how to put the user's back."""
+
+    nodes: tuple[fx.Node, ...]
+    undo: Callable[[], None]
+
+
+def canonicalize(graph: fx.Graph) -> list[Respelling]:
+    """Apply the rewrites above in place, in graph order."""
     tracer = EmittingTracer(graph)
-    done, dense_bmms = 0, []
+    done: list[Respelling] = []
+    dense_bmms: list[fx.Node] = []
     for node in list(graph.nodes):
         if node.graph is None:  # erased by an earlier rewrite
             continue
         if _is_ellipsis_gather(node):
-            node.args = (node.args[0], node.args[1][0])
-            done += 1
+            done.append(_drop_ellipsis(node))
         elif (parts := einsum_parts(node)) is not None and len(parts[2]) == 2:
             new = _weight_second(node, parts, tracer) or _chunk_after(node, parts, tracer) \
                 or _dense(node, parts, tracer, dense_bmms)
-            done += new is not None
+            if new is not None:
+                done.append(new)
     return done
+
+
+def keep_claimed(respellings: list[Respelling], claimed: set[fx.Node]) -> None:
+    """Undo every respelling none of whose nodes a rewritten region holds (latest first: a later
+    rewrite may read an earlier one's nodes)."""
+    for respelling in reversed(respellings):
+        if claimed.isdisjoint(respelling.nodes):
+            respelling.undo()
+
+
+def _drop_ellipsis(node: fx.Node) -> Respelling:
+    before = node.args
+    node.args = (before[0], before[1][0])
+
+    def undo():
+        node.args = before
+
+    return Respelling(nodes=(node,), undo=undo)
 
 
 def _gathered(node) -> bool:
@@ -57,23 +91,40 @@ def _is_ellipsis_gather(node: fx.Node) -> bool:
             and isinstance(index[0], fx.Node) and fake(index[0]) is not None and not fake(index[0]).is_floating_point())
 
 
-def _replace(node: fx.Node, tracer: EmittingTracer, build) -> fx.Node:
+def _replace(node: fx.Node, tracer: EmittingTracer, build) -> Respelling:
     """Emit ``build(proxy)`` before ``node``, move its uses there and erase it."""
-    with node.graph.inserting_before(node):
+    graph, previous = node.graph, node.prev
+    with graph.inserting_before(node):
         new = build(tracer.proxy).node
+    emitted = []
+    cursor = previous.next
+    while cursor is not node:
+        emitted.append(cursor)
+        cursor = cursor.next
+    op, target, args, kwargs, meta, name = node.op, node.target, node.args, node.kwargs, dict(node.meta), node.name
     node.replace_all_uses_with(new)
-    node.graph.erase_node(node)
-    return new
+    graph.erase_node(node)
+
+    def undo():
+        with graph.inserting_before(new):
+            original = graph.create_node(op, target, args, kwargs, name=name)
+        original.meta.update(meta)
+        new.replace_all_uses_with(original)
+        for emitted_node in reversed(emitted):
+            if not emitted_node.users:
+                graph.erase_node(emitted_node)
+
+    return Respelling(nodes=tuple(emitted), undo=undo)
 
 
-def _weight_second(node: fx.Node, parts, tracer) -> fx.Node | None:
+def _weight_second(node: fx.Node, parts, tracer) -> Respelling | None:
     (a_subs, b_subs), out, (a, b) = parts
     if not _gathered(a) or _gathered(b):
         return None
     return _replace(node, tracer, lambda p: torch.einsum(f"{b_subs},{a_subs}->{out}", p(b), p(a)))
 
 
-def _chunk_after(node: fx.Node, parts, tracer) -> fx.Node | None:
+def _chunk_after(node: fx.Node, parts, tracer) -> Respelling | None:
     """``einsum(eq, x, chunk(W[ids], n, d)[j])`` with d a kept letter -> a chunk of the einsum on W[ids]."""
     (rows_subs, w_subs), out, (rows, piece) = parts
     chunk = piece.args[0] if is_op(piece, "getitem") and isinstance(piece.args[1], int) else None
@@ -94,7 +145,7 @@ def _chunk_after(node: fx.Node, parts, tracer) -> fx.Node | None:
     return _replace(node, tracer, lambda p: torch.einsum(eq, p(rows), p(gathered)).chunk(n, dim=out.index(letter) - len(out))[j])
 
 
-def _dense(node: fx.Node, parts, tracer, dense_bmms: list[fx.Node]) -> fx.Node | None:
+def _dense(node: fx.Node, parts, tracer, dense_bmms: list[fx.Node]) -> Respelling | None:
     """Dense all-experts einsums -> the bmm spelling of passes/dense_experts.py."""
     (a_subs, b_subs), out, (a, b) = parts
     fa, fb = fake(a), fake(b)
@@ -106,14 +157,14 @@ def _dense(node: fx.Node, parts, tracer, dense_bmms: list[fx.Node]) -> fx.Node |
         if h2 == h and out == e + t + f and len({t, h, e, f}) == 4:
             experts, hidden = fb.shape[0], fa.shape[1]
             new = _replace(node, tracer, lambda p: torch.bmm(p(a).repeat(experts, 1).view(experts, -1, hidden), p(b)))
-            dense_bmms.append(new)
+            dense_bmms.append(new.nodes[-1])
             return new
     if len(a_subs) == 3 and len(b_subs) == 3 and is_graph_input(b) and not is_graph_input(a):
         e, t, i = a_subs  # "eti,eih->eth"
         e2, i2, h = b_subs
         if e2 == e and i2 == i and out == e + t + h and len({e, t, i, h}) == 4:
             new = _replace(node, tracer, lambda p: torch.bmm(p(a), p(b)))
-            dense_bmms.append(new)
+            dense_bmms.append(new.nodes[-1])
             return new
     if len(a_subs) == 3 and len(b_subs) == 2 and any(depends_on(a, m) for m in dense_bmms):
         e, t, h = a_subs  # "eth,te->th": the experts' outputs weighted by [T, E] scores

@@ -54,6 +54,10 @@ def is_dense_bmm(node: fx.Node) -> bool:
 
 
 def match_dense(up_bmm: fx.Node) -> MoERegion | NoMatch | None:
+    """The region of a dense form, a near-miss, or None where one bmm over a 3-D parameter is all
+    there is (per-head projections are spelled so too: no experts, nothing to report)."""
+    if _down_bmm(up_bmm) is None:
+        return None
     hidden, e, scale = _expert_rows(up_bmm.args[0])
     block = owner_path(up_bmm.args[1])
     with blame(block):
@@ -94,8 +98,7 @@ def _scores_column(node: fx.Node, e: int) -> fx.Node:
 def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, block: str) -> MoERegion:
     up_w = up_bmm.args[1]
     expect(fake(up_w).shape[0] == e, f"the tokens are repeated {e} times for {fake(up_w).shape[0]} experts")
-    down = nearest_downstream(up_bmm, lambda n: is_op(n, "bmm") and is_graph_input(n.args[1]))
-    expect(down is not None, "no second expert bmm after the first")
+    down = _down_bmm(up_bmm)
     down_w = down.args[1]
     expect(fake(down_w).shape[0] == e, "the two expert weights hold different expert counts")
     # [E, T, H] -> [T, H]: a sum over the expert dim, with the scores applied on the way if not on the input
@@ -134,6 +137,10 @@ def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, blo
         hidden_size=up.features()[0], intermediate_size=down_p.features()[0], dtype=up.dtype,
         weights_on_input=scale is not None, dense_scores=True,
     )
+
+
+def _down_bmm(up_bmm: fx.Node) -> fx.Node | None:
+    return nearest_downstream(up_bmm, lambda n: is_op(n, "bmm") and is_graph_input(n.args[1]))
 
 
 def _scores_column_node(node) -> bool:

@@ -203,6 +203,11 @@ def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_typ
         log.warning("moe_fx: MoE block %r: mc2_transport='symm_mem' cannot be captured in a CUDA graph "
                     "(a host-to-device copy during capture); using 'all_to_all' for this graph", region.block)
         return "all_to_all"
+    if symm_mem.transport_name() == "nvshmem":
+        log.warning("moe_fx: MoE block %r: mc2_transport='symm_mem' is experimental: one benchmark run on 2 H200s "
+                    "returned a wrong answer with it (GPT-OSS-20B's shape, 8 tokens per rank, no CUDA graphs; "
+                    "README, 'Multi-GPU benchmark'), not yet explained. Check its results, or use 'all_to_all'",
+                    region.block)
     return transport
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from moe_fx.lowering import EPPlan, LoweringChoice
+from moe_fx.passes.canonical import Respelling
 from moe_fx.passes.region import MoERegion, NoMatch
 
 
@@ -25,4 +26,5 @@ class BlockDecision:
 class PassReport:
     blocks: list[BlockDecision] = field(default_factory=list)
     misses: list[NoMatch] = field(default_factory=list)
-    respelled: int = 0  # nodes passes/canonical.py replaced by the recognizers' spelling
+    # passes/canonical.py's rewrites into the recognizers' spelling (moe_ep_pass keeps the claimed ones)
+    respelled: list[Respelling] = field(default_factory=list)
