@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_fx.errors import MoEFxError
-from moe_fx.graph_breaks import break_site, explain_break, owner_modules
+from moe_fx.graph_breaks import BreakSite, break_site, explain_break, outside_experts, owner_modules
 from moe_fx.passes import PassReport, analyze_graph
 from moe_fx.passes.graph_utils import fake, module_path, real_value
 from moe_fx.passes.region import MoERegion
@@ -30,6 +30,9 @@ _FIX_EAGER_EXPERTS = (
     "graph; for transformers >= 5 models set experts_implementation=\"grouped_mm\" (or \"batched_mm\") in "
     "the config or call model.set_experts_implementation(\"grouped_mm\"); "
 )
+# A data-dependent break in code that holds no experts (a model's mask code): not an MoE miss.
+_OUTSIDE = ("{where}: a data-dependent graph break in {owner}, outside any experts code: dynamo splits the graph "
+            "there and moe_fx rewrites the MoE blocks of each graph on its own (not a near-miss)")
 # The 4.x half of that fix: prepare where it finds a block, else what to write instead.
 _FIX_BY_PREPARE = "for transformers 4.x models call model = moe_fx.prepare(model) before torch.compile"
 _FIX_WITHOUT_PREPARE = (
@@ -141,9 +144,14 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
         where = _where(brk)
         text = f"{where}: {brk.reason.strip().splitlines()[0]}"
         report.graph_breaks.append(text)
-        if any(marker in brk.reason for marker in _DATA_DEPENDENT):
+        if not any(marker in brk.reason for marker in _DATA_DEPENDENT):
+            continue
+        site = _site(brk)
+        if site is not None and outside_experts(model_or_fn, site):
+            report.notes.append(_OUTSIDE.format(where=where, owner=owner_modules(model_or_fn, site)))
+        else:
             report.near_misses.append(NearMissRow(block=where, form="graph break", reason=fix))
-            explained = True
+        explained = True
     # A break dynamo gave no reason for (a data-dependent guard restarts the frame; one inside a
     # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
     # once more with fullgraph=True to read the error.
@@ -191,7 +199,9 @@ def _add_fullgraph_error(report: ExplainReport, model_or_fn, args, kwargs, flags
         location = site.where if site is not None else "<unknown>"
         report.graph_breaks.append(f"{location}: {type(exc).__name__}: {text.strip().splitlines()[0]}")
         reason = explain_break(site, text) if site is not None else None
-        if reason is not None:
+        if reason is not None and outside_experts(model_or_fn, site):
+            report.notes.append(_OUTSIDE.format(where=site.where, owner=owner_modules(model_or_fn, site)))
+        elif reason is not None:
             report.near_misses.append(NearMissRow(block=owner_modules(model_or_fn, site), form="graph break", reason=reason))
     finally:
         torch._dynamo.reset()
@@ -247,6 +257,14 @@ def _format_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def _site(brk) -> BreakSite | None:
+    stack = getattr(brk, "user_stack", None) or []
+    if not stack:
+        return None
+    frame = stack[-1]
+    return BreakSite(frame.filename, frame.lineno, (frame.line or "").strip())
 
 
 def _where(brk) -> str:

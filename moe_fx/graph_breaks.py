@@ -62,21 +62,53 @@ def break_site(error_text: str) -> BreakSite | None:
     return None
 
 
+def _owners(model, site: BreakSite) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of the modules whose class defines a method holding the line (``forward``,
+    or a helper such as a model's ``_update_causal_mask``)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    holders: dict[type, bool] = {}
+    owners = []
+    for path, module in model.named_modules():
+        cls = type(module)
+        if cls not in holders:
+            holders[cls] = any(_holds_line(getattr(f, "__code__", None), site) for f in vars(cls).values())
+        if holders[cls]:
+            owners.append((path or "<root module>", module))
+    return owners
+
+
+def _holds_line(code, site: BreakSite) -> bool:
+    if code is None or not code.co_filename.endswith(site.filename.lstrip(".")):
+        return False
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+    return code.co_firstlineno <= site.lineno <= last
+
+
 def owner_modules(model, site: BreakSite) -> str:
     """The module paths whose class's ``forward`` holds the line, e.g. ``layers.0.mlp (and 3 more)``."""
-    if not isinstance(model, torch.nn.Module):
-        return site.where
-    paths = []
-    for path, module in model.named_modules():
-        code = getattr(type(module).forward, "__code__", None)
-        if code is None or not code.co_filename.endswith(site.filename.lstrip(".")):
-            continue
-        last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
-        if code.co_firstlineno <= site.lineno <= last:
-            paths.append(f"{path or '<root module>'} ({type(module).__name__})")
+    paths = [f"{path} ({type(module).__name__})" for path, module in _owners(model, site)]
     if not paths:
         return site.where
     return paths[0] + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+
+
+def outside_experts(model, site: BreakSite) -> bool:
+    """Whether the line is known to lie outside MoE experts code: every module whose ``forward``
+    holds it has neither stacked expert weights (a parameter of 3 or more dims) nor a child named
+    like experts, itself or one level down (a model's mask code, an attention layer). A line in no
+    module's ``forward`` (a function) is not known to be outside."""
+    owners = _owners(model, site)
+    return bool(owners) and not any(_holds_experts(module) for _, module in owners)
+
+
+def _holds_experts(module: torch.nn.Module) -> bool:
+    def own(m):
+        return any(p.dim() >= 3 for p in m.parameters(recurse=False))
+
+    children = list(module.named_children())
+    return (own(module) or any("expert" in name.lower() for name, _ in children)
+            or any(own(child) for _, child in children))
 
 
 def explain_break(site: BreakSite, error_text: str) -> str | None:

@@ -202,3 +202,28 @@ def _spelling(gm) -> list:
     """Each node's op, target and arguments, nodes named by position (a restored node's name may differ)."""
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     return [(n.op, n.target, str(torch.fx.node.map_arg(n.args, lambda a: position[a]))) for n in gm.graph.nodes]
+
+
+class MaskedThenMoE(nn.Module):
+    """A data-dependent branch in code that holds no experts (a model's mask code), then an MoE block."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(H, H)
+        self.block = LoopMoE(H, I, E, K)
+
+    def forward(self, x):
+        if (x.sum() > 0).item():  # host read: dynamo splits the graph here
+            x = x * 0.5
+        return self.block(self.proj(x))
+
+
+def test_a_graph_break_outside_the_experts_is_a_note_not_a_near_miss():
+    """explain(): the block is rewritten; the break in the root's mask-like code is said to lie
+    outside any experts code (a note), not reported as an experts loop that cannot be captured."""
+    report = moe_fx.explain(MaskedThenMoE(), torch.randn(T, H))
+    assert report.graph_breaks, str(report)
+    assert [b.block for b in report.blocks] == ["block.experts"], str(report)
+    assert not [m for m in report.near_misses if m.form == "graph break"], str(report)
+    assert any("outside any experts code" in note and "<root module> (MaskedThenMoE)" in note for note in report.notes), \
+        str(report)
