@@ -53,7 +53,8 @@ ep_group: Optional[str] = None
 # communicator of moe_fx's own over the EP group's ranks, started with NCCL_PROTO set to this
 # ("Simple", "LL128", "LL"); smaller ones stay on the EP group. None: every block on the EP group,
 # whatever NCCL picks. NCCL 2.28 picked LL for the bounded AllGather's 16 MB exchanges on 2 H200s
-# (README, "Multi-GPU benchmark"). Costs one more NCCL communicator per EP group.
+# (README, "Multi-GPU benchmark"). Costs one more NCCL communicator per EP group; it also times
+# out after collective_timeout_s.
 ep_nccl_protocol: Optional[str] = "Simple"
 ep_nccl_bulk_bytes: int = 4 << 20
 
@@ -91,7 +92,9 @@ auto_runtime_switch: bool = True
 # moe_fx/runtime/guard.py, on a gloo group of moe_fx's own with this timeout) before it raises
 # CollectiveTimeoutError naming the ranks that did not arrive. It must exceed the largest skew
 # between ranks at a block's entry: a step's compute imbalance, and on the first call of a graph
-# the difference between the ranks' compile times (raise it for long inductor compiles).
+# the difference between the ranks' compile times (raise it for long inductor compiles). The
+# strategy's own exchanges on gloo, and on CUDA's bulk communicator (ep_nccl_protocol), run on a
+# group of moe_fx's own with this timeout too: a peer that raised inside a block stops the others.
 collective_timeout_s: float = 30.0
 
 # When the ranks exchange and compare their call's fingerprint and routing check on the host:
