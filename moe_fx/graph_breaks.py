@@ -86,7 +86,7 @@ def _holds_line(code, site: BreakSite) -> bool:
 
 
 def owner_modules(model, site: BreakSite) -> str:
-    """The module paths whose class's ``forward`` holds the line, e.g. ``layers.0.mlp (and 3 more)``."""
+    """The module paths whose class has a method holding the line, e.g. ``layers.0.mlp (and 3 more)``."""
     paths = [f"{path} ({type(module).__name__})" for path, module in _owners(model, site)]
     if not paths:
         return site.where
@@ -94,10 +94,10 @@ def owner_modules(model, site: BreakSite) -> str:
 
 
 def outside_experts(model, site: BreakSite) -> bool:
-    """Whether the line is known to lie outside MoE experts code: every module whose ``forward``
-    holds it has neither stacked expert weights (a parameter of 3 or more dims) nor a child named
-    like experts, itself or one level down (a model's mask code, an attention layer). A line in no
-    module's ``forward`` (a function) is not known to be outside."""
+    """Whether the line is known to lie outside MoE experts code: every module whose class has a
+    method holding it has neither stacked expert weights (a parameter of 3 or more dims) nor a child
+    named like experts, itself or one level down (a model's mask code, an attention layer). A line
+    in no module's method (a free function) is not known to be outside."""
     owners = _owners(model, site)
     return bool(owners) and not any(_holds_experts(module) for _, module in owners)
 
