@@ -54,7 +54,9 @@ def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
     report = moe_ep_pass(gm)
     for graphs in _recorders:
         graphs.append(RecordedGraph(original=original, rewritten=gm, report=report))
-    compiled = _inner_compile(gm, example_inputs)
+    # inductor's peak-memory reordering would move a chunk's all-gather after another chunk's
+    # experts, and with it the overlap the emitted order sets up (passes/pipeline.py)
+    compiled = _inner_compile(gm, example_inputs, keep_order=any(b.overlap_chunks > 1 for b in report.blocks))
     exchanging = [b.region.block for b in report.blocks if b.output is not None and b.plan.ep_size > 1]
     return _naming_peer_failures(compiled, exchanging) if exchanging else compiled
 
@@ -77,7 +79,7 @@ def _naming_peer_failures(compiled: Callable, blocks: list[str]) -> Callable:
     return run
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
+def _inner_compile(gm: fx.GraphModule, example_inputs: list, *, keep_order: bool = False) -> Callable:
     name = config.inner_backend
     if name == "eager":
         return gm.forward
@@ -85,8 +87,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = list_mode_options(config.inner_mode) if config.inner_mode else None
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        patches = dict(list_mode_options(config.inner_mode)) if config.inner_mode else {}
+        if keep_order:
+            patches["reorder_for_peak_memory"] = False
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
     if name == "torchair":
         from moe_fx.torchair_backend import torchair_compile
 

@@ -144,6 +144,8 @@ CHECKS: dict[str, _Check] = {
     "mc2_transport": _one_of("all_to_all", "symm_mem"),
     "ep_nccl_protocol": _one_of(None, "Simple", "LL128", "LL"),
     "ep_nccl_bulk_bytes": _int_at_least(0, optional=False),
+    "ep_overlap_chunks": _int_at_least(1, optional=True),
+    "ep_overlap_min_bytes": _int_at_least(0, optional=False),
     "max_tokens_per_rank": _int_at_least(1, optional=True),
     "auto_mc2_max_tokens": _int_at_least(1, optional=False),
     "auto_allgather_ep_per_topk": _finite_non_negative,

@@ -3,6 +3,8 @@ ep == 1. Each returns plain data (floats, strings) for the test to assert on."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
@@ -370,3 +372,36 @@ def output_cast_case(*, rank: int = 0, world_size: int = 1, lowering: str = "aut
     separate_cast = any(u.op == "call_method" and u.target == "to" for u in block.output.users)
     return {"separate_cast": separate_cast, "dtype": str(block.output.meta["example_value"].dtype),
             "diff": (got - want).abs().max().item(), "strategy": block.choice.strategy.value}
+
+
+_ORDER_TAGS = (("all_gather_into_tensor", "AG"), ("reduce_scatter_tensor", "RS"), ("wait_tensor", "W"),
+               ("gather_rows_upto", "G"), ("grouped_mm", "MM"), ("unsort_weighted_sum", "U"))
+
+
+def _order_tag(text: str) -> str | None:
+    return next((tag for key, tag in _ORDER_TAGS if key in text), None)
+
+
+def overlap_order_case(*, rank: int = 0, world_size: int = 1, chunks: int) -> dict:
+    """The bounded AllGather in ``chunks`` overlapped chunks, compiled by inductor: the order of the
+    exchanges (AG, RS, their waits W) and the expert stages (G gather, MM grouped matmul, U unsort)
+    in the rewritten graph and in the code inductor generated from it, and the difference to eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
+    x = torch.randn(7 + rank, 16, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref = model(x)
+    zero_foreign_experts(model, 8)
+    torch._dynamo.reset()
+    settings = {"lowering": "allgather", "inner_backend": "inductor", "max_tokens_per_rank": 9,
+                "ep_overlap_chunks": chunks}
+    with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(model, backend=moe_fx.backend, fullgraph=True), x)
+    graph_order = [t for n in graphs[0].rewritten.graph.nodes if n.op == "call_function"
+                   and (t := _order_tag(str(n.target)))]
+    # the wrapper's call(): one line per op it calls outside inductor's own kernels
+    calls = re.findall(r"torch\.ops\.\w+\.(\w+)\.default\(", "".join(c[c.index("def call("):] for c in codes))
+    code_order = [t for name in calls if (t := _order_tag(name))]
+    return {"graph": " ".join(graph_order), "code": " ".join(code_order), "diff": (out - ref).abs().max().item(),
+            "chunks": [b.overlap_chunks for g in graphs for b in g.report.blocks]}

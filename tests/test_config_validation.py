@@ -22,6 +22,8 @@ BAD = [
     ("max_tokens_per_rank", 8.5, ConfigTypeError, "must be a positive int or None (got float)"),
     ("max_tokens_per_rank", True, ConfigTypeError, "must be a positive int or None (got bool)"),
     ("max_tokens_per_rank", 0, ConfigError, "must be a positive int or None"),
+    ("ep_overlap_chunks", 0, ConfigError, "must be a positive int or None"),
+    ("ep_overlap_min_bytes", None, ConfigTypeError, "must be an int >= 0 (got NoneType)"),
     ("auto_allgather_ep_per_topk", "two", ConfigTypeError, "must be a number >= 0 (got str)"),
     ("auto_allgather_ep_per_topk", math.nan, ConfigError, "must be a finite number >= 0"),
     ("auto_allgather_ep_per_topk", -1.0, ConfigError, "must be a finite number >= 0"),

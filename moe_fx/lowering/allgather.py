@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moe_fx.lowering.base import (
     Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, size,
 )
-from moe_fx.lowering.collectives import all_gather_rows, reduce_scatter_rows
+from moe_fx.lowering.collectives import start_all_gather_rows, start_reduce_scatter_rows, wait
 from moe_fx.runtime.library import capacity_message, check_capacity
 from moe_fx.runtime.permute import sort_keys, stable_sort
 
@@ -46,14 +46,37 @@ class StaticGatherDispatched(Dispatched):
     num_tokens: fx.Proxy | int  # T on this rank
 
 
+@dataclass(frozen=True, kw_only=True)
+class GatherIssued:
+    """A bounded dispatch whose all-gather is issued and not yet awaited."""
+
+    gathered: fx.Proxy  # [ep*C, H + routing columns], read through wait()
+    gathered_weights: fx.Proxy | None  # training: the router weights' own all-gather, likewise
+    hidden: int  # H: the routing columns follow
+    weights_dtype: torch.dtype
+    num_tokens: fx.Proxy | int  # T on this rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScatterIssued:
+    """A bounded combine whose reduce-scatter is issued and not yet awaited."""
+
+    scattered: fx.Proxy  # [C, H], read through wait()
+    num_tokens: fx.Proxy | int
+
+
 class AllGatherLowering(LocalLowering):
     strategy = Strategy.ALLGATHER
 
     folds_out_dtype = True  # the partial sums cross ranks in the output dtype
 
+    @property
+    def overlap_chunks(self) -> int:
+        return self.plan.overlap_chunks if self.plan.capacity_tokens is not None else 1
+
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
         if self.plan.capacity_tokens is not None:
-            return self._dispatch_bounded(hidden_TH, topk_ids_TK, topk_weights_TK)
+            return self.finish_dispatch(self.start_dispatch(hidden_TH, topk_ids_TK, topk_weights_TK))
         p = self.ep
         out = torch.ops.moe_fx.allgather_dispatch(
             hidden_TH, topk_ids_TK, topk_weights_TK, p.expert_start, p.num_local_experts, p.group_name
@@ -65,11 +88,7 @@ class AllGatherLowering(LocalLowering):
 
     def combine(self, out_RH, dispatched, topk_weights_TK, out_dtype=None):
         if isinstance(dispatched, StaticGatherDispatched):
-            d = dispatched
-            # Rows of other ranks' experts (position -1) are skipped: the sum is this rank's part.
-            position = torch.where(d.local_TK.reshape(-1), inverse_permutation(d.order), -1)
-            partial = torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, d.weights_TK, out_dtype)
-            return reduce_scatter_rows(partial, self.plan).narrow(0, 0, d.num_tokens)
+            return self.finish_combine(self.start_combine(out_RH, dispatched, topk_weights_TK, out_dtype))
         assert isinstance(dispatched, AllGatherDispatched)
         # Weighting before the reduce-scatter keeps the traffic at one row per token.
         partial_RH = out_RH * dispatched.row_weight.unsqueeze(-1)
@@ -78,8 +97,26 @@ class AllGatherLowering(LocalLowering):
             self.ep.group_name, out_dtype,
         )
 
-    def _dispatch_bounded(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> StaticGatherDispatched:
-        p, capacity, k = self.ep, self.plan.capacity_tokens, self.plan.top_k
+    # -- the bounded form in two halves each, so that chunks can overlap (passes/pipeline.py) ----
+
+    def split_tokens(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> list[tuple[fx.Proxy, fx.Proxy, fx.Proxy]]:
+        """The bound's C tokens as ``plan.overlap_chunks`` chunks of ceil(C/n) rows each (padding
+        rows route to id -1, which no rank owns); ``join_tokens`` undoes it."""
+        n, capacity, rows = self.plan.overlap_chunks, self.plan.capacity_tokens, self._chunk_rows()
+        padding = self._padding(hidden_TH, size(hidden_TH, 0), capacity) + (n * rows - capacity)
+        padded = (_pad_rows(hidden_TH, padding), _pad_rows(topk_ids_TK, padding, -1),
+                  _pad_rows(topk_weights_TK, padding))
+        return [tuple(t.narrow(0, i * rows, rows) for t in padded) for i in range(n)]
+
+    def join_tokens(self, outs: list[fx.Proxy], num_tokens) -> fx.Proxy:
+        return torch.cat(outs, 0).narrow(0, 0, num_tokens)
+
+    def _chunk_rows(self) -> int:
+        return -(-self.plan.capacity_tokens // self.plan.overlap_chunks)
+
+    def start_dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> GatherIssued:
+        """Pad to the bound and issue the all-gather of the tokens and their routing."""
+        capacity = self._chunk_rows() if self.plan.overlap_chunks > 1 else self.plan.capacity_tokens
         num_tokens = size(hidden_TH, 0)
         padding = self._padding(hidden_TH, num_tokens, capacity)
         # One all-gather moves the tokens and their routing: ids (int32) and weights (fp32 bits,
@@ -88,20 +125,27 @@ class AllGatherLowering(LocalLowering):
         # one: 30 GB/s for the tokens on 2 H200s.) Padding rows carry id -1, which no rank owns.
         # A training graph gathers the weights on their own: the router's gradient flows through them.
         dtype, hidden = example_value(hidden_TH).dtype, example_value(hidden_TH).shape[1]
-        weights_dtype = example_value(topk_weights_TK).dtype
-        columns = [F.pad(topk_ids_TK.to(torch.int32), (0, 0, 0, padding), value=-1)]
+        columns = [_pad_rows(topk_ids_TK.to(torch.int32), padding, -1)]
         if not self.plan.training:
-            columns.append(F.pad(topk_weights_TK.to(torch.float32).view(torch.int32), (0, 0, 0, padding)))
+            columns.append(_pad_rows(topk_weights_TK.to(torch.float32).view(torch.int32), padding))
         routing = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
-        packed = torch.cat([F.pad(hidden_TH, (0, 0, 0, padding)), routing.view(dtype)], 1)
-        gathered = all_gather_rows(packed, self.plan)  # [ep*C, H + routing columns]
+        packed = torch.cat([_pad_rows(hidden_TH, padding), routing.view(dtype)], 1)
+        weights = (start_all_gather_rows(_pad_rows(topk_weights_TK, padding), self.plan)
+                   if self.plan.training else None)
+        return GatherIssued(gathered=start_all_gather_rows(packed, self.plan), gathered_weights=weights,
+                            hidden=hidden, weights_dtype=example_value(topk_weights_TK).dtype, num_tokens=num_tokens)
+
+    def finish_dispatch(self, issued: GatherIssued) -> StaticGatherDispatched:
+        """Await the all-gather and group the rows routed to this rank's experts."""
+        p, k, hidden = self.ep, self.plan.top_k, issued.hidden
+        gathered = wait(issued.gathered)  # [ep*C, H + routing columns]
         x_all = gathered.narrow(1, 0, hidden)
-        routing = gathered.narrow(1, hidden, size(packed, 1) - hidden).contiguous().view(torch.int32)
+        routing = gathered.narrow(1, hidden, size(gathered, 1) - hidden).contiguous().view(torch.int32)
         ids_TK = routing.narrow(1, 0, k)
-        if self.plan.training:
-            weights_TK = all_gather_rows(F.pad(topk_weights_TK, (0, 0, 0, padding)), self.plan)
+        if issued.gathered_weights is not None:
+            weights_TK = wait(issued.gathered_weights)
         else:
-            weights_TK = routing.narrow(1, k, k).contiguous().view(torch.float32).to(weights_dtype)
+            weights_TK = routing.narrow(1, k, k).contiguous().view(torch.float32).to(issued.weights_dtype)
         local_id = ids_TK - p.expert_start
         local_TK = (local_id >= 0) & (local_id < p.num_local_experts)
         # Other ranks' slots sort after every local expert (key e) and are excluded from offsets.
@@ -117,8 +161,20 @@ class AllGatherLowering(LocalLowering):
         rows = torch.ops.moe_fx.gather_rows_upto(x_all, order // k, offsets)
         return StaticGatherDispatched(
             tokens=rows, offsets=offsets, expert_ids=expert_ids, order=order, local_TK=local_TK,
-            weights_TK=weights_TK, num_tokens=num_tokens,
+            weights_TK=weights_TK, num_tokens=issued.num_tokens,
         )
+
+    def start_combine(self, out_RH, dispatched: StaticGatherDispatched, topk_weights_TK,
+                      out_dtype=None) -> ScatterIssued:
+        """This rank's weighted partial sums for every gathered token; issue their reduce-scatter."""
+        d = dispatched
+        # Rows of other ranks' experts (position -1) are skipped: the sum is this rank's part.
+        position = torch.where(d.local_TK.reshape(-1), inverse_permutation(d.order), -1)
+        partial = torch.ops.moe_fx.unsort_weighted_sum(out_RH, position, d.weights_TK, out_dtype)
+        return ScatterIssued(scattered=start_reduce_scatter_rows(partial, self.plan), num_tokens=d.num_tokens)
+
+    def finish_combine(self, issued: ScatterIssued) -> fx.Proxy:
+        return wait(issued.scattered).narrow(0, 0, issued.num_tokens)
 
     def _padding(self, hidden_TH: fx.Proxy, tokens, capacity: int):
         """C - T rows of padding; a rank with T > C raises (naming the block) rather than drop rows."""
@@ -130,3 +186,8 @@ class AllGatherLowering(LocalLowering):
         hidden_TH.tracer.create_proxy("call_function", torch.ops.aten._assert_scalar.default,
                                       (tokens <= capacity, message), {})
         return capacity - tokens
+
+
+def _pad_rows(t: fx.Proxy, rows, value: float = 0) -> fx.Proxy:
+    """``rows`` more rows of ``value`` at the end of 2-D ``t`` (none: ``t`` itself)."""
+    return t if isinstance(rows, int) and rows == 0 else F.pad(t, (0, 0, 0, rows), value=value)

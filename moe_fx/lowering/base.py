@@ -80,6 +80,8 @@ class LoweringPlan:
     device_type: str = "cpu"
     cuda_graphs: bool = False  # the inner compiler records CUDA graphs (inductor's cudagraphs)
     training: bool = False  # the graph computes gradients of the experts' inputs or weights
+    # token chunks whose exchanges overlap other chunks' experts (the bounded AllGather; 1: none)
+    overlap_chunks: int = 1
 
     @property
     def capacity_rows(self) -> int | None:
@@ -118,7 +120,16 @@ class LocalLowering:
 
     def __repr__(self) -> str:
         p = self.ep
-        return f"{self.render_name}(experts {p.expert_start}..{p.expert_start + p.num_local_experts - 1} of {p.num_experts}, ep {p.ep_rank}/{p.ep_size})"
+        chunks = f", {self.overlap_chunks} overlapped chunks" if self.overlap_chunks > 1 else ""
+        return (f"{self.render_name}(experts {p.expert_start}..{p.expert_start + p.num_local_experts - 1} of "
+                f"{p.num_experts}, ep {p.ep_rank}/{p.ep_size}{chunks})")
+
+    @property
+    def overlap_chunks(self) -> int:
+        """Token chunks the region is emitted in, each chunk's exchanges beside another chunk's
+        experts (passes/pipeline.py; the lowering then has split_tokens, start_/finish_dispatch,
+        start_/finish_combine and join_tokens). 1: one dispatch and one combine."""
+        return 1
 
     def unsupported(self, region) -> str | None:
         """Why this lowering cannot emit ``region`` (an MoERegion), or None."""

@@ -64,7 +64,7 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         check_only_ops(region_nodes, decision.region.block)
         new_nodes.update(region_nodes)
         report.blocks.append(dataclasses.replace(decision, rendering=render_region(decision.region, region_nodes),
-                                                 output=region_nodes[-1]))
+                                                 output=region_nodes[-1], overlap_chunks=lowering.overlap_chunks))
         counters["moe_fx"]["regions_rewritten"] += 1
         counters["moe_fx"][f"lowering_{decision.choice.strategy.value}"] += 1
         log.info("moe_fx: rewrote %s (%s) with %s", decision.region.block, decision.region.form, lowering)

@@ -8,6 +8,8 @@ is and biases are read as ``b[row_expert - start]``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
 
@@ -22,7 +24,7 @@ def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLoweri
     """The region's replacement, emitted at the graph's insertion point. ``cast_to``: the dtype
     the model casts the result to next, for a combine that can produce it. ``guard``: the agreement
     check emitted first (moe_fx/lowering/guard.py)."""
-    graph, proxy = tracer.graph, tracer.proxy
+    proxy = tracer.proxy
     hidden, topk_ids, topk_weights = proxy(region.hidden), proxy(region.topk_ids), proxy(region.topk_weights)
     if guard is not None:  # first: every later op reads ids the ranks agreed are good
         topk_ids = emit_guard(guard, topk_ids)
@@ -30,8 +32,33 @@ def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLoweri
         topk_weights = topk_weights.gather(1, topk_ids)
     if region.weights_on_input:
         hidden, topk_ids, topk_weights = _routed_rows_scaled(hidden, topk_ids, topk_weights)
-    dispatched = lowering.dispatch(hidden, topk_ids, topk_weights)
 
+    experts = functools.partial(_experts, tracer, region, lowering)
+
+    dtype, combined = dtype_of(region.output), dtype_of_combine(region)
+    cast = dtype is not None and dtype != combined
+    # A combine that returns the final dtype itself saves a pass over [T, H]: the region's own
+    # cast, or else the model's cast right after the region.
+    target = dtype if cast else (cast_to if cast_to != combined else None)
+    fold = target is not None and lowering.folds_out_dtype and not region.weights_on_input and region.base is None
+    out_dtype = {"out_dtype": target} if fold else {}
+    if lowering.overlap_chunks > 1:
+        out = _overlapped(lowering, hidden, topk_ids, topk_weights, experts, out_dtype)
+    else:
+        dispatched = lowering.dispatch(hidden, topk_ids, topk_weights)
+        out = lowering.combine(experts(dispatched), dispatched, topk_weights, **out_dtype)
+    if region.weights_on_input:
+        out = _sum_over_slots(out, proxy(region.topk_ids))
+    if region.base is not None:
+        out = proxy(region.base) + out
+    if cast and not fold:
+        out = out.to(dtype)
+    return out.node
+
+
+def _experts(tracer: EmittingTracer, region: MoERegion, lowering: LocalLowering, dispatched) -> fx.Proxy:
+    """The per-expert projections and the traced activation replayed, on the dispatched rows."""
+    graph, proxy = tracer.graph, tracer.proxy
     # Biases and replayed code read the rows' expert ids; computed once, and only if read.
     ids: dict[str, fx.Node] = {}
 
@@ -75,23 +102,24 @@ def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLoweri
     fused = lowering.swiglu(h) if region.activation.plain_swiglu and not sides else None
     a = fused if fused is not None else replay(region.activation, h, sides)
     y = project(a, region.down)
-    if region.post is not None:
-        y = replay(region.post, y)
+    return replay(region.post, y) if region.post is not None else y
 
-    dtype, combined = dtype_of(region.output), dtype_of_combine(region)
-    cast = dtype is not None and dtype != combined
-    # A combine that returns the final dtype itself saves a pass over [T, H]: the region's own
-    # cast, or else the model's cast right after the region.
-    target = dtype if cast else (cast_to if cast_to != combined else None)
-    fold = target is not None and lowering.folds_out_dtype and not region.weights_on_input and region.base is None
-    out = lowering.combine(y, dispatched, topk_weights, **({"out_dtype": target} if fold else {}))
-    if region.weights_on_input:
-        out = _sum_over_slots(out, proxy(region.topk_ids))
-    if region.base is not None:
-        out = proxy(region.base) + out
-    if cast and not fold:
-        out = out.to(dtype)
-    return out.node
+
+def _overlapped(lowering: LocalLowering, hidden_TH: fx.Proxy, topk_ids_TK: fx.Proxy, topk_weights_TK: fx.Proxy,
+                experts, out_dtype: dict) -> fx.Proxy:
+    """dispatch -> experts -> combine over chunks of the tokens, in the order that lets the exchanges
+    run beside the experts: every chunk's dispatch is issued before the first chunk's experts, and
+    every chunk's combine is awaited after the last chunk's experts. A collective waits for the ops
+    issued before it on this rank, so chunk i+1's all-gather must come before chunk i's experts in
+    the graph; chunk i's reduce-scatter then runs beside chunk i+1's experts. (Lowerings with
+    ``overlap_chunks > 1``: the bounded AllGather.)"""
+    chunks = lowering.split_tokens(hidden_TH, topk_ids_TK, topk_weights_TK)
+    issued = [lowering.start_dispatch(*chunk) for chunk in chunks]
+    combines = []
+    for chunk, handle in zip(chunks, issued):
+        dispatched = lowering.finish_dispatch(handle)
+        combines.append(lowering.start_combine(experts(dispatched), dispatched, chunk[2], **out_dtype))
+    return lowering.join_tokens([lowering.finish_combine(c) for c in combines], size(hidden_TH, 0))
 
 
 def _routed_rows_scaled(hidden_TH: fx.Proxy, topk_ids_TK: fx.Proxy, topk_weights_TK: fx.Proxy):

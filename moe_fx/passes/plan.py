@@ -77,12 +77,13 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
             )
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
-    device_type, cuda_graphs = _device_type(region), _records_cuda_graphs()
+    device_type, cuda_graphs, training = _device_type(region), _records_cuda_graphs(), _training(region)
     ep = _exchange_group(ep, region, choice.strategy, capacity, device_type)
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
-        cuda_graphs=cuda_graphs, training=_training(region),
+        cuda_graphs=cuda_graphs, training=training,
+        overlap_chunks=_overlap_chunks(region, ep, choice.strategy, capacity, device_type, training),
     )
 
 
@@ -142,6 +143,22 @@ def _exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity:
         protocol = None
     group = timed_sibling(resolve_group(ep.group_name), config.collective_timeout_s, protocol)
     return dataclasses.replace(ep, group_name=group.group_name)
+
+
+def _overlap_chunks(region: MoERegion, ep: EPPlan, strategy: Strategy, capacity: int | None, device_type: str,
+                    training: bool) -> int:
+    """How many token chunks the block's exchanges are cut into, to run beside the experts of other
+    chunks (config.ep_overlap_chunks). Only the bounded AllGather of an inference graph over
+    per-rank tokens chunks: its exchanges are static-shape collectives the graph can order freely.
+    At most one chunk per token of the bound."""
+    if (strategy is not Strategy.ALLGATHER or capacity is None or ep.ep_size == 1 or training
+            or device_type == "npu" or token_layout() != "per_rank"):
+        return 1
+    chunks = config.ep_overlap_chunks
+    if chunks is None:  # auto
+        gathered = capacity * region.hidden_size * region.dtype.itemsize
+        chunks = 2 if device_type == "cuda" and gathered >= config.ep_overlap_min_bytes else 1
+    return max(1, min(chunks, capacity))
 
 
 def token_layout() -> str:

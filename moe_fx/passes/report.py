@@ -20,6 +20,7 @@ class BlockDecision:
     choice: LoweringChoice
     rendering: str = ""  # the rewritten region (empty when only analyzed)
     output: fx.Node | None = None  # the rewritten region's result in the graph (None when only analyzed)
+    overlap_chunks: int = 1  # token chunks whose exchanges overlap other chunks' experts (1: none)
 
 
 @dataclass(kw_only=True)
