@@ -206,13 +206,19 @@ def host_timed_us(fn: Callable[[], object], *, warmup: int, iters: int) -> list[
     return times
 
 
-def variants_for(tokens: int, ctx: RankContext, *, strategies: tuple[str, ...], graphs: bool) -> list[Variant]:
+def variants_for(tokens: int, ctx: RankContext, *, strategies: tuple[str, ...], graphs: bool,
+                 overlap_chunks: tuple[int, ...] = ()) -> list[Variant]:
+    """ep1, each strategy, and AllGather with each of ``overlap_chunks`` (named "allgather/n"); each
+    also under CUDA graphs when ``graphs``."""
     common = {"inner_backend": ctx.inner_backend, "max_tokens_per_rank": tokens}
     plain = [Variant(name=EP1, strategy=EP1, graphs=False, settings={**common, "ep_group": ctx.one_rank_group})]
     for strategy in strategies:
         lowering = {"lowering": "mc2", "mc2_transport": "symm_mem"} if strategy == "mc2_symm_mem" else {
             "lowering": strategy}
         plain.append(Variant(name=strategy, strategy=strategy, graphs=False, settings={**common, **lowering}))
+    for n in overlap_chunks:
+        plain.append(Variant(name=f"allgather/{n}", strategy="allgather", graphs=False,
+                             settings={**common, "lowering": "allgather", "ep_overlap_chunks": n}))
     if not graphs:
         return plain
     # All2AllV reads split sizes on the host: it cannot be captured in a CUDA graph.
@@ -312,7 +318,10 @@ def bench_tokens(shape: LayerShape, block: torch.nn.Module, tokens: int, ctx: Ra
     except Exception as exc:  # then "auto" is compiled and timed on its own
         picked = f"unknown ({_reason(exc)})"
     use_graphs = ctx.device == "cuda" and tokens <= GRAPHS_MAX_TOKENS and not args.no_graphs
-    variants = variants_for(tokens, ctx, strategies=tuple(args.strategies), graphs=use_graphs)
+    # AllGather's chunk counts, where "auto" chunks it (moe_fx.config.ep_overlap_min_bytes)
+    overlapped = tokens * shape.hidden * ELEM_BYTES >= moe_fx.config.ep_overlap_min_bytes
+    variants = variants_for(tokens, ctx, strategies=tuple(args.strategies), graphs=use_graphs,
+                            overlap_chunks=tuple(args.overlap_chunks) if overlapped else ())
     calls: dict[str, Callable[[], object]] = {}
     facts: dict[str, dict] = {}
     for variant in variants:
@@ -392,7 +401,7 @@ def split_rows(row: dict, profiles: dict[str, list[dict]], *, on_device: bool) -
     time over the busier rank's summed kernel time, with and without NCCL kernels."""
     out = {}
     for name, per_rank in profiles.items():
-        strategy = row["auto"]["picked"] if name == AUTO else name
+        strategy = row["auto"]["picked"] if name == AUTO else name.split("/")[0]
         entry = {f"{c}_us": _max_or_none(p[f"{c}_us"] for p in per_rank) for c in ("dispatch", "combine")}
         entry["per_rank"] = per_rank
         if strategy in STRATEGIES:
@@ -488,6 +497,11 @@ def split_table(rows: list[dict], *, on_device: bool) -> str:
 def notes(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
+        ep1 = r["times_us"].get(EP1)
+        for name, us in r["times_us"].items():
+            if "/" in name and us is not None and ep1:
+                out.append(f"{r['shape']} T={r['tokens_per_rank']} {name} (AllGather in {name.split('/')[1]} "
+                           f"overlapped chunks): {us:.0f} µs, {us / ep1:.2f} x ep1")
         for name, reason in r["skipped"].items():
             out.append(f"{r['shape']} T={r['tokens_per_rank']} {name}: {reason}")
         for name, n in r["cudagraph_skips"].items():
@@ -566,6 +580,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="+", type=int, help="tokens per rank")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph variants")
+    parser.add_argument("--overlap-chunks", nargs="*", type=int, default=[],
+                        help="also time AllGather in these numbers of overlapped chunks (config.ep_overlap_chunks), "
+                             "where its all-gather moves at least config.ep_overlap_min_bytes per rank")
     parser.add_argument("--warmup", type=int, help="calls before each timed round (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--iters", type=int, help="timed calls per variant, over all rounds (default 30; CPU 4)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; CPU 2)")

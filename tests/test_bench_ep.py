@@ -143,3 +143,16 @@ def test_bench_hands_ep_over_to_bench_ep(monkeypatch):
     seen = []
     monkeypatch.setattr(bench_ep, "main", lambda argv: seen.append(argv) or 7)
     assert bench.main(["--ep", "2", "--device", "cpu"]) == 7 and seen == [["--ep", "2", "--device", "cpu"]]
+
+
+def test_overlap_variants_time_allgather_per_chunk_count():
+    ctx = SimpleNamespace(inner_backend="inductor", one_rank_group="one")
+    variants = bench_ep.variants_for(4096, ctx, strategies=("allgather",), graphs=False, overlap_chunks=(1, 4))
+    named = {v.name: v.settings for v in variants}
+    assert list(named) == ["ep1", "allgather", "allgather/1", "allgather/4"]
+    assert named["allgather/4"] == {"inner_backend": "inductor", "max_tokens_per_rank": 4096,
+                                    "lowering": "allgather", "ep_overlap_chunks": 4}
+    assert "ep_overlap_chunks" not in named["allgather"]  # "auto" decides there
+    row = {"shape": "s", "tokens_per_rank": 4096, "skipped": {}, "cudagraph_skips": {},
+           "times_us": {"ep1": 1000.0, "allgather": 1100.0, "allgather/4": 950.0}}
+    assert bench_ep.notes([row]) == ["s T=4096 allgather/4 (AllGather in 4 overlapped chunks): 950 µs, 0.95 x ep1"]
