@@ -318,10 +318,9 @@ def bench_tokens(shape: LayerShape, block: torch.nn.Module, tokens: int, ctx: Ra
     except Exception as exc:  # then "auto" is compiled and timed on its own
         picked = f"unknown ({_reason(exc)})"
     use_graphs = ctx.device == "cuda" and tokens <= GRAPHS_MAX_TOKENS and not args.no_graphs
-    # AllGather's chunk counts, where "auto" chunks it (moe_fx.config.ep_overlap_min_bytes)
-    overlapped = tokens * shape.hidden * ELEM_BYTES >= moe_fx.config.ep_overlap_min_bytes
+    # overlapped chunks only pay (if ever) where the exchange is bandwidth, not latency: prefill sizes
     variants = variants_for(tokens, ctx, strategies=tuple(args.strategies), graphs=use_graphs,
-                            overlap_chunks=tuple(args.overlap_chunks) if overlapped else ())
+                            overlap_chunks=tuple(args.overlap_chunks) if tokens > GRAPHS_MAX_TOKENS else ())
     calls: dict[str, Callable[[], object]] = {}
     facts: dict[str, dict] = {}
     for variant in variants:
@@ -581,8 +580,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph variants")
     parser.add_argument("--overlap-chunks", nargs="*", type=int, default=[],
-                        help="also time AllGather in these numbers of overlapped chunks (config.ep_overlap_chunks), "
-                             "where its all-gather moves at least config.ep_overlap_min_bytes per rank")
+                        help="also time AllGather in these numbers of overlapped chunks (config.ep_overlap_chunks) "
+                             f"at more than {GRAPHS_MAX_TOKENS} tokens per rank")
     parser.add_argument("--warmup", type=int, help="calls before each timed round (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--iters", type=int, help="timed calls per variant, over all rounds (default 30; CPU 4)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; CPU 2)")

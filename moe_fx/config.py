@@ -58,14 +58,13 @@ ep_group: Optional[str] = None
 ep_nccl_protocol: Optional[str] = "Simple"
 ep_nccl_bulk_bytes: int = 4 << 20
 
-# Overlap of the bounded AllGather's exchanges with the experts: the block's token capacity is cut
-# into this many chunks, every chunk's all-gather is issued before the first chunk's experts run,
-# and every reduce-scatter is awaited after the last chunk's experts, so the exchange of one chunk
-# runs beside the experts of another (inference graphs, tokens="per_rank"). None ("auto"): 2 on
-# CUDA where the block gathers at least ep_overlap_min_bytes per rank (C*H elements), else 1.
-# 1: no chunking.
-ep_overlap_chunks: Optional[int] = None
-ep_overlap_min_bytes: int = 8 << 20
+# Overlap of the bounded AllGather's exchanges with the experts (experimental, off): the block's
+# token capacity is cut into this many chunks, every chunk's all-gather is issued before the first
+# chunk's experts run, and every reduce-scatter is awaited after the last chunk's experts, so the
+# exchange of one chunk can run beside the experts of another (inference graphs, tokens="per_rank").
+# 1: no chunking. On 2 H200s 2 chunks made the 4096-token layers 1.27-1.51x slower than 1 (the
+# collectives stretched across the other chunk's kernels; README, "Multi-GPU benchmark").
+ep_overlap_chunks: int = 1
 
 # What to do with a graph that holds an MoE-like block moe_fx cannot rewrite:
 #   "warn"  keep the original graph for that block and log a warning with the reason

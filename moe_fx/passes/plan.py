@@ -83,7 +83,7 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
         cuda_graphs=cuda_graphs, training=training,
-        overlap_chunks=_overlap_chunks(region, ep, choice.strategy, capacity, device_type, training),
+        overlap_chunks=_overlap_chunks(ep, choice.strategy, capacity, device_type, training),
     )
 
 
@@ -145,7 +145,7 @@ def _exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity:
     return dataclasses.replace(ep, group_name=group.group_name)
 
 
-def _overlap_chunks(region: MoERegion, ep: EPPlan, strategy: Strategy, capacity: int | None, device_type: str,
+def _overlap_chunks(ep: EPPlan, strategy: Strategy, capacity: int | None, device_type: str,
                     training: bool) -> int:
     """How many token chunks the block's exchanges are cut into, to run beside the experts of other
     chunks (config.ep_overlap_chunks). Only the bounded AllGather of an inference graph over
@@ -154,11 +154,7 @@ def _overlap_chunks(region: MoERegion, ep: EPPlan, strategy: Strategy, capacity:
     if (strategy is not Strategy.ALLGATHER or capacity is None or ep.ep_size == 1 or training
             or device_type == "npu" or token_layout() != "per_rank"):
         return 1
-    chunks = config.ep_overlap_chunks
-    if chunks is None:  # auto
-        gathered = capacity * region.hidden_size * region.dtype.itemsize
-        chunks = 2 if device_type == "cuda" and gathered >= config.ep_overlap_min_bytes else 1
-    return max(1, min(chunks, capacity))
+    return min(config.ep_overlap_chunks, capacity)
 
 
 def token_layout() -> str:
