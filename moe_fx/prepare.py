@@ -16,10 +16,11 @@ computed from the module's own parameters and expert modules:
 Three layouts (``Layout``), recognized by what the module holds and the attribute names
 transformers gives it (``moe``, ``shared_expert``, GPT-OSS's parameter names), never a class name:
 
-- ``routed_block``: a router ``nn.Linear`` H -> E and an ``nn.ModuleList`` of E alike experts, the
+- ``routed_block``: a router ``nn.Linear`` H -> E (a child, or the one Linear of a child gate
+  module, called as the module calls it: HunYuan) and an ``nn.ModuleList`` of E alike experts, the
   routing inline in ``forward`` (Mixtral, Qwen3-MoE, PhiMoE; Qwen2-MoE with its sigmoid-gated
-  ``shared_expert``). The routing is rebuilt: the first of ``ROUTINGS`` whose outputs equal the
-  module's on the probes is kept.
+  ``shared_expert``; ERNIE-4.5 and HunYuan with an ungated shared expert added). The routing is
+  rebuilt: the first of ``ROUTINGS`` whose outputs equal the module's on the probes is kept.
 - ``experts_method``: the router is a child module and the experts loop is a method
   ``moe(hidden, topk_ids, topk_weights)`` (DeepSeek-V2/V3, GLM-4-MoE, dots1): only that method is
   replaced; the router and the shared experts keep their own code.
@@ -87,9 +88,12 @@ class _Plan:
     layout: Layout
     num_experts: int
     top_k: int = 0  # routed_block: the router's K
-    gate: str = ""  # routed_block: name of the router Linear
+    gate: str = ""  # routed_block: name of the router: an nn.Linear, or a module holding one (called on [B, S, H])
+    router_dtype: torch.dtype | None = None  # routed_block: the router's dtype where it differs (fp32 routers)
     experts: str = ""  # routed_block / experts_method: name of the ModuleList
     shared: str = ""  # routed_block: Qwen2-MoE's shared expert, added as sigmoid(shared_gate(x)) * shared(x)
+    ungated_shared: str = ""  # routed_block: a shared expert added as it is (ERNIE-4.5, HunYuan)
+    correction: str = ""  # routed_block: the child adding a score-correction bias before the top-k (ERNIE-4.5)
     routing: str = ""  # routed_block: key of ROUTINGS
     returns_logits: bool = False  # routed_block: forward returns (out, router_logits)
     sparsemixer: Callable | None = None  # routed_block "sparsemixer": the model file's own function
@@ -149,11 +153,23 @@ def _sparsemixer(module: nn.Module, logits_TE: torch.Tensor, k: int):
     return fn(logits_TE, jitter_eps=module.router_jitter_noise, training=module.training)
 
 
+def _corrected_softmax_topk(module: nn.Module, logits_TE: torch.Tensor, k: int):
+    # ERNIE-4.5: experts chosen on the scores plus the module's correction bias (its own child
+    # module adds it), weights from the uncorrected scores, renormalized with a floor.
+    w_TE = F.softmax(logits_TE, dim=1, dtype=torch.float)
+    _, ids_TK = torch.topk(getattr(module, getattr(module, PLAN_ATTR).correction)(w_TE), k, dim=-1)
+    w_TK = torch.gather(w_TE, dim=-1, index=ids_TK)
+    w_TK = w_TK / torch.clamp(w_TK.sum(dim=-1, keepdim=True), min=getattr(module, "norm_min", 0.0))
+    return w_TK.to(logits_TE.dtype), ids_TK
+
+
 _SPARSEMIXER = "sparsemixer (the model's own)"
+_CORRECTED = "softmax, top-k of the bias-corrected scores, renormalized"
 ROUTINGS: dict[str, Callable] = {
     "softmax, top-k, renormalized": lambda m, z, k: _softmax_topk(m, z, k, renorm=True),
     "softmax, top-k": lambda m, z, k: _softmax_topk(m, z, k, renorm=False),
     _SPARSEMIXER: _sparsemixer,
+    _CORRECTED: _corrected_softmax_topk,
 }
 
 
@@ -182,13 +198,21 @@ def _routed_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     if _jittering(self):
         return plan.original(self, hidden_states)
     x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-    logits_TE = getattr(self, plan.gate)(x_TH)
+    gate = getattr(self, plan.gate)
+    router_in = x_TH if isinstance(gate, nn.Linear) else hidden_states  # a gate module reshapes itself
+    if plan.router_dtype is not None:
+        router_in = router_in.to(plan.router_dtype)
+    logits_TE = gate(router_in).reshape(-1, plan.num_experts)
     w_TK, ids_TK = ROUTINGS[plan.routing](self, logits_TE, plan.top_k)
+    if plan.router_dtype is not None:
+        w_TK = w_TK.to(x_TH.dtype)  # as the fp32 routers' blocks cast their weights back
     experts = getattr(self, plan.experts)
     out_TH = _expert_loop(x_TH, ids_TK, w_TK, lambda e, rows: experts[e](rows), plan.num_experts, x_TH.dtype)
     if plan.shared:
         shared_gate = getattr(self, plan.shared + "_gate")
         out_TH = out_TH + F.sigmoid(shared_gate(x_TH)) * getattr(self, plan.shared)(x_TH)
+    if plan.ungated_shared:
+        out_TH = out_TH + getattr(self, plan.ungated_shared)(x_TH)
     out = out_TH.view(hidden_states.shape)
     return (out, logits_TE) if plan.returns_logits else out
 
@@ -255,6 +279,8 @@ class _Candidate:
     gate: str = ""
     experts: str = ""
     shared: str = ""
+    ungated_shared: str = ""
+    correction: str = ""
 
 
 def _source(fn) -> str:
@@ -298,14 +324,42 @@ def _candidate(module: nn.Module) -> _Candidate | None:
                           experts=name)
     if not _breaks(cls.forward):
         return None
-    gates = [n for n, c in module.named_children() if isinstance(c, nn.Linear) and c.out_features == len(experts)]
-    if len(gates) != 1:
+    gate = _router_name(module, len(experts), name)
+    if not gate:
         return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts), hidden_size=0, experts=name)
-    gate = getattr(module, gates[0])
     shared_gate = getattr(module, "shared_expert_gate", None)
     shared = isinstance(shared_gate, nn.Linear) and shared_gate.out_features == 1 and hasattr(module, "shared_expert")
-    return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts), hidden_size=gate.in_features,
-                      gate=gates[0], experts=name, shared="shared_expert" if shared else "")
+    ungated = next((n for n in _UNGATED_SHARED if isinstance(getattr(module, n, None), nn.Module)), "")
+    correction = next((n for n, c in module.named_children()
+                       if isinstance(getattr(c, "e_score_correction_bias", None), torch.Tensor)), "")
+    return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts),
+                      hidden_size=router_linear(module, gate).in_features, gate=gate, experts=name,
+                      shared="shared_expert" if shared else "", ungated_shared="" if shared else ungated,
+                      correction=correction)
+
+
+# Names transformers 4.x gives a shared expert that is added without a gate.
+_UNGATED_SHARED = ("shared_experts", "shared_mlp")
+
+
+def _router_name(module: nn.Module, num_experts: int, experts: str) -> str:
+    """The child that computes the router logits: the one nn.Linear child with E outputs, else the one
+    child module (not the experts) whose only E-output Linear is inside it; "" if neither is unique."""
+    linears = [n for n, c in module.named_children() if isinstance(c, nn.Linear) and c.out_features == num_experts]
+    if linears:
+        return linears[0] if len(linears) == 1 else ""
+    holders = [n for n, c in module.named_children() if n != experts and not isinstance(c, nn.Linear)
+               and [m for m in c.modules() if isinstance(m, nn.Linear) and m.out_features == num_experts]]
+    if len(holders) != 1:
+        return ""
+    inner = [m for m in getattr(module, holders[0]).modules() if isinstance(m, nn.Linear)]
+    return holders[0] if len(inner) == 1 else ""
+
+
+def router_linear(module: nn.Module, gate: str) -> nn.Linear:
+    """The router's nn.Linear: the child ``gate`` itself or the one Linear inside it."""
+    child = getattr(module, gate)
+    return child if isinstance(child, nn.Linear) else next(m for m in child.modules() if isinstance(m, nn.Linear))
 
 
 def _top_k(module: nn.Module) -> int | None:
@@ -346,7 +400,7 @@ def _probes(module: nn.Module, cand: _Candidate, dtype: torch.dtype, device, gen
     t = 4 * e
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     if cand.layout is Layout.ROUTED_BLOCK:
-        gate = getattr(module, cand.gate)
+        gate = router_linear(module, cand.gate)
         # Hidden states whose router logits favour expert t % E: least squares through the router.
         target = torch.randn(t, e, generator=gen) + 4.0 * F.one_hot(torch.arange(t) % e, e)
         steer = torch.linalg.lstsq(gate.weight.detach().float().cpu(), target.T).solution.T
@@ -401,16 +455,22 @@ def _plans(module: nn.Module, cand: _Candidate) -> list[_Plan]:
     if cand.layout is not Layout.ROUTED_BLOCK:
         return [_Plan(**base)]
     if not cand.gate:
-        raise _Refused(f"no router: not exactly one nn.Linear child with {cand.num_experts} outputs")
+        raise _Refused(f"no router: not exactly one nn.Linear child with {cand.num_experts} outputs, nor one child "
+                       "module holding a single such Linear")
     k = _top_k(module)
     if k is None:
         raise _Refused("no top_k / num_experts_per_tok attribute to read the router's K from")
     mixer = getattr(sys.modules.get(type(module).__module__), "sparsemixer", None)
     own_mixer = callable(mixer) and "sparsemixer(" in _source(type(module).forward)
-    routings = [r for r in ROUTINGS if own_mixer or r != _SPARSEMIXER]
+    routings = [r for r in ROUTINGS if (own_mixer or r != _SPARSEMIXER) and (cand.correction or r != _CORRECTED)]
     if getattr(module, "norm_topk_prob", True) is False:
         routings.sort(key=lambda r: r != "softmax, top-k")
-    return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, routing=r,
+    if cand.correction:  # tried first: with a zero bias the plain top-k agrees too, but not once it is trained
+        routings.sort(key=lambda r: r != _CORRECTED)
+    router = router_linear(module, cand.gate).weight.dtype
+    experts_dtype = next(getattr(module, cand.experts).parameters()).dtype
+    return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, ungated_shared=cand.ungated_shared,
+                  correction=cand.correction, routing=r, router_dtype=router if router != experts_dtype else None,
                   sparsemixer=mixer if own_mixer else None) for r in routings]
 
 
@@ -420,7 +480,10 @@ def _prepare_one(module: nn.Module, cand: _Candidate, gen: torch.Generator) -> t
     params = list(module.parameters())
     if not params or params[0].device.type == "meta":
         raise _Refused("its parameters are on the meta device: nothing to probe", "call prepare after loading weights")
-    dtype, device = params[0].dtype, params[0].device
+    # the experts' dtype: a router kept in fp32 (ERNIE-4.5, HunYuan) does not set the probes'
+    experts = getattr(module, cand.experts, None) if cand.experts else None
+    dtype = next(experts.parameters()).dtype if experts is not None else params[0].dtype
+    device = params[0].device
     tol = _TOLERANCE.get(dtype, 1e-2)
     name, replacement = _REPLACED[cand.layout]
     plans = _plans(module, cand)

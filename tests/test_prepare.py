@@ -3,8 +3,9 @@
 In-process: hand-built blocks written the transformers 4.x way (tests/tf4_modules.py) are
 prepared, captured whole and rewritten at ep = 1; blocks prepare cannot rebuild are left alone
 with the reason. Then transformers 4.57 itself (installed by this test into a cached folder,
-run in subprocesses with it first on PYTHONPATH): tiny mixtral, qwen3_moe, deepseek_v3, gpt_oss
-and phimoe at ep = 2 over gloo, foreign experts zeroed, equal to eager.
+run in subprocesses with it first on PYTHONPATH): tiny mixtral, qwen3_moe, deepseek_v3, gpt_oss,
+phimoe, qwen2_moe, ernie4_5_moe and hunyuan_v1_moe at ep = 2 over gloo, foreign experts zeroed,
+equal to eager.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 import moe_fx
 from moe_fx.prepare import PLAN_ATTR
 from tests.form_modules import LoopMoE
-from tests.tf4_modules import HitLoopBlock, MethodLoopMoE, ScaledMethodMoE, SigmoidSkipBlock, StackedLoopBlock
+from tests.tf4_modules import (CorrectedRoutingBlock, GateModuleBlock, HitLoopBlock, MethodLoopMoE, ScaledMethodMoE,
+                               SigmoidSkipBlock, StackedLoopBlock)
 from tests.tolerances import FP32_ATOL
 
 H, I, E, K = 16, 8, 4, 2
@@ -37,6 +39,10 @@ HAND_BUILT = {
                            "softmax, top-k"),
     "hit_loop_shared": (lambda: HitLoopBlock(H, I, E, K, norm_topk_prob=False, shared=True), "<root module>",
                         "routed_block", "softmax, top-k"),
+    "gate_module": (lambda: GateModuleBlock(H, I, E, K), "<root module>", "routed_block",
+                    "softmax, top-k, renormalized"),
+    "corrected": (lambda: CorrectedRoutingBlock(H, I, E, K), "<root module>", "routed_block",
+                  "softmax, top-k of the bias-corrected scores, renormalized"),
     "moe_method": (lambda: MethodLoopMoE(H, I, E, K), "<root module>", "experts_method", "the module's own router"),
     "stacked": (lambda: StackedLoopBlock(H, I, E, K), "experts", "stacked_experts", "the module's own router"),
 }
@@ -74,6 +80,25 @@ def test_prepared_block_is_captured_whole_and_rewritten(kind):
     assert len(graphs) == 1, "the prepared block must be one graph"
     assert [b.region.form for b in graphs[0].report.blocks] == ["expert_loop"] and not graphs[0].report.misses
     assert (_first(out) - _first(ref)).abs().max().item() <= FP32_ATOL
+
+
+def test_fp32_router_of_a_bf16_block():
+    """ERNIE-4.5 / HunYuan keep the router in fp32 in a bf16 model: the prepared forward casts the
+    router's input up and its weights back, as their own code does, and probes in the experts' dtype."""
+    torch.manual_seed(0)
+    model = CorrectedRoutingBlock(H, I, E, K).to(torch.bfloat16)
+    model.gate.float()
+    model.moe_statics.float()
+    x = torch.randn(2, 5, H).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    moe_fx.prepare(model)
+    (block,) = moe_fx.prepare_report(model).prepared
+    assert block.routing == "softmax, top-k of the bias-corrected scores, renormalized"
+    out, graphs = _compile(model, x)
+    assert [b.region.form for b in graphs[0].report.blocks] == ["expert_loop"]
+    assert torch.equal(out[1], ref[1])  # the fp32 router logits
+    assert (out[0].float() - ref[0].float()).abs().max().item() <= 2e-2 * ref[0].float().abs().max().item()
 
 
 def test_refuses_a_routing_it_cannot_rebuild(caplog):
@@ -166,6 +191,8 @@ _EXPECTED = {  # key -> (prepared layout, strategy of tests/tf4_jobs.py)
     "gpt_oss": ("stacked_experts", "all2allv"),
     "phimoe": ("routed_block", "mc2"),
     "qwen2_moe": ("routed_block", "mc2"),
+    "ernie4_5_moe": ("routed_block", "allgather"),
+    "hunyuan_v1_moe": ("routed_block", "all2allv"),
 }
 
 

@@ -35,8 +35,16 @@ MODELS = {
     "gpt_oss": ("GptOss", "all2allv"),
     "phimoe": ("Phimoe", "mc2"),
     "qwen2_moe": ("Qwen2Moe", "mc2"),
+    "ernie4_5_moe": ("Ernie4_5_Moe", "allgather"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1", "all2allv"),
 }
 NUM_EXPERTS = 4  # few: dynamo unrolls every expert of the loop, and compile time is what this test costs
+# Families tests/tiny_models.py does not build (transformers 5.x renamed or dropped them): their 4.x config keys.
+_FOUR_X_ONLY = {
+    "ernie4_5_moe": dict(intermediate_size=64, moe_intermediate_size=32, moe_num_experts=NUM_EXPERTS, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=0),
+    "hunyuan_v1_moe": dict(intermediate_size=32, head_dim=16, num_experts=NUM_EXPERTS, moe_topk=2),
+}
 
 
 def build_tiny4(key: str) -> torch.nn.Module:
@@ -44,6 +52,8 @@ def build_tiny4(key: str) -> torch.nn.Module:
     kwargs = dict(_COMMON)
     if key == "phimoe":
         kwargs.update(intermediate_size=32, num_local_experts=NUM_EXPERTS, num_experts_per_tok=2)
+    elif key in _FOUR_X_ONLY:
+        kwargs.update(_FOUR_X_ONLY[key])
     else:
         kwargs.update(_model_kwargs(key, 1))
         kwargs[_NUM_EXPERTS_KEY[key]] = NUM_EXPERTS

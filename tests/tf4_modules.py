@@ -137,3 +137,83 @@ class StackedLoopBlock(nn.Module):
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         scores = torch.zeros_like(logits).scatter_(1, ids, top.softmax(dim=1))
         return self.experts(x, router_indices=ids, routing_weights=scores)
+
+
+class _GateModule(nn.Module):
+    """HunYuan's router: an fp32 Linear inside a module that flattens [B, S, H] and casts to fp32."""
+
+    def __init__(self, hidden: int, num_experts: int):
+        super().__init__()
+        self.wg = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        return self.wg(x.reshape(-1, h).float())
+
+
+class GateModuleBlock(nn.Module):
+    """HunYuan-MoE-V1 4.x: the router Linear inside a gate module; softmax, top-k, renormalized; a
+    loop over the experts hit; an ungated shared MLP added at the end."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = _GateModule(hidden, num_experts)
+        self.experts = _experts(hidden, intermediate, num_experts)
+        self.shared_mlp = ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_mlp(x)
+        logits = self.gate(x)
+        x_TH = x.view(-1, x.shape[-1])
+        w, ids = torch.topk(F.softmax(logits, dim=1, dtype=torch.float), self.top_k, dim=-1)
+        w = (w / w.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x_TH)
+        hit = (F.one_hot(ids, len(self.experts)).sum(dim=(0, 1)) > 0).nonzero()
+        for e in hit.flatten().tolist():
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, self.experts[e](x_TH[tok]) * w[tok, slot, None])
+        return out.reshape(x.shape) + shared
+
+
+class _Correction(nn.Module):
+    """ERNIE-4.5's score-correction bias, added by a module of its own."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts), requires_grad=False)
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.e_score_correction_bias.squeeze()
+
+
+class CorrectedRoutingBlock(nn.Module):
+    """ERNIE-4.5-MoE 4.x: an fp32 router on x.float(); experts chosen on the softmax plus a
+    correction bias, weights gathered from the uncorrected softmax and renormalized with a floor; a
+    loop over the experts hit; an ungated shared expert; returns (out, router_logits). The bias is
+    random here (a trained model's), so a top-k without it picks other experts."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k, self.norm_min = top_k, 1e-12
+        self.moe_statics = _Correction(num_experts)
+        with torch.no_grad():
+            self.moe_statics.e_score_correction_bias.normal_(0, 0.5)
+        self.gate = nn.Linear(hidden, num_experts, bias=False, dtype=torch.float32)
+        self.experts = _experts(hidden, intermediate, num_experts)
+        self.shared_experts = ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu")
+
+    def forward(self, x: torch.Tensor):
+        x_TH = x.view(-1, x.shape[-1])
+        shared = self.shared_experts(x_TH)
+        logits = self.gate(x_TH.float())
+        w_TE = F.softmax(logits, dim=1, dtype=torch.float)
+        _, ids = torch.topk(self.moe_statics(w_TE), self.top_k, dim=-1)
+        w = torch.gather(w_TE, dim=-1, index=ids)
+        w = (w / torch.clamp(w.sum(dim=-1, keepdim=True), min=self.norm_min)).to(x.dtype)
+        out = torch.zeros_like(x_TH)
+        hit = (F.one_hot(ids, len(self.experts)).sum(dim=(0, 1)) > 0).nonzero()
+        for e in hit.flatten().tolist():
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, self.experts[e](x_TH[tok]) * w[tok, slot, None])
+        return (out + shared).reshape(x.shape), logits
