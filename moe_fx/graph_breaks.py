@@ -95,20 +95,21 @@ def owner_modules(model, site: BreakSite) -> str:
 
 def outside_experts(model, site: BreakSite) -> bool:
     """Whether the line is known to lie outside MoE experts code: every module whose class has a
-    method holding it has neither stacked expert weights (a parameter of 3 or more dims) nor a child
-    named like experts, itself or one level down (a model's mask code, an attention layer). A line
-    in no module's method (a free function) is not known to be outside."""
+    method holding it is not named like experts and has neither stacked expert weights (a parameter
+    of 3 or more dims) nor a child named like experts, itself or one level down (a model's mask
+    code, an attention layer). A line in no module's method (a free function) is not known to be
+    outside."""
     owners = _owners(model, site)
-    return bool(owners) and not any(_holds_experts(module) for _, module in owners)
+    return bool(owners) and not any(_holds_experts(path, module) for path, module in owners)
 
 
-def _holds_experts(module: torch.nn.Module) -> bool:
+def _holds_experts(path: str, module: torch.nn.Module) -> bool:
     def own(m):
         return any(p.dim() >= 3 for p in m.parameters(recurse=False))
 
     children = list(module.named_children())
-    return (own(module) or any("expert" in name.lower() for name, _ in children)
-            or any(own(child) for _, child in children))
+    return ("expert" in path.rsplit(".", 1)[-1].lower() or own(module)
+            or any("expert" in name.lower() for name, _ in children) or any(own(child) for _, child in children))
 
 
 def explain_break(site: BreakSite, error_text: str) -> str | None:

@@ -13,7 +13,7 @@ computed from the module's own parameters and expert modules:
         tok, slot = torch.where(ids_TK == e)
         out_TH.index_add_(0, tok, expert_e(x_TH[tok]) * w_TK[tok, slot, None])
 
-Three layouts (``Layout``), recognized by what the module holds and the attribute names
+Four layouts (``Layout``), recognized by what the module holds and the attribute names
 transformers gives it (``moe``, ``shared_expert``, GPT-OSS's parameter names), never a class name:
 
 - ``routed_block``: a router ``nn.Linear`` H -> E (a child, or the one Linear of a child gate
@@ -27,6 +27,9 @@ transformers gives it (``moe``, ``shared_expert``, GPT-OSS's parameter names), n
 - ``stacked_experts``: GPT-OSS's experts module (``gate_up_proj`` [E, H, 2I] interleaved,
   ``down_proj`` [E, I, H], their biases, ``alpha``, ``limit``), called with the router's ids and
   its [T, E] scores: only its forward is replaced; the expert function is GPT-OSS's clamped SwiGLU.
+- ``glu_experts``: DBRX's experts module (an ``mlp`` child holding ``w1``, ``v1``, ``w2`` as 2-D
+  [E * I, H] parameters), called with the router's scores, weights and ids: only its forward is
+  replaced; expert e is the GLU on the per-expert slices of the weights.
 
 A module is a candidate only when the code being replaced contains a data-dependent step
 (``_BREAKS``); the replacement is swapped in only when it equals the module's own code on probe
@@ -79,6 +82,7 @@ class Layout(enum.Enum):
     ROUTED_BLOCK = "routed_block"
     EXPERTS_METHOD = "experts_method"
     STACKED_EXPERTS = "stacked_experts"
+    GLU_EXPERTS = "glu_experts"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,9 +253,28 @@ def _stacked_experts_forward(self: nn.Module, hidden_states: torch.Tensor, route
     return out_TH.view(hidden_states.shape[0], -1, h)
 
 
+def _glu_experts_forward(self: nn.Module, x: torch.Tensor, weights: torch.Tensor, top_weights: torch.Tensor,
+                         top_experts: torch.Tensor) -> torch.Tensor:
+    """DBRX's experts module: w1, v1, w2 are [E * I, H] parameters of its ``mlp`` child, viewed per
+    expert; expert e is its ``mlp``'s GLU on those slices (act(x w1ᵀ) * x v1ᵀ, times w2), spelled
+    with F.linear as the expert_loop recognizer reads projections."""
+    plan: _Plan = getattr(self, PLAN_ATTR)
+    mlp = self.mlp
+    shape = (plan.num_experts, mlp.ffn_hidden_size, mlp.hidden_size)
+    w1, v1, w2 = mlp.w1.view(shape), mlp.v1.view(shape), mlp.w2.view(shape)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(mlp.activation_fn(F.linear(rows, w1[e])) * F.linear(rows, v1[e]), w2[e].t())
+
+    x_TH = x.reshape(-1, x.shape[-1])
+    out_TH = _expert_loop(x_TH, top_experts, top_weights, expert, plan.num_experts, x_TH.dtype)
+    return out_TH.reshape(x.shape)
+
+
 _REPLACED = {Layout.ROUTED_BLOCK: ("forward", _routed_block_forward),
              Layout.EXPERTS_METHOD: ("moe", _experts_method),
-             Layout.STACKED_EXPERTS: ("forward", _stacked_experts_forward)}
+             Layout.STACKED_EXPERTS: ("forward", _stacked_experts_forward),
+             Layout.GLU_EXPERTS: ("forward", _glu_experts_forward)}
 
 _PREPARED_CLASSES: dict[tuple[type, Layout], type] = {}
 
@@ -312,6 +335,9 @@ def _candidate(module: nn.Module) -> _Candidate | None:
         w = module.gate_up_proj
         if w.dim() == 3 and module.down_proj.dim() == 3:
             return _Candidate(layout=Layout.STACKED_EXPERTS, num_experts=w.shape[0], hidden_size=w.shape[1])
+    glu = _glu_experts(module)
+    if glu is not None:
+        return glu
     found = _alike_experts(module)
     if found is None:
         return None
@@ -336,6 +362,21 @@ def _candidate(module: nn.Module) -> _Candidate | None:
                       hidden_size=router_linear(module, gate).in_features, gate=gate, experts=name,
                       shared="shared_expert" if shared else "", ungated_shared="" if shared else ungated,
                       correction=correction)
+
+
+def _glu_experts(module: nn.Module) -> _Candidate | None:
+    """DBRX's experts: an ``mlp`` child with 2-D ``w1``, ``v1``, ``w2`` of [E * I, H] (its
+    ``moe_num_experts``, ``ffn_hidden_size``, ``hidden_size``), and a forward that breaks."""
+    mlp = getattr(module, "mlp", None)
+    e, i, h = (getattr(mlp, n, None) for n in ("moe_num_experts", "ffn_hidden_size", "hidden_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (e, i, h)):
+        return None
+    params = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    if not all(isinstance(p, torch.Tensor) and tuple(p.shape) == (e * i, h) for p in params):
+        return None
+    if not _breaks(type(module).forward):
+        return None
+    return _Candidate(layout=Layout.GLU_EXPERTS, num_experts=e, hidden_size=h)
 
 
 # Names transformers 4.x gives a shared expert that is added without a gate.
@@ -415,6 +456,9 @@ def _probes(module: nn.Module, cand: _Candidate, dtype: torch.dtype, device, gen
         w = torch.rand(t, k, generator=gen).to(device)
         if cand.layout is Layout.EXPERTS_METHOD:
             probes.append(_Probe(name, (rand(t, h), ids, w.float())))
+        elif cand.layout is Layout.GLU_EXPERTS:
+            scores = torch.zeros(t, e, device=device).scatter(1, ids, w).to(dtype)
+            probes.append(_Probe(name, (rand(1, t, h), scores, w.to(dtype), ids)))
         else:
             scores = torch.zeros(t, e, device=device).scatter(1, ids, w.softmax(-1)).to(dtype)
             probes.append(_Probe(name, (rand(1, t, h), ids, scores)))

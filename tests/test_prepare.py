@@ -4,7 +4,7 @@ In-process: hand-built blocks written the transformers 4.x way (tests/tf4_module
 prepared, captured whole and rewritten at ep = 1; blocks prepare cannot rebuild are left alone
 with the reason. Then transformers 4.57 itself (installed by this test into a cached folder,
 run in subprocesses with it first on PYTHONPATH): tiny mixtral, qwen3_moe, deepseek_v3, gpt_oss,
-phimoe, qwen2_moe, ernie4_5_moe and hunyuan_v1_moe at ep = 2 over gloo, foreign experts zeroed,
+phimoe, qwen2_moe, ernie4_5_moe, hunyuan_v1_moe and dbrx at ep = 2 over gloo, foreign experts zeroed,
 equal to eager.
 """
 
@@ -26,8 +26,8 @@ import torch
 import moe_fx
 from moe_fx.prepare import PLAN_ATTR
 from tests.form_modules import LoopMoE
-from tests.tf4_modules import (CorrectedRoutingBlock, GateModuleBlock, HitLoopBlock, MethodLoopMoE, ScaledMethodMoE,
-                               SigmoidSkipBlock, StackedLoopBlock)
+from tests.tf4_modules import (CorrectedRoutingBlock, GateModuleBlock, GluLoopBlock, HitLoopBlock, MethodLoopMoE,
+                               ScaledMethodMoE, SigmoidSkipBlock, StackedLoopBlock)
 from tests.tolerances import FP32_ATOL
 
 H, I, E, K = 16, 8, 4, 2
@@ -45,6 +45,7 @@ HAND_BUILT = {
                   "softmax, top-k of the bias-corrected scores, renormalized"),
     "moe_method": (lambda: MethodLoopMoE(H, I, E, K), "<root module>", "experts_method", "the module's own router"),
     "stacked": (lambda: StackedLoopBlock(H, I, E, K), "experts", "stacked_experts", "the module's own router"),
+    "glu": (lambda: GluLoopBlock(H, I, E, K), "experts", "glu_experts", "the module's own router"),
 }
 
 
@@ -151,6 +152,17 @@ def test_explain_names_the_block_and_the_fix_before_prepare():
             "(a graph break); call model = moe_fx.prepare(model) before torch.compile") in text, text
 
 
+def test_explain_calls_an_experts_module_with_2d_weights_an_experts_loop():
+    """DBRX's experts module holds only 2-D parameters: its empty-expert branch is still experts
+    code (the module is named experts), a near-miss with prepare as the fix, not a note."""
+    torch.manual_seed(0)
+    text = str(moe_fx.explain(GluLoopBlock(H, I, E, K), torch.randn(1, 6, H)))
+    assert ("not rewritten: experts (graph break): GluLoopExperts.forward runs its experts behind a data-dependent "
+            "step (a graph break); call model = moe_fx.prepare(model) before torch.compile: it gives this block a "
+            "static expert loop (glu_experts)") in text, text
+    assert "outside any experts code" not in text, text
+
+
 class _Pair:
     """The EP group shard_experts asks rank and size of: rank 0 of 2."""
 
@@ -193,6 +205,7 @@ _EXPECTED = {  # key -> (prepared layout, strategy of tests/tf4_jobs.py)
     "qwen2_moe": ("routed_block", "mc2"),
     "ernie4_5_moe": ("routed_block", "allgather"),
     "hunyuan_v1_moe": ("routed_block", "all2allv"),
+    "dbrx": ("glu_experts", "mc2"),
 }
 
 

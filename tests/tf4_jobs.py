@@ -37,6 +37,7 @@ MODELS = {
     "qwen2_moe": ("Qwen2Moe", "mc2"),
     "ernie4_5_moe": ("Ernie4_5_Moe", "allgather"),
     "hunyuan_v1_moe": ("HunYuanMoEV1", "all2allv"),
+    "dbrx": ("Dbrx", "mc2"),
 }
 NUM_EXPERTS = 4  # few: dynamo unrolls every expert of the loop, and compile time is what this test costs
 # Families tests/tiny_models.py does not build (transformers 5.x renamed or dropped them): their 4.x config keys.
@@ -45,12 +46,17 @@ _FOUR_X_ONLY = {
                          moe_num_shared_experts=1, moe_layer_start_index=0),
     "hunyuan_v1_moe": dict(intermediate_size=32, head_dim=16, num_experts=NUM_EXPERTS, moe_topk=2),
 }
+# DBRX spells its config apart: no _COMMON keys.
+_DBRX = dict(d_model=64, n_heads=4, n_layers=1, max_seq_len=128, vocab_size=128, attn_config=dict(kv_n_heads=2),
+             ffn_config=dict(ffn_hidden_size=32, moe_num_experts=NUM_EXPERTS, moe_top_k=2), pad_token_id=0)
 
 
 def build_tiny4(key: str) -> torch.nn.Module:
     """The tiny one-layer model of tests/tiny_models.py, with the 4.x config spellings."""
     kwargs = dict(_COMMON)
-    if key == "phimoe":
+    if key == "dbrx":
+        kwargs = dict(_DBRX)
+    elif key == "phimoe":
         kwargs.update(intermediate_size=32, num_local_experts=NUM_EXPERTS, num_experts_per_tok=2)
     elif key in _FOUR_X_ONLY:
         kwargs.update(_FOUR_X_ONLY[key])
@@ -83,6 +89,10 @@ def zero_foreign_experts(model: torch.nn.Module, rank: int, world: int) -> int:
                 tensors = [p for e in foreign for p in getattr(module, plan.experts)[e].parameters()]
                 for p in tensors:
                     p.zero_()
+            elif plan.layout.value == "glu_experts":  # DBRX: expert e is rows [e*I, (e+1)*I) of w1, v1, w2
+                tensors = [module.mlp.w1, module.mlp.v1, module.mlp.w2]
+                for p in tensors:
+                    p.view(NUM_EXPERTS, -1, p.shape[-1])[foreign] = 0
             else:
                 tensors = [p for p in module.parameters(recurse=False) if p.shape[0] == NUM_EXPERTS]
                 for p in tensors:

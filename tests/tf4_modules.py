@@ -217,3 +217,60 @@ class CorrectedRoutingBlock(nn.Module):
             tok, slot = torch.where(ids == e)
             out.index_add_(0, tok, self.experts[e](x_TH[tok]) * w[tok, slot, None])
         return (out + shared).reshape(x.shape), logits
+
+
+class _GluWeights(nn.Module):
+    """DBRX's expert weights: w1, v1, w2 as 2-D [E * I, H] parameters; its GLU on one expert's slices."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int):
+        super().__init__()
+        self.hidden_size, self.ffn_hidden_size, self.moe_num_experts = hidden, intermediate, num_experts
+        self.w1 = nn.Parameter(torch.randn(num_experts * intermediate, hidden) * hidden**-0.5)
+        self.v1 = nn.Parameter(torch.randn(num_experts * intermediate, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts * intermediate, hidden) * intermediate**-0.5)
+        self.activation_fn = nn.SiLU()
+
+    def forward(self, x, w1, v1, w2):
+        return (self.activation_fn(x.matmul(w1.t())) * x.matmul(v1.t())).matmul(w2)
+
+
+class GluLoopExperts(nn.Module):
+    """DBRX 4.x experts: the weights viewed per expert and chunked, a loop over range(E) that skips
+    empty experts (``if token_idx.shape[0] == 0: continue``)."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int):
+        super().__init__()
+        self.moe_num_experts = num_experts
+        self.mlp = _GluWeights(hidden, intermediate, num_experts)
+
+    def forward(self, x, weights, top_weights, top_experts):
+        b, s, h = x.shape
+        x = x.view(-1, h)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(top_experts, num_classes=self.moe_num_experts).permute(2, 1, 0)
+        shape = (self.moe_num_experts, self.mlp.ffn_hidden_size, h)
+        w1s, v1s, w2s = ([w.squeeze(0) for w in p.view(shape).chunk(self.moe_num_experts, dim=0)]
+                         for p in (self.mlp.w1, self.mlp.v1, self.mlp.w2))
+        for e in range(self.moe_num_experts):
+            slot, tok = torch.where(mask[e])
+            if tok.shape[0] == 0:
+                continue
+            y = self.mlp(x[None, tok].reshape(-1, h), w1s[e], v1s[e], w2s[e]) * top_weights[tok, slot, None]
+            out.index_add_(0, tok, y)
+        return out.reshape(b, s, h)
+
+
+class GluLoopBlock(nn.Module):
+    """DBRX 4.x FFN: softmax router, top-k, weights normalized, then the experts module."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = GluLoopExperts(hidden, intermediate, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.router(x.reshape(-1, x.shape[-1])).softmax(dim=-1, dtype=torch.float32)
+        top_weights, top_experts = torch.topk(weights, self.top_k, dim=-1)
+        top_weights = (top_weights / top_weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return self.experts(x, weights, top_weights, top_experts)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moe_fx.passes.graph_utils import arg, depends_on, fake, is_graph_input, is_op, module_path, op_name, owner_path
-from moe_fx.passes.matching import expect
+from moe_fx.passes.matching import Miss, expect, stacked_weight
 from moe_fx.passes.region import ExpertProjection, RowFn
 
 _TRANSPOSES = ("t", "T", "mT")
@@ -86,12 +86,20 @@ def _is_transpose(node: fx.Node) -> bool:
 
 
 def _expert_param(node: fx.Node) -> tuple[fx.Node | None, int | None]:
-    """(parameter, None) for a parameter; (P, e) for ``P[e]`` of a stacked one; (None, None) otherwise."""
+    """(parameter, None) for a parameter; (P, e) for ``P[e]`` of a stacked one, P a 3-D parameter or
+    a 2-D one viewed as [E, ...] (DBRX's ``w1.view(E, I, H)``; the view is the weight the lowering
+    slices); (None, None) otherwise."""
     if is_graph_input(node):
         return node, None
-    if is_op(node, "getitem") and is_graph_input(node.args[0]) and isinstance(node.args[1], int):
+    if not (is_op(node, "getitem") and isinstance(node.args[1], int) and isinstance(node.args[0], fx.Node)):
+        return None, None
+    if is_graph_input(node.args[0]):  # a stacked weight [E, ...] or bias [E, N]
         return node.args[0], node.args[1]
-    return None, None
+    try:
+        stacked, _ = stacked_weight(node.args[0])
+    except Miss:
+        return None, None
+    return stacked, node.args[1]
 
 
 def stacked_projection(projs: list[ExpertLinear], what: str) -> ExpertProjection:
