@@ -188,12 +188,14 @@ class WeightGatherMoE(nn.Module):
 class DenseMoE(nn.Module):
     """Every expert on every token (bmm over [E, T, H]); a [T, E] score matrix, zero outside each
     token's top-k, weights the input (Llama 4: sigmoid of the top logits scattered into -inf) or
-    the output (masked dense: softmax weights scattered into zeros). Weights [E, in, out]."""
+    the output (masked dense: softmax weights scattered into zeros; ``batch_view``: Qwen3-VL-MoE's
+    4.x spelling, outputs and scores viewed [E, B, S, ...] and summed to [B, S, H]). Weights [E, in, out]."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
-                 scores_on_input: bool = True, skew: float = 0.0):
+                 scores_on_input: bool = True, batch_view: bool = False, skew: float = 0.0):
         super().__init__()
         self.num_experts, self.top_k, self.scores_on_input = num_experts, top_k, scores_on_input
+        self.batch_view = batch_view
         self.router = _Router(hidden, num_experts, top_k, skew)
         self.gate_up_proj = nn.Parameter(torch.randn(num_experts, hidden, 2 * intermediate) * hidden**-0.5)
         self.down_proj = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * intermediate**-0.5)
@@ -217,6 +219,10 @@ class DenseMoE(nn.Module):
         y_ETH = torch.bmm(up * F.silu(gate), self.down_proj)
         if self.scores_on_input:
             return y_ETH.view(-1, dim).reshape(e, -1, dim).sum(dim=0).view_as(x)
+        if self.batch_view:
+            batch = 1 if x.dim() == 2 else x.shape[0]
+            weighted = y_ETH.reshape(e, batch, -1, dim) * scores_TE.transpose(0, 1).view(e, batch, -1)[..., None]
+            return weighted.sum(dim=0).view_as(x)
         return (y_ETH * scores_TE.transpose(0, 1).unsqueeze(-1)).sum(dim=0).view_as(x)
 
 

@@ -32,7 +32,8 @@ TITAN_CASES = [
     dict(cls="TitanMoE", dtype="bfloat16", score_before_experts=True, shared=True),
 ]
 GATHER_CASES = [dict(cls="WeightGatherMoE"), dict(cls="WeightGatherMoE", dtype="bfloat16")]
-DENSE_CASES = [dict(cls="DenseMoE"), dict(cls="DenseMoE", scores_on_input=False, dtype="bfloat16")]
+DENSE_CASES = [dict(cls="DenseMoE"), dict(cls="DenseMoE", scores_on_input=False, dtype="bfloat16"),
+               dict(cls="DenseMoE", scores_on_input=False, batch_view=True)]
 SPLIT_CASES = [dict(cls="SplitMoE"), dict(cls="SplitMoE", dtype="bfloat16")]
 ALL_CASES = LOOP_CASES + TITAN_CASES + GATHER_CASES + DENSE_CASES + SPLIT_CASES
 FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm", "WeightGatherMoE": "weight_gather_einsum",
@@ -41,7 +42,7 @@ FORMS = {"LoopMoE": "expert_loop", "TitanMoE": "titan_grouped_mm", "WeightGather
 # Every variant runs at ep 1 (recognition and equivalence of each spelling); each form at ep 2
 # and ep 4, with its variants split between them (the multi-rank matrix is what costs CI time).
 EP_CASES = {
-    2: [LOOP_CASES[1], TITAN_CASES[1], GATHER_CASES[1], DENSE_CASES[1], SPLIT_CASES[1]],
+    2: [LOOP_CASES[1], TITAN_CASES[1], GATHER_CASES[1], DENSE_CASES[1], DENSE_CASES[2], SPLIT_CASES[1]],
     4: [LOOP_CASES[0], TITAN_CASES[0], GATHER_CASES[0], DENSE_CASES[0], SPLIT_CASES[0]],
 }
 # transformers models: (key, experts_implementation) -> the form their MoE blocks take.

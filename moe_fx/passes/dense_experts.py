@@ -14,6 +14,9 @@ Masked dense (scores on the output)::
     y_ETH = bmm(act(bmm(hidden.repeat(E, 1).view(E, -1, H), W_up)), W_down)
     out = (y_ETH * scores_TE.transpose(0, 1).unsqueeze(-1)).sum(0)             # <- region output
 
+    # Qwen3-VL-MoE (transformers 4.x): batch and sequence kept apart, out [B, S, H]
+    out = (y_ETH.reshape(E, B, -1, H) * scores_TE.transpose(0, 1).view(E, B, -1)[..., None]).sum(0)
+
 Both equal the top-k sparse computation because the scores vanish outside top-k; with the scores
 on the input this also needs every expert to map zero rows to zero (no biases, an activation
 with act(0) * ... = 0), which is checked.
@@ -84,12 +87,13 @@ def _sparse_scores(scores: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 
 def _scores_column(node: fx.Node, e: int) -> fx.Node:
-    """scores_TE of ``scores_TE.transpose(0, 1).reshape(-1, 1)`` / ``.t().unsqueeze(-1)``."""
+    """scores_TE of ``scores_TE.transpose(0, 1).reshape(-1, 1)`` / ``.t().unsqueeze(-1)`` /
+    ``.transpose(0, 1).view(E, B, -1)[..., None]``."""
     node = strip_casts(node)
-    expect(is_op(node, "reshape", "view", "unsqueeze"), "experts' rows are scaled by something other than the [T, E] scores")
-    inner = node.args[0]
-    expect(is_op(inner, "transpose", "t", "permute"), "the [T, E] scores are not transposed to expert-major")
-    scores = inner.args[0]
+    expect(_column_link(node), "experts' rows are scaled by something other than the [T, E] scores")
+    chain = _column_nodes(node)
+    expect(is_op(chain[-1], "transpose", "t", "permute"), "the [T, E] scores are not transposed to expert-major")
+    scores = chain[-1].args[0]
     expect(fake(scores) is not None and fake(scores).dim() == 2 and same_size(fake(scores).shape[1], e),
             f"the scores are not [T, E={e}]")
     return scores
@@ -104,6 +108,9 @@ def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, blo
     # [E, T, H] -> [T, H]: a sum over the expert dim, with the scores applied on the way if not on the input
     total = nearest_downstream(down, lambda n: is_op(n, "sum") and arg(n, 1, "dim") in (0, (0,), [0]))
     expect(total is not None, "expert outputs are not summed over the experts")
+    out_shape = fake(total).shape if fake(total) is not None else ()
+    expect(len(out_shape) == 2 or all(isinstance(d, int) for d in out_shape),
+           f"the experts' sum is {tuple(out_shape)} with symbolic sizes, not [T, H]")
     mul_out = [n for n in _between(down, total) if is_op(n, "mul")]
     if scale is not None:
         expect(not mul_out, "router scores applied both before and after the experts")
@@ -116,6 +123,11 @@ def _region(up_bmm: fx.Node, hidden: fx.Node, e: int, scale: fx.Node | None, blo
         expect(len(columns) == 1, "the expert outputs are not multiplied by the transposed [T, E] scores")
         scores = _scores_column(columns[0], e)
         y_end = next(a for a in weighted.args if a is not columns[0])
+        column = fake(columns[0])
+        expect(column is not None and column.shape[-1] == 1 and fake(y_end) is not None
+               and tuple(column.shape[:-1]) == tuple(fake(y_end).shape[:-1]),
+               "the [T, E] scores are not laid out like the expert outputs they weight")
+        y_end = _unviewed(y_end, down)  # Qwen3-VL's [E, B, S, H] view of [E, T, H]
         post_consumer = weighted
     ids, _ = _sparse_scores(scores)
     t, k = fake(ids).shape
@@ -144,16 +156,25 @@ def _down_bmm(up_bmm: fx.Node) -> fx.Node | None:
 
 
 def _scores_column_node(node) -> bool:
-    """``scores.transpose(0, 1).reshape(-1, 1)``-like (through casts)."""
+    """``scores.transpose(0, 1).reshape(-1, 1)``-like (through casts): views, an unsqueeze or a
+    ``[..., None]`` over the transposed scores."""
     if not isinstance(node, fx.Node):
         return False
     node = strip_casts(node)
-    return is_op(node, "reshape", "view", "unsqueeze") and is_op(node.args[0], "transpose", "t", "permute")
+    return _column_link(node) and is_op(_column_nodes(node)[-1], "transpose", "t", "permute")
+
+
+def _column_link(node: fx.Node) -> bool:
+    """A step of the column: a view, reshape or unsqueeze, or ``[..., None]`` (a trailing new axis)."""
+    if is_op(node, "reshape", "view", "unsqueeze"):
+        return True
+    return is_op(node, "getitem") and node.args[1] in ((Ellipsis, None), (..., None))
 
 
 def _column_nodes(column: fx.Node) -> list[fx.Node]:
+    """The column's steps, from ``column`` back to the transpose (included) or to where they stop."""
     out, node = [], column
-    while not (is_op(node, "transpose", "t", "permute")):
+    while isinstance(node, fx.Node) and _column_link(node):
         out.append(node)
         node = node.args[0]
     return [*out, node]
@@ -170,7 +191,11 @@ def _rows_nodes(view: fx.Node) -> list[fx.Node]:
 
 def _before(total: fx.Node, down: fx.Node) -> fx.Node:
     """The last node before the [E, T, H] view that is summed: what the post-expert code ends with."""
-    node = total.args[0]
+    return _unviewed(total.args[0], down)
+
+
+def _unviewed(node: fx.Node, down: fx.Node) -> fx.Node:
+    """``node`` without the views and reshapes between it and ``down``'s rows."""
     while is_op(node, "view", "reshape") and node is not down:
         node = node.args[0]
     return node

@@ -53,6 +53,9 @@ def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLoweri
         out = proxy(region.base) + out
     if cast and not fold:
         out = out.to(dtype)
+    traced = region.output.meta.get("example_value")
+    if isinstance(traced, torch.Tensor) and traced.dim() != 2:  # [B, S, H] sums (recognizers checked: static)
+        out = out.view(tuple(traced.shape))
     return out.node
 
 
