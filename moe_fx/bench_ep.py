@@ -14,7 +14,9 @@ transformers ``MixtralSparseMoeBlock`` (grouped_mm experts, bf16, the weights an
   (the same compiled graph), otherwise compiled on its own;
 - each of them with CUDA graphs too (``inner_mode="reduce-overhead"``) where tokens/rank <= 128;
 - a bare ``dist.all_to_all_single`` of the bytes an exact dispatch moves (T*K*H bf16 per rank,
-  equal splits).
+  equal splits);
+- with ``--overlap-chunks n ...``, above 128 tokens per rank: AllGather in n overlapped chunks
+  (``config.ep_overlap_chunks``), named "allgather/n", in the split table and the notes.
 
 Each variant is compiled once (``torch._dynamo.reset()`` between token counts) and its output
 checked against the uncompiled layer (bf16 bound of the tests) before it is timed. Times are
