@@ -207,13 +207,14 @@ def explain_case(*, rank: int = 0, world_size: int = 1, config_patch: dict | Non
 
 
 def dynamic_case(*, rank: int = 0, world_size: int = 1, lowering: str, inner: str = "aot_eager",
-                 sizes=((5, 9, 13), (8, 3, 11))) -> dict:
+                 sizes=((5, 9, 13), (8, 3, 11)), config_patch: dict | None = None) -> dict:
     """One compiled model fed three token counts per rank: dynamo's automatic dynamic shapes
     recompile once with a symbolic T; the rewrite must not specialize on it again."""
     model = build_tiny("mixtral")
     torch._dynamo.reset()
     diffs = []
-    with moe_fx.config.patch(lowering=lowering, inner_backend=inner), moe_fx.recording() as graphs, torch.no_grad():
+    settings = {"lowering": lowering, "inner_backend": inner, **(config_patch or {})}
+    with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
         compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
         for t in sizes[rank % len(sizes)]:
             ids = make_input_ids(t, seed=t)

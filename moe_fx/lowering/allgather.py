@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from moe_fx.lowering.base import (
-    Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, size,
+    Dispatched, LocalLowering, Strategy, example_value, arange, inverse_permutation, pad_rows_to, size,
 )
 from moe_fx.lowering.collectives import start_all_gather_rows, start_reduce_scatter_rows, wait
 from moe_fx.runtime.library import capacity_message, check_capacity
@@ -52,7 +51,7 @@ class GatherIssued:
 
     gathered: fx.Proxy  # [ep*C, H + routing columns], read through wait()
     gathered_weights: fx.Proxy | None  # training: the router weights' own all-gather, likewise
-    hidden: int  # H: the routing columns follow
+    hidden: int | fx.Proxy  # H: the routing columns follow
     weights_dtype: torch.dtype
     num_tokens: fx.Proxy | int  # T on this rank
 
@@ -103,9 +102,9 @@ class AllGatherLowering(LocalLowering):
         """The bound's C tokens as ``plan.overlap_chunks`` chunks of ceil(C/n) rows each (padding
         rows route to id -1, which no rank owns); ``join_tokens`` undoes it."""
         n, capacity, rows = self.plan.overlap_chunks, self.plan.capacity_tokens, self._chunk_rows()
-        padding = self._padding(hidden_TH, size(hidden_TH, 0), capacity) + (n * rows - capacity)
-        padded = (_pad_rows(hidden_TH, padding), _pad_rows(topk_ids_TK, padding, -1),
-                  _pad_rows(topk_weights_TK, padding))
+        self._check_bound(hidden_TH, size(hidden_TH, 0), capacity)
+        padded = (pad_rows_to(hidden_TH, n * rows), pad_rows_to(topk_ids_TK, n * rows, -1),
+                  pad_rows_to(topk_weights_TK, n * rows))
         return [tuple(t.narrow(0, i * rows, rows) for t in padded) for i in range(n)]
 
     def join_tokens(self, outs: list[fx.Proxy], num_tokens) -> fx.Proxy:
@@ -118,19 +117,19 @@ class AllGatherLowering(LocalLowering):
         """Pad to the bound and issue the all-gather of the tokens and their routing."""
         capacity = self._chunk_rows() if self.plan.overlap_chunks > 1 else self.plan.capacity_tokens
         num_tokens = size(hidden_TH, 0)
-        padding = self._padding(hidden_TH, num_tokens, capacity)
+        self._check_bound(hidden_TH, num_tokens, capacity)
         # One all-gather moves the tokens and their routing: ids (int32) and weights (fp32 bits,
         # exact for fp32/bf16/fp16) ride as extra columns of the token rows, bit-cast to their dtype.
         # (Two collectives get coalesced into one NCCL group, whose protocol then suits the small
         # one: 30 GB/s for the tokens on 2 H200s.) Padding rows carry id -1, which no rank owns.
         # A training graph gathers the weights on their own: the router's gradient flows through them.
-        dtype, hidden = example_value(hidden_TH).dtype, example_value(hidden_TH).shape[1]
-        columns = [_pad_rows(topk_ids_TK.to(torch.int32), padding, -1)]
+        dtype, hidden = example_value(hidden_TH).dtype, size(hidden_TH, 1)
+        columns = [pad_rows_to(topk_ids_TK.to(torch.int32), capacity, -1)]
         if not self.plan.training:
-            columns.append(_pad_rows(topk_weights_TK.to(torch.float32).view(torch.int32), padding))
+            columns.append(pad_rows_to(topk_weights_TK.to(torch.float32).view(torch.int32), capacity))
         routing = torch.cat(columns, 1) if len(columns) > 1 else columns[0]
-        packed = torch.cat([_pad_rows(hidden_TH, padding), routing.view(dtype)], 1)
-        weights = (start_all_gather_rows(_pad_rows(topk_weights_TK, padding), self.plan)
+        packed = torch.cat([pad_rows_to(hidden_TH, capacity), routing.view(dtype)], 1)
+        weights = (start_all_gather_rows(pad_rows_to(topk_weights_TK, capacity), self.plan)
                    if self.plan.training else None)
         return GatherIssued(gathered=start_all_gather_rows(packed, self.plan), gathered_weights=weights,
                             hidden=hidden, weights_dtype=example_value(topk_weights_TK).dtype, num_tokens=num_tokens)
@@ -176,18 +175,13 @@ class AllGatherLowering(LocalLowering):
     def finish_combine(self, issued: ScatterIssued) -> fx.Proxy:
         return wait(issued.scattered).narrow(0, 0, issued.num_tokens)
 
-    def _padding(self, hidden_TH: fx.Proxy, tokens, capacity: int):
-        """C - T rows of padding; a rank with T > C raises (naming the block) rather than drop rows."""
+    def _check_bound(self, hidden_TH: fx.Proxy, tokens, capacity: int) -> None:
+        """A rank with T > C raises (naming the block) rather than drop rows when padding to C."""
         p = self.ep
         if isinstance(tokens, int):
             check_capacity(p.block, tokens, capacity, p.ep_rank, "allgather")
-            return capacity - tokens
+            return
         message = capacity_message(p.block, "more", capacity, p.ep_rank, "allgather")
         hidden_TH.tracer.create_proxy("call_function", torch.ops.aten._assert_scalar.default,
                                       (tokens <= capacity, message), {})
-        return capacity - tokens
 
-
-def _pad_rows(t: fx.Proxy, rows, value: float = 0) -> fx.Proxy:
-    """``rows`` more rows of ``value`` at the end of 2-D ``t`` (none: ``t`` itself)."""
-    return t if isinstance(rows, int) and rows == 0 else F.pad(t, (0, 0, 0, rows), value=value)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 import moe_fx.runtime  # noqa: F401  (registers torch.ops.moe_fx)
 from moe_fx.runtime.grouped_mm import native_grouped_mm_ok
@@ -213,6 +214,17 @@ def weighted_sum_over_topk(rows_SH: fx.Proxy, topk_weights_TK: fx.Proxy,
     # The width spelled out: a rank with 0 tokens has nothing to infer -1 from.
     out = weighted_SH.view(size(topk_weights_TK, 0), size(topk_weights_TK, 1), size(rows_SH, 1)).sum(dim=1)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def pad_rows_to(t: fx.Proxy, total: int | fx.Proxy, value: float = 0) -> fx.Proxy:
+    """2-D ``t`` padded with rows of ``value`` to ``total`` rows (``t`` itself when it has them).
+    A symbolic row count (dynamic shapes) writes ``t`` over the first rows of a buffer of
+    ``value``: F.pad would need a symbolic pad, which its fake kernel refuses, and a padding
+    size dynamo would specialize at 1."""
+    rows = size(t, 0)
+    if isinstance(rows, int) and isinstance(total, int):
+        return t if rows == total else F.pad(t, (0, 0, 0, total - rows), value=value)
+    return t.new_full((total, size(t, 1)), value).slice_scatter(t, 0, 0, rows)
 
 
 def arange(like: fx.Proxy, n: int | fx.Proxy, dtype: torch.dtype | None = None) -> fx.Proxy:

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from moe_fx.lowering.base import Dispatched, LocalLowering, size
+from moe_fx.lowering.base import Dispatched, LocalLowering, pad_rows_to, size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,5 +64,5 @@ class ReplicatedTokens:
         g = self.tokens
         rows = size(t, 0)
         chunk = (rows + (g.size - 1)) // g.size
-        padded = F.pad(t, (0, 0, 0, chunk * g.size - rows))
+        padded = pad_rows_to(t, chunk * g.size)
         return padded.narrow(0, chunk * g.rank, chunk)
