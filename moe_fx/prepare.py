@@ -359,7 +359,7 @@ def _candidate(module: nn.Module) -> _Candidate | None:
     correction = next((n for n, c in module.named_children()
                        if isinstance(getattr(c, "e_score_correction_bias", None), torch.Tensor)), "")
     return _Candidate(layout=Layout.ROUTED_BLOCK, num_experts=len(experts),
-                      hidden_size=router_linear(module, gate).in_features, gate=gate, experts=name,
+                      hidden_size=_router_linear(module, gate).in_features, gate=gate, experts=name,
                       shared="shared_expert" if shared else "", ungated_shared="" if shared else ungated,
                       correction=correction)
 
@@ -397,7 +397,7 @@ def _router_name(module: nn.Module, num_experts: int, experts: str) -> str:
     return holders[0] if len(inner) == 1 else ""
 
 
-def router_linear(module: nn.Module, gate: str) -> nn.Linear:
+def _router_linear(module: nn.Module, gate: str) -> nn.Linear:
     """The router's nn.Linear: the child ``gate`` itself or the one Linear inside it."""
     child = getattr(module, gate)
     return child if isinstance(child, nn.Linear) else next(m for m in child.modules() if isinstance(m, nn.Linear))
@@ -441,7 +441,7 @@ def _probes(module: nn.Module, cand: _Candidate, dtype: torch.dtype, device, gen
     t = 4 * e
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     if cand.layout is Layout.ROUTED_BLOCK:
-        gate = router_linear(module, cand.gate)
+        gate = _router_linear(module, cand.gate)
         # Hidden states whose router logits favour expert t % E: least squares through the router.
         target = torch.randn(t, e, generator=gen) + 4.0 * F.one_hot(torch.arange(t) % e, e)
         steer = torch.linalg.lstsq(gate.weight.detach().float().cpu(), target.T).solution.T
@@ -511,7 +511,7 @@ def _plans(module: nn.Module, cand: _Candidate) -> list[_Plan]:
         routings.sort(key=lambda r: r != "softmax, top-k")
     if cand.correction:  # tried first: with a zero bias the plain top-k agrees too, but not once it is trained
         routings.sort(key=lambda r: r != _CORRECTED)
-    router = router_linear(module, cand.gate).weight.dtype
+    router = _router_linear(module, cand.gate).weight.dtype
     experts_dtype = next(getattr(module, cand.experts).parameters()).dtype
     return [_Plan(**base, top_k=k, gate=cand.gate, shared=cand.shared, ungated_shared=cand.ungated_shared,
                   correction=cand.correction, routing=r, router_dtype=router if router != experts_dtype else None,
