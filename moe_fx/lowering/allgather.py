@@ -71,7 +71,7 @@ class AllGatherLowering(LocalLowering):
 
     @property
     def overlap_chunks(self) -> int:
-        return self.plan.overlap_chunks if self.plan.capacity_tokens is not None else 1
+        return self.plan.overlap_chunks  # > 1 only with a bound (passes/plan._overlap_chunks)
 
     def dispatch(self, hidden_TH, topk_ids_TK, topk_weights_TK) -> Dispatched:
         if self.plan.capacity_tokens is not None:

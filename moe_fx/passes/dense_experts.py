@@ -168,7 +168,7 @@ def _column_link(node: fx.Node) -> bool:
     """A step of the column: a view, reshape or unsqueeze, or ``[..., None]`` (a trailing new axis)."""
     if is_op(node, "reshape", "view", "unsqueeze"):
         return True
-    return is_op(node, "getitem") and node.args[1] in ((Ellipsis, None), (..., None))
+    return is_op(node, "getitem") and node.args[1] == (Ellipsis, None)
 
 
 def _column_nodes(column: fx.Node) -> list[fx.Node]:

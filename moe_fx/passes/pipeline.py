@@ -13,6 +13,7 @@ import functools
 import torch
 import torch.fx as fx
 
+from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.base import LocalLowering, size
 from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.passes.emit import EmittingTracer
@@ -54,7 +55,11 @@ def emit_region(tracer: EmittingTracer, region: MoERegion, lowering: LocalLoweri
     if cast and not fold:
         out = out.to(dtype)
     traced = region.output.meta.get("example_value")
-    if isinstance(traced, torch.Tensor) and traced.dim() != 2:  # [B, S, H] sums (recognizers checked: static)
+    if isinstance(traced, torch.Tensor) and traced.dim() != 2:  # a [B, S, H] sum (Qwen3-VL's dense experts)
+        if not all(isinstance(d, int) for d in traced.shape):
+            raise UnsupportedMoEError(f"MoE block {region.block!r} ({region.form}): the experts' result is "
+                                      f"{tuple(traced.shape)} with symbolic sizes; moe_fx rewrites only a [T, H] "
+                                      "result or one of static shape")
         out = out.view(tuple(traced.shape))
     return out.node
 
