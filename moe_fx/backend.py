@@ -51,7 +51,7 @@ def recording() -> Iterator[list[RecordedGraph]]:
 def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
     """Dynamo backend: the MoE EP rewrite followed by ``config.inner_backend``."""
     original = copy.deepcopy(gm) if _recorders else None
-    report = moe_ep_pass(gm)
+    report = moe_ep_pass(gm, example_inputs)
     for graphs in _recorders:
         graphs.append(RecordedGraph(original=original, rewritten=gm, report=report))
     # inductor's peak-memory reordering would move a chunk's all-gather after another chunk's

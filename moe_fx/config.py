@@ -113,6 +113,12 @@ collective_timeout_s: float = 30.0
 #   "first_call" the first call of each block only
 rank_check: str = "auto"
 
+# Prove every recognized block on numbers before rewriting it (moe_fx/passes/probe.py): the traced
+# experts code and moe_fx's ep = 1 rewrite run on probe inputs (random states, routings that hit
+# every expert) at compile time and must agree to the dtype's tolerance; a block where they do not
+# is left as traced, with a near-miss. Every rank keeps a block only if every rank's probe agreed.
+probe_check: bool = True
+
 # Rewrite with ep == 1 too (one sorted grouped matmul instead of the traced experts code).
 rewrite_without_ep: bool = True
 

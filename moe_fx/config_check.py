@@ -150,6 +150,7 @@ CHECKS: dict[str, _Check] = {
     "auto_allgather_ep_per_topk": _finite_non_negative,
     "auto_runtime_switch": _bool,
     "rewrite_without_ep": _bool,
+    "probe_check": _bool,
     "collective_timeout_s": _positive_seconds,
     "rank_check": _one_of("auto", "every_call", "first_call"),
     "npu.force": _bool,

@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 
 import moe_fx  # noqa: E402
 from moe_fx.bench_ep import start_process_group  # noqa: E402
+from moe_fx.runtime.comm import destroy_process_group  # noqa: E402
 from tests.ep_jobs import zero_foreign_experts  # noqa: E402
 from tests.tiny_models import build_tiny, make_input_ids  # noqa: E402
 from tests.tolerances import BF16_RTOL, FP32_ATOL  # noqa: E402
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
                 del model
         check.say(f"{check.passed} passed, {check.failed} failed ({time.perf_counter() - started:.0f} s)")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
     return 1 if check.failed else 0
 
 

@@ -19,6 +19,7 @@ from moe_fx.lowering import choose_lowering
 from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
+from moe_fx.passes.probe import ProbeResult, concrete_inputs, prove_region, refusal
 from moe_fx.passes.region import NoMatch
 from moe_fx.passes.render import render_region
 from moe_fx.passes.report import BlockDecision, PassReport
@@ -46,13 +47,17 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     return report
 
 
-def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
-    """Rewrite every MoE experts region of ``gm`` in place into its EP lowering."""
+def moe_ep_pass(gm: fx.GraphModule, example_inputs: list | None = None) -> PassReport:
+    """Rewrite every MoE experts region of ``gm`` in place into its EP lowering. With the graph's
+    real ``example_inputs`` (the backend's), each region is first proven on probe inputs
+    (passes/probe.py, ``config.probe_check``)."""
     analysis = analyze_graph(gm.graph)
     warn_unmatched_overrides([d.region.block for d in analysis.blocks])
+    chosen = [d for d in analysis.blocks if d.plan.ep_size > 1 or config.rewrite_without_ep]
+    if config.probe_check and example_inputs is not None:
+        chosen = _proven(gm, chosen, example_inputs, analysis.misses)
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
-    chosen = [d for d in analysis.blocks if d.plan.ep_size > 1 or config.rewrite_without_ep]
     # the user's spelling comes back wherever no rewritten region holds a respelling
     keep_claimed(analysis.respelled, set().union(*(d.region.nodes for d in chosen)))
     new_nodes: set[fx.Node] = set()
@@ -73,6 +78,38 @@ def moe_ep_pass(gm: fx.GraphModule) -> PassReport:
         gm.graph.lint()
         gm.recompile()
     return report
+
+
+def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: list,
+            misses: list[NoMatch]) -> list[BlockDecision]:
+    """The decisions whose region agrees with its traced code on probe inputs; a near-miss in
+    ``misses`` for each other one."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = concrete_inputs(example_inputs)
+    if not decisions or values is None or len(placeholders) != len(values):
+        return decisions
+    inputs = dict(zip(placeholders, values))
+    results = [_probe(gm, d.region, inputs) for d in decisions]
+    kept = []
+    for decision, result in zip(decisions, results):
+        if result.agreed is False:
+            misses.append(refusal(decision.region, result))
+            counters["moe_fx"]["probe_refused"] += 1
+            continue
+        if result.agreed is None:
+            log.debug("moe_fx: %s rewritten without its probe check: %s", decision.region.block, result.note)
+        else:
+            log.debug("moe_fx: %s agrees with its traced code on probe inputs (%.2g of its largest value)",
+                      decision.region.block, result.worst)
+        kept.append(decision)
+    return kept
+
+
+def _probe(gm: fx.GraphModule, region, inputs: dict) -> ProbeResult:
+    try:
+        return prove_region(gm, region, inputs)
+    except Exception as exc:  # noqa: BLE001 - an evaluation the probe cannot run proves nothing either way
+        return ProbeResult(None, note=f"the probe could not run ({type(exc).__name__}: {exc})")
 
 
 def _report_misses(misses: list[NoMatch]) -> None:

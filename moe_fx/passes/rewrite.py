@@ -43,14 +43,8 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering,
     emitted first (moe_fx/lowering/guard.py)."""
     if unsupported := lowering.unsupported(region):
         raise UnsupportedMoEError(f"MoE block {region.block!r} ({region.form}): {unsupported}")
-    # An accumulator updated in place is replaced after its last update, the rest before the output.
-    insert_before = region.last_update.next if region.last_update is not None else region.output
-    first_new = insert_before.prev
     model_cast = _single_cast_user(region) if lowering.folds_out_dtype else None
-    with graph.inserting_before(insert_before):
-        out = emit_region(EmittingTracer(graph), region, lowering, cast_to=model_cast[1] if model_cast else None,
-                          guard=guard)
-    new_nodes = _nodes_between(first_new, insert_before)
+    out, new_nodes = emit_beside(graph, region, lowering, cast_to=model_cast[1] if model_cast else None, guard=guard)
     created = set(new_nodes)
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in region.nodes)
     if model_cast is not None and dtype_of(out) == model_cast[1]:  # the emitted combine casts already
@@ -62,6 +56,23 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering,
     for node in unused:
         graph.erase_node(node)
     return [n for n in new_nodes if n not in set(unused)]
+
+
+def emit_beside(graph: fx.Graph, region: MoERegion, lowering: LocalLowering, *, cast_to: torch.dtype | None = None,
+                guard: GuardPlan | None = None) -> tuple[fx.Node, list[fx.Node]]:
+    """``region``'s replacement emitted where the rewrite puts it, beside the traced code (no use
+    moves to it): (its output, its nodes in order). An accumulator updated in place is replaced
+    after its last update, the rest before the output."""
+    insert_before = region.last_update.next if region.last_update is not None else region.output
+    first_new = insert_before.prev
+    try:
+        with graph.inserting_before(insert_before):
+            out = emit_region(EmittingTracer(graph), region, lowering, cast_to=cast_to, guard=guard)
+    except BaseException:  # no half-emitted region stays behind
+        for node in reversed(_nodes_between(first_new, insert_before)):
+            graph.erase_node(node)
+        raise
+    return out, _nodes_between(first_new, insert_before)
 
 
 def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:

@@ -114,3 +114,20 @@ def timed_sibling(group: dist.ProcessGroup, timeout_s: float, protocol: str | No
                 os.environ["NCCL_PROTO"] = before
         _own_groups[key] = sibling
     return _own_groups[key]
+
+
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()`` after releasing, on every rank at the same point, what
+    compiled MoE blocks hold on the devices: dynamo's compiled graphs (with their CUDA graphs,
+    which captured collectives of the groups about to be shut down) and moe_fx's symmetric-memory
+    buffers. Call it where every rank has finished its compiled calls."""
+    import gc
+
+    from moe_fx.runtime import symm_mem
+
+    torch._dynamo.reset()
+    symm_mem.release_buffers()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    dist.destroy_process_group()

@@ -72,6 +72,12 @@ def set_transport(transport: Transport) -> None:
     _buffers.clear()
 
 
+def release_buffers() -> None:
+    """Drop the buffers moe_fx allocated (NVSHMEM frees are collective: every rank calls this at
+    the same point, and no compiled graph may use them afterwards)."""
+    _buffers.clear()
+
+
 def transport_name() -> str:
     return _transport.name
 

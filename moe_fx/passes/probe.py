@@ -1,0 +1,279 @@
+"""Proving a recognized region on numbers before it is rewritten.
+
+A recognizer matches a spelling; what it claims is a meaning: the region computes
+``out[t] = base[t] + sum_k w[t, k] * f(x[t]; theta[ids[t, k]])`` with ``f`` and ``theta`` as it
+extracted them. The probe checks that claim at compile time, on the block's own parameters:
+
+- the traced region and the region as moe_fx emits it at ep = 1 (``LocalLowering``: sort, grouped
+  matmul, the extracted activation, weighted unsort) both run eagerly on the same probe inputs:
+  random hidden states of the traced shape (seeded, the same on every rank) and routings forced at
+  the router's ``topk`` (cyclic ids that hit every expert, then random distinct ids, with random
+  positive weights); without a ``topk`` to steer, the router's own choice on the probe states;
+- they must agree to the dtype's tolerance, relative to the largest value of the traced result;
+  otherwise the block is left as traced with a near-miss saying by how much they differed.
+
+The probe inputs are the same on every rank, so ranks holding the same weights reach the same
+verdict without exchanging it (a compile-time collective would hang ranks that compile different
+graphs, e.g. one specialized to a single token). A rank whose verdict differed would leave the
+block as traced while its peers rewrite it; they then fail within ``config.collective_timeout_s``
+(setting up the block's groups, or at its guard) rather than wait (tests/test_probe.py).
+
+Only the region is evaluated: its inputs and the nodes between the router's ``topk`` and the
+experts code, never the model before it. A region that reads an input of the graph other than
+parameters (beyond the states the probe replaces) is evaluated on that input's real value; one
+whose code would write into a graph input is not evaluated (the probe must not touch the model's
+state) and is rewritten as before, with a debug log. So are regions of sharded experts (the
+traced code indexes experts this rank does not hold) and graphs compiled on fake inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from moe_fx.lowering.base import EPPlan, LocalLowering, LoweringPlan, Strategy
+from moe_fx.passes.graph_utils import fake, op_name
+from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.rewrite import emit_beside
+from moe_fx.passes.rowwise import mutates
+
+log = logging.getLogger(__name__)
+
+FORM = "probe"
+MAX_ROUTINGS = 8  # cyclic routings (to hit every expert) plus one random, at most
+_SEED = 20261130
+_VIEWS = ("view", "reshape", "getitem", "narrow", "select", "expand", "permute", "transpose", "unsqueeze",
+          "squeeze", "flatten", "t", "as_strided", "contiguous", "slice", "split", "chunk", "unbind", "to", "type",
+          "float")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One region's verdict: ``agreed`` None when it could not be evaluated (``note`` says why)."""
+
+    agreed: bool | None
+    worst: float = 0.0  # largest |traced - emitted| over the routings, relative to max |traced|
+    tolerance: float = 0.0
+    note: str = ""
+
+
+def tolerance(dtype: torch.dtype, device_type: str) -> float:
+    """Relative tolerance of two implementations of one MoE region in ``dtype`` (tests/tolerances.py's
+    bounds; TF32 matmuls on CUDA loosen fp32's)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return 2e-2
+    if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2e-3
+    return 1e-4
+
+
+def probe_routings(tokens: int, top_k: int, num_experts: int) -> list[torch.Tensor]:
+    """[T, K] expert ids, distinct within each token: cyclic blocks of T*K consecutive experts until
+    every expert was hit (at most MAX_ROUTINGS - 1 of them), then one random routing."""
+    slots = torch.arange(tokens).unsqueeze(1) * top_k + torch.arange(top_k).unsqueeze(0)
+    cyclic = min(MAX_ROUTINGS - 1, max(1, math.ceil(num_experts / max(1, tokens * top_k))))
+    routings = [(slots + shift * tokens * top_k) % num_experts for shift in range(cyclic)]
+    generator = torch.Generator().manual_seed(_SEED)
+    routings.append(torch.rand(tokens, num_experts, generator=generator).argsort(dim=1)[:, :top_k])
+    return routings
+
+
+def prove_region(gm: fx.GraphModule, region: MoERegion, inputs: dict[fx.Node, Any]) -> ProbeResult:
+    """Evaluate ``region`` as traced and as emitted at ep = 1 on probe inputs; compare."""
+    if region.shard is not None:
+        return ProbeResult(None, note="sharded experts: the traced code indexes experts this rank does not hold")
+    source = _view_source(region.hidden)
+    hidden = fake(source)
+    shape = _concrete(hidden.shape) if hidden is not None else None
+    if shape is None:
+        return ProbeResult(None, note="the hidden states have no concrete shape")
+    topk = _router_topk(region.topk_ids)
+    emitted = _emit_local(gm.graph, region)
+    if emitted is None:
+        return ProbeResult(None, note="the ep = 1 lowering does not take this region")
+    out, new_nodes = emitted
+    try:
+        traced_targets = [*region.nodes, region.output]
+        if region.last_update is not None:
+            traced_targets.append(region.last_update)
+        stop = {source: None, **({topk: None} if topk is not None else {})}
+        needed = _needed(traced_targets, stop) | _needed([out], stop)
+        if written := _writes_graph_input(needed):
+            return ProbeResult(None, note=f"the region writes into a graph input ({written.format_node()})")
+        if read := next((n for n in needed if n.op == "placeholder" and n is not source
+                         and not _is_state(n, inputs[n])), None):
+            return ProbeResult(None, note=f"the region reads the graph input {read.name} besides its hidden states")
+        generator = torch.Generator().manual_seed(_SEED)
+        x = torch.randn(shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
+        tol = max(tolerance(region.dtype, hidden.device.type), tolerance(hidden.dtype, hidden.device.type))
+        worst = 0.0
+        tokens = _concrete(fake(region.hidden).shape)[0]
+        routings = probe_routings(tokens, region.top_k, region.num_experts) if topk is not None else [None]
+        evaluator = _Evaluator(gm, inputs)
+        for ids in routings:
+            overrides = {source: x}
+            if ids is not None:
+                overrides[topk] = _forced_topk(topk, ids, x.device, generator)
+            with torch.no_grad():
+                traced = evaluator.run(traced_targets, overrides)[region.output]
+                ours = evaluator.run([out], overrides)[out]
+            traced, ours = traced.float(), ours.float()
+            if traced.shape != ours.shape:
+                return ProbeResult(False, note=f"the rewrite returns {tuple(ours.shape)}, the traced code "
+                                               f"{tuple(traced.shape)}")
+            if not torch.isfinite(traced).all():
+                return ProbeResult(None, note="the traced region is not finite on the probe inputs")
+            scale = traced.abs().max().item() or 1.0
+            worst = max(worst, (traced - ours).abs().max().item() / scale)
+            if not worst <= tol:
+                break
+        return ProbeResult(worst <= tol, worst=worst, tolerance=tol)
+    finally:
+        for node in reversed(new_nodes):
+            gm.graph.erase_node(node)
+
+
+def refusal(region: MoERegion, result: ProbeResult) -> NoMatch:
+    """The near-miss of a region the probe refused."""
+    if result.note:
+        return NoMatch(region.block, FORM, f"the {region.form} match failed its probe check: {result.note}")
+    return NoMatch(region.block, FORM,
+                   f"the {region.form} match is not what the traced code computes: on probe inputs the rewrite "
+                   f"differs from it by {result.worst:.3g} of its largest value (tolerance {result.tolerance:.0e} "
+                   f"for {str(region.dtype).removeprefix('torch.')}); left as traced")
+
+
+class _Evaluator(fx.Interpreter):
+    """Runs the nodes a target needs, in graph order, from the overrides and the graph's inputs."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: dict[fx.Node, Any]):
+        super().__init__(gm)
+        self.inputs = inputs
+
+    def run(self, targets: list[fx.Node], overrides: dict[fx.Node, Any]) -> dict[fx.Node, Any]:  # type: ignore[override]
+        # copies: the code evaluated may write into what it reads, and each run starts afresh
+        self.env = {node: tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+                    for node, value in overrides.items()}
+        for node in sorted(_needed(targets, overrides)):  # fx nodes sort in graph order
+            if node in self.env:
+                continue
+            self.env[node] = self.inputs[node] if node.op == "placeholder" else self.run_node(node)
+        return self.env
+
+
+def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any]) -> set[fx.Node]:
+    """``targets`` and everything they read, not looking past ``stop`` or the graph's inputs, with
+    the in-place ops that write into any of these before the last target (``out.index_add_(...)``,
+    ``rows[idx] = ...``: nothing reads their results, but the targets read what they wrote)."""
+    last = max(targets)
+    seen: set[fx.Node] = set()
+    stack = list(targets)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(u for u in node.users if u < last and mutates(u) and u.args and u.args[0] is node)
+        if node not in stop and node.op not in ("placeholder", "get_attr"):
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _writes_graph_input(needed: set[fx.Node]) -> fx.Node | None:
+    """An in-place op among ``needed`` whose destination is (a view of) a graph input."""
+    for node in needed:
+        if not mutates(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        root = _view_source(node.args[0])
+        if root.op in ("placeholder", "get_attr"):
+            return node
+    return None
+
+
+def _view_source(node: fx.Node) -> fx.Node:
+    """The node ``node`` views (through reshapes, slices, casts), or ``node`` itself."""
+    while node.op not in ("placeholder", "get_attr") and op_name(node) in _VIEWS and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _is_state(node: fx.Node, value: Any) -> bool:
+    """A graph input that is the model's state (parameters, buffers) or a size, not its data."""
+    return (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
+            or "_parameters_" in node.name or "_buffers_" in node.name)
+
+
+def concrete_inputs(example_inputs: list) -> list | None:
+    """The graph's inputs with symbolic sizes replaced by their hints (evaluating on a SymInt would
+    add guards, and with them a recompile), or None for fake tensors (no probe can run on them)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    values = []
+    for value in example_inputs:
+        if isinstance(value, FakeTensor):
+            return None
+        if isinstance(value, torch.SymInt):
+            value = _concrete((value,))
+            if value is None:
+                return None
+            value = value[0]
+        values.append(value)
+    return values
+
+
+def _router_topk(ids: fx.Node) -> fx.Node | None:
+    """The ``topk`` whose indices the region's ids are (through getitem, casts and views)."""
+    node = ids
+    for _ in range(8):
+        if op_name(node) == "topk":
+            return node
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _forced_topk(topk: fx.Node, ids: torch.Tensor, device: torch.device, generator: torch.Generator):
+    """(values, indices) for ``topk``: positive weights in descending order, and ``ids``."""
+    values_fake = _fake_item(topk, 0)
+    indices_fake = _fake_item(topk, 1)
+    weights = torch.rand(ids.shape, generator=generator).mul(0.9).add(0.1).sort(dim=1, descending=True).values
+    values = weights.to(device=device, dtype=values_fake.dtype if values_fake is not None else torch.float32)
+    indices = ids.to(device=device, dtype=indices_fake.dtype if indices_fake is not None else torch.int64)
+    return torch.return_types.topk((values, indices))
+
+
+def _fake_item(node: fx.Node, index: int) -> torch.Tensor | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, (tuple, list)) and len(value) > index and isinstance(value[index], torch.Tensor):
+        return value[index]
+    return None
+
+
+def _emit_local(graph: fx.Graph, region: MoERegion) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The region as the ep = 1 lowering emits it, beside the traced code."""
+    plan = LoweringPlan(ep=EPPlan(block=region.block, num_experts=region.num_experts), strategy=Strategy.LOCAL,
+                        top_k=1 if region.weights_on_input else region.top_k, device_type=fake(region.hidden).device.type)
+    lowering = LocalLowering(plan)
+    return None if lowering.unsupported(region) else emit_beside(graph, region, lowering)
+
+
+def _concrete(shape) -> tuple[int, ...] | None:
+    """``shape`` with symbolic sizes replaced by their hints; None where a size has none."""
+    sizes = []
+    for size in shape:
+        if isinstance(size, int):
+            sizes.append(size)
+            continue
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        if not isinstance(hint, int):
+            return None
+        sizes.append(hint)
+    return tuple(sizes)
