@@ -19,7 +19,7 @@ from moe_fx.lowering import choose_lowering
 from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
-from moe_fx.passes.probe import ProbeResult, concrete_inputs, prove_region, refusal
+from moe_fx.passes.probe import ProbeResult, RegionEvaluator, concrete_inputs, prove_region, refusal
 from moe_fx.passes.region import NoMatch
 from moe_fx.passes.render import render_region
 from moe_fx.passes.report import BlockDecision, PassReport
@@ -88,8 +88,8 @@ def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: 
     values = concrete_inputs(example_inputs)
     if not decisions or values is None or len(placeholders) != len(values):
         return decisions
-    inputs = dict(zip(placeholders, values))
-    results = [_probe(gm, d.region, inputs) for d in decisions]
+    evaluator = RegionEvaluator(gm, dict(zip(placeholders, values)))
+    results = [_probe(evaluator, d.region) for d in decisions]
     kept = []
     for decision, result in zip(decisions, results):
         if result.agreed is False:
@@ -105,9 +105,9 @@ def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: 
     return kept
 
 
-def _probe(gm: fx.GraphModule, region, inputs: dict) -> ProbeResult:
+def _probe(evaluator: RegionEvaluator, region) -> ProbeResult:
     try:
-        return prove_region(gm, region, inputs)
+        return prove_region(evaluator, region)
     except Exception as exc:  # noqa: BLE001 - an evaluation the probe cannot run proves nothing either way
         return ProbeResult(None, note=f"the probe could not run ({type(exc).__name__}: {exc})")
 

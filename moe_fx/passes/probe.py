@@ -18,17 +18,17 @@ graphs, e.g. one specialized to a single token). A rank whose verdict differed w
 block as traced while its peers rewrite it; they then fail within ``config.collective_timeout_s``
 (setting up the block's groups, or at its guard) rather than wait (tests/test_probe.py).
 
-Only the region is evaluated: its inputs and the nodes between the router's ``topk`` and the
-experts code, never the model before it. A region that reads an input of the graph other than
-parameters (beyond the states the probe replaces) is evaluated on that input's real value; one
-whose code would write into a graph input is not evaluated (the probe must not touch the model's
-state) and is rewritten as before, with a debug log. So are regions of sharded experts (the
-traced code indexes experts this rank does not hold) and graphs compiled on fake inputs.
+Only the region is evaluated: the nodes from the hidden states (the tensor the region's rows are
+a view of, which the router may read too) and the router's ``topk`` to the experts' result, never
+the model before them. Rewritten without the check, with a debug log saying why: a region whose
+code reads a graph input other than the model's parameters and buffers (the model before it
+would have to run), or writes into a graph input (the probe must not touch the model's state);
+sharded experts (the traced code indexes experts this rank does not hold); graphs compiled on
+fake inputs; and a probe that cannot run.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +42,6 @@ from moe_fx.passes.graph_utils import fake, op_name
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import emit_beside
 from moe_fx.passes.rowwise import mutates
-
-log = logging.getLogger(__name__)
 
 FORM = "probe"
 MAX_ROUTINGS = 8  # cyclic routings (to hit every expert) plus one random, at most
@@ -84,8 +82,9 @@ def probe_routings(tokens: int, top_k: int, num_experts: int) -> list[torch.Tens
     return routings
 
 
-def prove_region(gm: fx.GraphModule, region: MoERegion, inputs: dict[fx.Node, Any]) -> ProbeResult:
+def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
     """Evaluate ``region`` as traced and as emitted at ep = 1 on probe inputs; compare."""
+    gm, inputs = evaluator.module, evaluator.inputs
     if region.shard is not None:
         return ProbeResult(None, note="sharded experts: the traced code indexes experts this rank does not hold")
     source = _view_source(region.hidden)
@@ -103,7 +102,7 @@ def prove_region(gm: fx.GraphModule, region: MoERegion, inputs: dict[fx.Node, An
         if region.last_update is not None:
             traced_targets.append(region.last_update)
         stop = {source: None, **({topk: None} if topk is not None else {})}
-        needed = _needed(traced_targets, stop) | _needed([out], stop)
+        needed = _needed(traced_targets, stop) | _needed([out], stop, region.nodes)
         if written := _writes_graph_input(needed):
             return ProbeResult(None, note=f"the region writes into a graph input ({written.format_node()})")
         if read := next((n for n in needed if n.op == "placeholder" and n is not source
@@ -113,16 +112,17 @@ def prove_region(gm: fx.GraphModule, region: MoERegion, inputs: dict[fx.Node, An
         x = torch.randn(shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
         tol = max(tolerance(region.dtype, hidden.device.type), tolerance(hidden.dtype, hidden.device.type))
         worst = 0.0
-        tokens = _concrete(fake(region.hidden).shape)[0]
-        routings = probe_routings(tokens, region.top_k, region.num_experts) if topk is not None else [None]
-        evaluator = _Evaluator(gm, inputs)
+        rows = _concrete(fake(region.hidden).shape)
+        if rows is None:
+            return ProbeResult(None, note="the hidden states have no concrete shape")
+        routings = probe_routings(rows[0], region.top_k, region.num_experts) if topk is not None else [None]
         for ids in routings:
             overrides = {source: x}
             if ids is not None:
                 overrides[topk] = _forced_topk(topk, ids, x.device, generator)
             with torch.no_grad():
                 traced = evaluator.run(traced_targets, overrides)[region.output]
-                ours = evaluator.run([out], overrides)[out]
+                ours = evaluator.run([out], overrides, region.nodes)[out]
             traced, ours = traced.float(), ours.float()
             if traced.shape != ours.shape:
                 return ProbeResult(False, note=f"the rewrite returns {tuple(ours.shape)}, the traced code "
@@ -149,28 +149,32 @@ def refusal(region: MoERegion, result: ProbeResult) -> NoMatch:
                    f"for {str(region.dtype).removeprefix('torch.')}); left as traced")
 
 
-class _Evaluator(fx.Interpreter):
-    """Runs the nodes a target needs, in graph order, from the overrides and the graph's inputs."""
+class RegionEvaluator(fx.Interpreter):
+    """Runs the nodes a target needs, in graph order, from the overrides and the graph's inputs
+    (one per graph: an Interpreter's set-up reads the whole module)."""
 
     def __init__(self, gm: fx.GraphModule, inputs: dict[fx.Node, Any]):
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)  # run() keeps its own env
         self.inputs = inputs
 
-    def run(self, targets: list[fx.Node], overrides: dict[fx.Node, Any]) -> dict[fx.Node, Any]:  # type: ignore[override]
+    def run(self, targets: list[fx.Node], overrides: dict[fx.Node, Any],  # type: ignore[override]
+            replaced: frozenset[fx.Node] = frozenset()) -> dict[fx.Node, Any]:
         # copies: the code evaluated may write into what it reads, and each run starts afresh
         self.env = {node: tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
                     for node, value in overrides.items()}
-        for node in sorted(_needed(targets, overrides)):  # fx nodes sort in graph order
+        for node in sorted(_needed(targets, overrides, replaced)):  # fx nodes sort in graph order
             if node in self.env:
                 continue
             self.env[node] = self.inputs[node] if node.op == "placeholder" else self.run_node(node)
         return self.env
 
 
-def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any]) -> set[fx.Node]:
+def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any], replaced: frozenset[fx.Node] = frozenset()) -> set[fx.Node]:
     """``targets`` and everything they read, not looking past ``stop`` or the graph's inputs, with
     the in-place ops that write into any of these before the last target (``out.index_add_(...)``,
-    ``rows[idx] = ...``: nothing reads their results, but the targets read what they wrote)."""
+    ``rows[idx] = ...``: nothing reads their results, but the targets read what they wrote), except
+    those of the ``replaced`` code (the traced experts code, for the rewrite: it accumulates into
+    the shared expert's output, which the rewrite reads before)."""
     last = max(targets)
     seen: set[fx.Node] = set()
     stack = list(targets)
@@ -179,7 +183,8 @@ def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any]) -> set[fx.Node]:
         if node in seen:
             continue
         seen.add(node)
-        stack.extend(u for u in node.users if u < last and mutates(u) and u.args and u.args[0] is node)
+        stack.extend(u for u in node.users
+                     if u < last and u not in replaced and mutates(u) and u.args and u.args[0] is node)
         if node not in stop and node.op not in ("placeholder", "get_attr"):
             stack.extend(node.all_input_nodes)
     return seen
