@@ -202,11 +202,19 @@ def _writes_graph_input(needed: set[fx.Node]) -> fx.Node | None:
 
 
 def _view_source(node: fx.Node) -> fx.Node:
-    """The node ``node`` views (through reshapes, slices, casts), or ``node`` itself."""
+    """The node ``node`` views (through reshapes, slices, casts), or ``node`` itself. Indexing by a
+    tensor (``x[perm]``) copies: it ends the walk."""
     while node.op not in ("placeholder", "get_attr") and op_name(node) in _VIEWS and node.args \
-            and isinstance(node.args[0], fx.Node):
+            and isinstance(node.args[0], fx.Node) and not _indexes_by_tensor(node):
         node = node.args[0]
     return node
+
+
+def _indexes_by_tensor(node: fx.Node) -> bool:
+    if op_name(node) != "getitem" or len(node.args) < 2:
+        return False
+    index = node.args[1]
+    return any(isinstance(i, fx.Node) for i in (index if isinstance(index, (tuple, list)) else (index,)))
 
 
 def _is_state(node: fx.Node, value: Any) -> bool:
