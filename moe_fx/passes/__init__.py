@@ -20,7 +20,7 @@ from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
 from moe_fx.passes.probe import ProbeResult, RegionEvaluator, concrete_inputs, prove_region, refusal
-from moe_fx.passes.region import NoMatch
+from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.render import render_region
 from moe_fx.passes.report import BlockDecision, PassReport
 from moe_fx.passes.rewrite import rewrite_region
@@ -105,7 +105,7 @@ def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: 
     return kept
 
 
-def _probe(evaluator: RegionEvaluator, region) -> ProbeResult:
+def _probe(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
     try:
         return prove_region(evaluator, region)
     except Exception as exc:  # noqa: BLE001 - an evaluation the probe cannot run proves nothing either way

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -121,9 +122,7 @@ def destroy_process_group() -> None:
     compiled MoE blocks hold on the devices: dynamo's compiled graphs (with their CUDA graphs,
     which captured collectives of the groups about to be shut down) and moe_fx's symmetric-memory
     buffers. Call it where every rank has finished its compiled calls."""
-    import gc
-
-    from moe_fx.runtime import symm_mem
+    from moe_fx.runtime import symm_mem  # here: symm_mem imports this module
 
     torch._dynamo.reset()
     symm_mem.release_buffers()
