@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from moe_fx.lowering.base import EPPlan, LocalLowering, LoweringPlan, Strategy
-from moe_fx.passes.graph_utils import fake, op_name
+from moe_fx.passes.graph_utils import fake, is_graph_input, op_name
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import emit_beside
 from moe_fx.passes.rowwise import mutates
@@ -185,7 +185,7 @@ def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any], replaced: frozense
         seen.add(node)
         stack.extend(u for u in node.users
                      if u < last and u not in replaced and mutates(u) and u.args and u.args[0] is node)
-        if node not in stop and node.op not in ("placeholder", "get_attr"):
+        if node not in stop and not is_graph_input(node):
             stack.extend(node.all_input_nodes)
     return seen
 
@@ -196,7 +196,7 @@ def _writes_graph_input(needed: set[fx.Node]) -> fx.Node | None:
         if not mutates(node) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         root = _view_source(node.args[0])
-        if root.op in ("placeholder", "get_attr"):
+        if is_graph_input(root):
             return node
     return None
 
@@ -204,7 +204,7 @@ def _writes_graph_input(needed: set[fx.Node]) -> fx.Node | None:
 def _view_source(node: fx.Node) -> fx.Node:
     """The node ``node`` views (through reshapes, slices, casts), or ``node`` itself. Indexing by a
     tensor (``x[perm]``) copies: it ends the walk."""
-    while node.op not in ("placeholder", "get_attr") and op_name(node) in _VIEWS and node.args \
+    while not is_graph_input(node) and op_name(node) in _VIEWS and node.args \
             and isinstance(node.args[0], fx.Node) and not _indexes_by_tensor(node):
         node = node.args[0]
     return node
