@@ -110,6 +110,12 @@ class ExplainReport:
     __str__ = table
 
 
+_GENERIC = ("no recognizer matched the block of the router {router}; the generic path delimited its code ({nodes} "
+            "nodes from the router's top-k to its [T, H] result). Under an expert-parallel group the backend "
+            "rewrites it (AllGather; the block's own code on the gathered rows, other ranks' slots dropped) if its "
+            "probe check passes at compile time; explain() does not run the probe. At ep = 1 it stays as traced.")
+
+
 def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     """Report every MoE block of ``model_or_fn(*args, **kwargs)`` and every near-miss."""
     if isinstance(model_or_fn, torch.nn.Module):
@@ -249,6 +255,9 @@ def _add_graph(report: ExplainReport, analysis: PassReport, params: dict[str, to
         )
     for miss in analysis.misses:
         report.near_misses.append(NearMissRow(block=miss.block, form=miss.form, reason=miss.reason))
+    for region in analysis.generic:
+        report.near_misses.append(NearMissRow(block=region.block, form=region.form, reason=_GENERIC.format(
+            router=region.router, nodes=len(region.nodes))))
 
 
 def _format_bytes(n: int) -> str:

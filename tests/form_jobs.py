@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import moe_fx
-from tests import form_modules, handwritten_forms
+from tests import form_modules, generic_forms, handwritten_forms
 from tests.ep_jobs import _compile_and_run, _diff, hf_model_case, rank_and_size
 
 HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K = 16, 8, 4, 2
@@ -15,7 +15,7 @@ TOKENS_PER_RANK = (7, 12, 3, 9)
 
 def build_form(cls_name: str, *, dtype: str = "float32", seed: int = 0, **module_kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cls = getattr(form_modules, cls_name, None) or getattr(handwritten_forms, cls_name)
+    cls = next(getattr(m, cls_name) for m in (form_modules, handwritten_forms, generic_forms) if hasattr(m, cls_name))
     return cls(HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, **module_kw).to(getattr(torch, dtype))
 
 

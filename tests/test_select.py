@@ -99,10 +99,10 @@ def test_large_static_exchanges_take_the_bulk_protocol_group(monkeypatch, strate
         (group, timeout_s, protocol)) or type("G", (), {"group_name": "bulk"}))
     region = type("Region", (), {"top_k": 8, "hidden_size": hidden, "dtype": torch.bfloat16})
     ep = EPPlan(block="b", num_experts=16, ep_size=2, ep_rank=0, group_name="ep")
-    got = plan_module._exchange_group(ep, region, strategy, capacity, device)
+    got = plan_module.exchange_group(ep, region, strategy, capacity, device)
     assert got.group_name == ("bulk" if bulk else "ep") and asked == ([("ep", 30.0, "Simple")] if bulk else [])
     with moe_fx.config.patch(ep_nccl_protocol=None):
-        assert plan_module._exchange_group(ep, region, strategy, capacity, device) is ep
+        assert plan_module.exchange_group(ep, region, strategy, capacity, device) is ep
 
 
 @pytest.mark.parametrize("strategy,capacity", [(Strategy.ALLGATHER, 8), (Strategy.ALLGATHER, None), (Strategy.MC2, 8),
@@ -119,8 +119,8 @@ def test_cpu_exchanges_take_a_group_with_moe_fx_timeout(monkeypatch, strategy, c
         (group, timeout_s, protocol)) or type("G", (), {"group_name": "timed"}))
     region = type("Region", (), {"top_k": 2, "hidden_size": 16, "dtype": torch.float32})
     with moe_fx.config.patch(collective_timeout_s=7.5):
-        got = plan_module._exchange_group(EPPlan(block="b", num_experts=4, ep_size=2, ep_rank=0, group_name="ep"),
+        got = plan_module.exchange_group(EPPlan(block="b", num_experts=4, ep_size=2, ep_rank=0, group_name="ep"),
                                           region, strategy, capacity, "cpu")
     assert got.group_name == "timed" and asked == [("ep", 7.5, None)]
     one = EPPlan(block="b", num_experts=4, ep_size=1, ep_rank=0, group_name="ep")
-    assert plan_module._exchange_group(one, region, strategy, capacity, "cpu") is one
+    assert plan_module.exchange_group(one, region, strategy, capacity, "cpu") is one

@@ -136,15 +136,8 @@ class AllGatherLowering(LocalLowering):
 
     def finish_dispatch(self, issued: GatherIssued) -> StaticGatherDispatched:
         """Await the all-gather and group the rows routed to this rank's experts."""
-        p, k, hidden = self.ep, self.plan.top_k, issued.hidden
-        gathered = wait(issued.gathered)  # [ep*C, H + routing columns]
-        x_all = gathered.narrow(1, 0, hidden)
-        routing = gathered.narrow(1, hidden, size(gathered, 1) - hidden).contiguous().view(torch.int32)
-        ids_TK = routing.narrow(1, 0, k)
-        if issued.gathered_weights is not None:
-            weights_TK = wait(issued.gathered_weights)
-        else:
-            weights_TK = routing.narrow(1, k, k).contiguous().view(torch.float32).to(issued.weights_dtype)
+        p, k = self.ep, self.plan.top_k
+        x_all, ids_TK, weights_TK = self.gathered(issued)
         local_id = ids_TK - p.expert_start
         local_TK = (local_id >= 0) & (local_id < p.num_local_experts)
         # Other ranks' slots sort after every local expert (key e) and are excluded from offsets.
@@ -162,6 +155,20 @@ class AllGatherLowering(LocalLowering):
             tokens=rows, offsets=offsets, expert_ids=expert_ids, order=order, local_TK=local_TK,
             weights_TK=weights_TK, num_tokens=issued.num_tokens,
         )
+
+    def gathered(self, issued: GatherIssued) -> tuple[fx.Proxy, fx.Proxy, fx.Proxy]:
+        """Await the all-gather: every rank's padded tokens [ep*C, H], expert ids [ep*C, K] (int32;
+        padding rows -1) and router weights [ep*C, K], rank-major."""
+        k, hidden = self.plan.top_k, issued.hidden
+        gathered = wait(issued.gathered)  # [ep*C, H + routing columns]
+        x_all = gathered.narrow(1, 0, hidden)
+        routing = gathered.narrow(1, hidden, size(gathered, 1) - hidden).contiguous().view(torch.int32)
+        ids_TK = routing.narrow(1, 0, k)
+        if issued.gathered_weights is not None:
+            weights_TK = wait(issued.gathered_weights)
+        else:
+            weights_TK = routing.narrow(1, k, k).contiguous().view(torch.float32).to(issued.weights_dtype)
+        return x_all, ids_TK, weights_TK
 
     def start_combine(self, out_RH, dispatched: StaticGatherDispatched, topk_weights_TK,
                       out_dtype=None) -> ScatterIssued:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
@@ -15,13 +16,18 @@ from torch._dynamo.utils import counters
 from moe_fx import config
 from moe_fx.config_check import check_config, warn_unmatched_overrides
 from moe_fx.errors import UnsupportedMoEError
-from moe_fx.lowering import choose_lowering
+from moe_fx.lowering import LoweringChoice, choose_lowering
+from moe_fx.lowering.base import LoweringPlan
 from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes.find import find_moe_regions
+from moe_fx.passes.generic import GenericRegion, find_generic, plan_generic, rewrite_generic
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
-from moe_fx.passes.probe import ProbeResult, RegionEvaluator, concrete_inputs, prove_region, refusal
+from moe_fx.passes.probe import (
+    ProbeResult, RegionEvaluator, concrete_inputs, generic_refusal, prove_generic, prove_region, refusal,
+)
 from moe_fx.passes.region import MoERegion, NoMatch
-from moe_fx.passes.render import render_region
+from moe_fx.passes.unclaimed import FORM as UNCLAIMED
+from moe_fx.passes.render import render_nodes, render_region
 from moe_fx.passes.report import BlockDecision, PassReport
 from moe_fx.passes.rewrite import rewrite_region
 from moe_fx.passes.shard_checks import check_shard_matches_group, check_sharded_params_rewritten
@@ -38,7 +44,12 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     check_config()
     respelled = canonicalize(graph)
     regions, misses = find_moe_regions(graph)
-    report = PassReport(misses=misses, respelled=respelled)
+    delimited = find_generic(graph, regions)
+    generic = [g for g in delimited if isinstance(g, GenericRegion)]
+    # a block the generic path looked at is described by it, not by the unrecognized-router line
+    misses = [m for m in misses if not (m.form == UNCLAIMED and any(_inside(m.block, g.block) for g in delimited))]
+    misses += [g for g in delimited if isinstance(g, NoMatch)]
+    report = PassReport(misses=misses, respelled=respelled, generic=generic)
     for region in regions:
         plan = ep_plan(region)
         check_shard_matches_group(region, plan)
@@ -54,13 +65,27 @@ def moe_ep_pass(gm: fx.GraphModule, example_inputs: list | None = None) -> PassR
     analysis = analyze_graph(gm.graph)
     warn_unmatched_overrides([d.region.block for d in analysis.blocks])
     chosen = [d for d in analysis.blocks if d.plan.ep_size > 1 or config.rewrite_without_ep]
-    if config.probe_check and example_inputs is not None:
-        chosen = _proven(gm, chosen, example_inputs, analysis.misses)
+    evaluator = _evaluator(gm, example_inputs) if config.probe_check and example_inputs is not None else None
+    if evaluator is not None:
+        chosen = _proven(evaluator, chosen, analysis.misses)
+    generic = _proven_generic(evaluator, analysis.generic, analysis.misses)
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
     # the user's spelling comes back wherever no rewritten region holds a respelling
-    keep_claimed(analysis.respelled, set().union(*(d.region.nodes for d in chosen)))
+    keep_claimed(analysis.respelled, set().union(*(d.region.nodes for d in chosen), *(set(g.region.nodes) for g in generic)))
     new_nodes: set[fx.Node] = set()
+    for decision in generic:
+        region = decision.region
+        guard = guard_plan(region, decision.plan_, decision.choice)
+        region_nodes = rewrite_generic(gm.graph, region, decision.plan_, guard)
+        check_only_ops(region_nodes, region.block)
+        new_nodes.update(region_nodes)
+        report.blocks.append(BlockDecision(region=region, plan=decision.plan_.ep, choice=decision.choice,
+                                           rendering=render_nodes(region_nodes), output=region_nodes[-1]))
+        counters["moe_fx"]["regions_rewritten"] += 1
+        counters["moe_fx"]["lowering_generic"] += 1
+        log.info("moe_fx: rewrote %s (generic: no recognizer matched; proven on probe inputs) with AllGather",
+                 region.block)
     for decision in chosen:
         plan = lowering_plan(decision.region, decision.plan, decision.choice)
         lowering = make_lowering(decision.region, plan)
@@ -80,16 +105,19 @@ def moe_ep_pass(gm: fx.GraphModule, example_inputs: list | None = None) -> PassR
     return report
 
 
-def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: list,
-            misses: list[NoMatch]) -> list[BlockDecision]:
-    """The decisions whose region agrees with its traced code on probe inputs; a near-miss in
-    ``misses`` for each other one."""
+def _evaluator(gm: fx.GraphModule, example_inputs: list) -> RegionEvaluator | None:
+    """The probe's evaluator of ``gm`` on its real inputs; None on fake ones."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = concrete_inputs(example_inputs)
-    if not decisions or values is None or len(placeholders) != len(values):
-        return decisions
-    evaluator = RegionEvaluator(gm, dict(zip(placeholders, values)))
-    results = [_probe(evaluator, d.region) for d in decisions]
+    if values is None or len(placeholders) != len(values):
+        return None
+    return RegionEvaluator(gm, dict(zip(placeholders, values)))
+
+
+def _proven(evaluator: RegionEvaluator, decisions: list[BlockDecision], misses: list[NoMatch]) -> list[BlockDecision]:
+    """The decisions whose region agrees with its traced code on probe inputs; a near-miss in
+    ``misses`` for each other one."""
+    results = [_probe(lambda: prove_region(evaluator, d.region)) for d in decisions]
     kept = []
     for decision, result in zip(decisions, results):
         if result.agreed is False:
@@ -105,9 +133,50 @@ def _proven(gm: fx.GraphModule, decisions: list[BlockDecision], example_inputs: 
     return kept
 
 
-def _probe(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
+@dataclasses.dataclass(frozen=True)
+class _GenericDecision:
+    region: GenericRegion
+    plan_: LoweringPlan
+    choice: LoweringChoice
+
+
+def _proven_generic(evaluator: RegionEvaluator | None, candidates: list[GenericRegion],
+                    misses: list[NoMatch]) -> list[_GenericDecision]:
+    """The generic candidates to rewrite: planned under an EP group and proven on probe inputs.
+    Each other one gets a near-miss saying why; a rewritten block's recognizers' near-misses go."""
+    kept = []
+    for region in candidates:
+        ep = ep_plan(region)
+        planned = plan_generic(region, ep) if ep.ep_size > 1 else (
+            "ep = 1: nothing to distribute, the block stays as traced (under an expert-parallel group it is "
+            "rewritten with AllGather once its probe check passes)")
+        if isinstance(planned, str):
+            misses.append(generic_refusal(region, ProbeResult(None, note=planned)))
+            continue
+        plan, choice = planned
+        if evaluator is None:
+            result = ProbeResult(None, note="the generic path rewrites only blocks its probe check proves, and it "
+                                            "cannot run here (moe_fx.config.probe_check is off, or the graph's "
+                                            "inputs are fake)")
+        else:
+            result = _probe(lambda: prove_generic(evaluator, region, ep.ep_size, plan.capacity_tokens))
+        if not result.agreed:
+            misses.append(generic_refusal(region, result))
+            counters["moe_fx"]["probe_refused"] += result.agreed is False
+            continue
+        misses[:] = [m for m in misses if not _inside(m.block, region.block)]
+        kept.append(_GenericDecision(region, plan, choice))
+    return kept
+
+
+def _inside(block: str, outer: str) -> bool:
+    """Whether module ``block`` is ``outer`` or inside it (every module is inside the root)."""
+    return outer == "<root module>" or block == outer or block.startswith(outer + ".")
+
+
+def _probe(prove: Callable[[], ProbeResult]) -> ProbeResult:
     try:
-        return prove_region(evaluator, region)
+        return prove()
     except Exception as exc:  # noqa: BLE001 - an evaluation the probe cannot run proves nothing either way
         return ProbeResult(None, note=f"the probe could not run ({type(exc).__name__}: {exc})")
 

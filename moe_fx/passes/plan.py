@@ -78,7 +78,7 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
     device_type, cuda_graphs, training = _device_type(region), _records_cuda_graphs(), _training(region)
-    ep = _exchange_group(ep, region, choice.strategy, capacity, device_type)
+    ep = exchange_group(ep, region, choice.strategy, capacity, device_type)
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
         transport=_mc2_transport(region, ep, choice.strategy, device_type, cuda_graphs), device_type=device_type,
@@ -118,7 +118,7 @@ def make_lowering(region: MoERegion, plan: LoweringPlan) -> LocalLowering:
     return lowering
 
 
-def _exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: int | None,
+def exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: int | None,
                     device_type: str) -> EPPlan:
     """The group the strategy's collectives run on: a communicator of moe_fx's own over the EP
     ranks that fails after ``config.collective_timeout_s`` (moe_fx/runtime/comm.timed_sibling), so a
@@ -249,4 +249,4 @@ def _nodes(value) -> list[fx.Node]:
     return list(value) if isinstance(value, tuple) else [value]
 
 
-__all__ = ["block_facts", "ep_plan", "guard_plan", "lowering_plan", "make_lowering", "token_group", "token_layout"]
+__all__ = ["block_facts", "ep_plan", "exchange_group", "guard_plan", "lowering_plan", "make_lowering", "token_group", "token_layout"]

@@ -36,19 +36,19 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_fx.lowering.base import EPPlan, LocalLowering, LoweringPlan, Strategy
+from moe_fx.passes.dataflow import needed, view_source
+from moe_fx.passes.generic import GenericRegion, drop_foreign_slots
 from moe_fx.passes.graph_utils import fake, is_graph_input, op_name
 from moe_fx.passes.region import MoERegion, NoMatch
-from moe_fx.passes.rewrite import emit_beside
+from moe_fx.passes.rewrite import emit_beside, nodes_between
 from moe_fx.passes.rowwise import mutates
 
 FORM = "probe"
 MAX_ROUTINGS = 8  # cyclic routings (to hit every expert) plus one random, at most
 _SEED = 20261130
-_VIEWS = ("view", "reshape", "getitem", "narrow", "select", "expand", "permute", "transpose", "unsqueeze",
-          "squeeze", "flatten", "t", "as_strided", "contiguous", "slice", "split", "chunk", "unbind", "to", "type",
-          "float")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
     gm, inputs = evaluator.module, evaluator.inputs
     if region.shard is not None:
         return ProbeResult(None, note="sharded experts: the traced code indexes experts this rank does not hold")
-    source = _view_source(region.hidden)
+    source = view_source(region.hidden)
     hidden = fake(source)
     shape = _concrete(hidden.shape) if hidden is not None else None
     if shape is None:
@@ -102,10 +102,10 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
         if region.last_update is not None:
             traced_targets.append(region.last_update)
         stop = {source: None, **({topk: None} if topk is not None else {})}
-        needed = _needed(traced_targets, stop) | _needed([out], stop, region.nodes)
-        if written := _writes_graph_input(needed):
+        evaluated = needed(traced_targets, stop) | needed([out], stop, region.nodes)
+        if written := _writes_graph_input(evaluated):
             return ProbeResult(None, note=f"the region writes into a graph input ({written.format_node()})")
-        if read := next((n for n in needed if n.op == "placeholder" and n is not source
+        if read := next((n for n in evaluated if n.op == "placeholder" and n is not source
                          and not _is_state(n, inputs[n])), None):
             return ProbeResult(None, note=f"the region reads the graph input {read.name} besides its hidden states")
         generator = torch.Generator().manual_seed(_SEED)
@@ -139,6 +139,87 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
             gm.graph.erase_node(node)
 
 
+def prove_generic(evaluator: RegionEvaluator, region: GenericRegion, ep_size: int, capacity: int) -> ProbeResult:
+    """Run the generic rewrite of ``region`` (passes/generic.py) for each of ``ep_size`` ranks on
+    probe inputs, as it will run: every rank's probe tokens and routing padded to ``capacity``
+    rows and gathered, the block's code copied onto them with other ranks' slots dropped. The sum
+    over ranks must equal the traced block on each rank's tokens, and the ranks together may
+    compute at most 1.25x the traced block's matmul FLOPs (a block that computes every expert for
+    every token, whatever the routing, would gain nothing and cost ep x more)."""
+    graph = evaluator.module.graph
+    source = view_source(region.hidden)
+    shape = _concrete(fake(source).shape)
+    targets = [region.output, *([region.last_update] if region.last_update is not None else [])]
+    stop = {source: None, region.topk: None}
+    evaluated = needed(targets, stop)
+    if written := _writes_graph_input(evaluated):
+        return ProbeResult(None, note=f"the block writes into a graph input ({written.format_node()})")
+    if read := next((n for n in evaluated if n.op == "placeholder" and n is not source
+                     and not _is_state(n, evaluator.inputs[n])), None):
+        return ProbeResult(None, note=f"the block reads the graph input {read.name} besides its hidden states")
+    insert_before = region.last_update.next if region.last_update is not None else region.output
+    first_new = insert_before.prev
+    with graph.inserting_before(insert_before):
+        out = region.replay(graph, region.hidden, region.ids, region.values, ep_size * capacity)
+    copied = nodes_between(first_new, insert_before)
+    try:
+        return _compare_generic(evaluator, region, (out, copied[-1]), targets, source, shape, ep_size, capacity)
+    finally:
+        for node in reversed(copied):
+            graph.erase_node(node)
+
+
+def _compare_generic(evaluator: RegionEvaluator, region: GenericRegion, copy: tuple[fx.Node, fx.Node],
+                     targets: list[fx.Node],
+                     source: fx.Node, shape: tuple[int, ...], ep_size: int, capacity: int) -> ProbeResult:
+    """``copy``: the copied code's result and its last node (an in-place write into the result)."""
+    hidden = fake(source)
+    out = copy[0]
+    generator = torch.Generator().manual_seed(_SEED)
+    tol = tolerance(region.dtype, hidden.device.type)
+    routings = probe_routings(region.num_tokens, region.top_k, region.num_experts)
+    per_rank = region.num_experts // ep_size
+    worst, traced_flops, rewritten_flops = 0.0, 0, 0
+    for i in range(len(routings)):
+        wanted, gathered = [], {region.hidden: [], region.ids: [], region.values: []}
+        for rank in range(ep_size):
+            x = torch.randn(shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
+            forced = _forced_topk(region.topk, routings[(i + rank) % len(routings)], x.device, generator)
+            with torch.no_grad(), FlopCounterMode(display=False) as flops:
+                env = evaluator.run(targets, {source: x, region.topk: forced})
+            traced_flops += flops.get_total_flops()
+            wanted.append(env[region.output].float())
+            for node, fill in ((region.hidden, 0), (region.ids, -1), (region.values, 0)):
+                if node is not None:
+                    gathered[node].append(_pad_rows(env[node], capacity, fill))
+        overrides = {node: torch.cat(rows) for node, rows in gathered.items() if node is not None}
+        total = 0
+        for rank in range(ep_size):
+            overrides[region.ids] = drop_foreign_slots(torch.cat(gathered[region.ids]), rank * per_rank, per_rank)
+            with torch.no_grad(), FlopCounterMode(display=False) as flops:
+                total = total + evaluator.run(list(copy), overrides, frozenset(region.nodes))[out].float()
+            rewritten_flops += flops.get_total_flops()
+        got = torch.cat([total[r * capacity:r * capacity + region.num_tokens] for r in range(ep_size)])
+        want = torch.cat(wanted)
+        if got.shape != want.shape:
+            return ProbeResult(False, note=f"the rewrite returns {tuple(got.shape)}, the traced code {tuple(want.shape)}")
+        if not torch.isfinite(want).all():
+            return ProbeResult(None, note="the traced block is not finite on the probe inputs")
+        worst = max(worst, (want - got).abs().max().item() / (want.abs().max().item() or 1.0))
+        if not worst <= tol:
+            return ProbeResult(False, worst=worst, tolerance=tol)
+    if rewritten_flops > 1.25 * traced_flops:
+        return ProbeResult(False, worst=worst, tolerance=tol, note=(
+            f"with other ranks' slots dropped, the {ep_size} ranks together computed {rewritten_flops / max(1, traced_flops):.2f}x "
+            "the traced block's matmul FLOPs: its code computes experts whatever the routing (a dense form), so "
+            "expert parallelism would not divide its work"))
+    return ProbeResult(True, worst=worst, tolerance=tol)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
+
+
 def refusal(region: MoERegion, result: ProbeResult) -> NoMatch:
     """The near-miss of a region the probe refused."""
     if result.note:
@@ -147,6 +228,17 @@ def refusal(region: MoERegion, result: ProbeResult) -> NoMatch:
                    f"the {region.form} match is not what the traced code computes: on probe inputs the rewrite "
                    f"differs from it by {result.worst:.3g} of its largest value (tolerance {result.tolerance:.0e} "
                    f"for {str(region.dtype).removeprefix('torch.')}); left as traced")
+
+
+def generic_refusal(region: GenericRegion, result: ProbeResult) -> NoMatch:
+    """The near-miss of a block the generic path leaves as traced."""
+    head = f"no recognizer matched the block of the router {region.router}"
+    if result.note:
+        return NoMatch(region.block, region.form, f"{head}; the generic path leaves it as traced: {result.note}")
+    return NoMatch(region.block, region.form, (
+        f"{head}, and the generic path's rewrite is not what its code computes: on probe inputs the sum over ranks "
+        f"differs from the traced block by {result.worst:.3g} of its largest value (tolerance {result.tolerance:.0e} "
+        f"for {str(region.dtype).removeprefix('torch.')}); left as traced"))
 
 
 class RegionEvaluator(fx.Interpreter):
@@ -162,59 +254,22 @@ class RegionEvaluator(fx.Interpreter):
         # copies: the code evaluated may write into what it reads, and each run starts afresh
         self.env = {node: tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
                     for node, value in overrides.items()}
-        for node in sorted(_needed(targets, overrides, replaced)):  # fx nodes sort in graph order
+        for node in sorted(needed(targets, overrides, replaced)):  # fx nodes sort in graph order
             if node in self.env:
                 continue
             self.env[node] = self.inputs[node] if node.op == "placeholder" else self.run_node(node)
         return self.env
 
 
-def _needed(targets: list[fx.Node], stop: dict[fx.Node, Any], replaced: frozenset[fx.Node] = frozenset()) -> set[fx.Node]:
-    """``targets`` and everything they read, not looking past ``stop`` or the graph's inputs, with
-    the in-place ops that write into any of these before the last target (``out.index_add_(...)``,
-    ``rows[idx] = ...``: nothing reads their results, but the targets read what they wrote), except
-    those of the ``replaced`` code (the traced experts code, for the rewrite: it accumulates into
-    the shared expert's output, which the rewrite reads before)."""
-    last = max(targets)
-    seen: set[fx.Node] = set()
-    stack = list(targets)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(u for u in node.users
-                     if u < last and u not in replaced and mutates(u) and u.args and u.args[0] is node)
-        if node not in stop and not is_graph_input(node):
-            stack.extend(node.all_input_nodes)
-    return seen
-
-
-def _writes_graph_input(needed: set[fx.Node]) -> fx.Node | None:
-    """An in-place op among ``needed`` whose destination is (a view of) a graph input."""
-    for node in needed:
+def _writes_graph_input(nodes: set[fx.Node]) -> fx.Node | None:
+    """An in-place op among ``nodes`` whose destination is (a view of) a graph input."""
+    for node in nodes:
         if not mutates(node) or not node.args or not isinstance(node.args[0], fx.Node):
             continue
-        root = _view_source(node.args[0])
+        root = view_source(node.args[0])
         if is_graph_input(root):
             return node
     return None
-
-
-def _view_source(node: fx.Node) -> fx.Node:
-    """The node ``node`` views (through reshapes, slices, casts), or ``node`` itself. Indexing by a
-    tensor (``x[perm]``) copies: it ends the walk."""
-    while not is_graph_input(node) and op_name(node) in _VIEWS and node.args \
-            and isinstance(node.args[0], fx.Node) and not _indexes_by_tensor(node):
-        node = node.args[0]
-    return node
-
-
-def _indexes_by_tensor(node: fx.Node) -> bool:
-    if op_name(node) != "getitem" or len(node.args) < 2:
-        return False
-    index = node.args[1]
-    return any(isinstance(i, fx.Node) for i in (index if isinstance(index, (tuple, list)) else (index,)))
 
 
 def _is_state(node: fx.Node, value: Any) -> bool:

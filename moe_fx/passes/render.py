@@ -15,11 +15,13 @@ from moe_fx.passes.region import MoERegion
 
 
 def render_region(region: MoERegion, new_nodes: list[fx.Node]) -> str:
-    names: dict[fx.Node, str] = {
-        region.hidden: "hidden",
-        region.topk_ids: "topk_ids",
-        region.topk_weights: "topk_weights",
-    }
+    return render_nodes(new_nodes, {region.hidden: "hidden", region.topk_ids: "topk_ids",
+                                    region.topk_weights: "topk_weights"})
+
+
+def render_nodes(new_nodes: list[fx.Node], names: dict[fx.Node, str] | None = None) -> str:
+    """``new_nodes`` one per line; ``names``: the region's inputs by role."""
+    names = dict(names or {})
     lines = []
     for i, node in enumerate(new_nodes):
         names[node] = f"v{i}"

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from moe_fx.lowering import EPPlan, LoweringChoice
 from moe_fx.passes.canonical import Respelling
+from moe_fx.passes.generic import GenericRegion
 from moe_fx.passes.region import MoERegion, NoMatch
 
 
@@ -15,7 +16,7 @@ from moe_fx.passes.region import MoERegion, NoMatch
 class BlockDecision:
     """One MoE block found in a graph and what moe_fx does with it."""
 
-    region: MoERegion
+    region: MoERegion | GenericRegion
     plan: EPPlan
     choice: LoweringChoice
     rendering: str = ""  # the rewritten region (empty when only analyzed)
@@ -29,3 +30,6 @@ class PassReport:
     misses: list[NoMatch] = field(default_factory=list)
     # passes/canonical.py's rewrites into the recognizers' spelling (moe_ep_pass keeps the claimed ones)
     respelled: list[Respelling] = field(default_factory=list)
+    # blocks no recognizer matched whose code the generic path delimited (passes/generic.py): the
+    # backend rewrites them under an EP group once their probe check passes
+    generic: list[GenericRegion] = field(default_factory=list)

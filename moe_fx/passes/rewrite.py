@@ -50,7 +50,7 @@ def rewrite_region(graph: fx.Graph, region: MoERegion, lowering: LocalLowering,
     if model_cast is not None and dtype_of(out) == model_cast[1]:  # the emitted combine casts already
         model_cast[0].replace_all_uses_with(out)
         graph.erase_node(model_cast[0])
-    _erase_dead(region.nodes | {region.output})
+    erase_dead(region.nodes | {region.output})
     # Outputs of an op nobody reads (the handle fields a strategy does not use).
     unused = [n for n in new_nodes if n.target is operator.getitem and not n.users]
     for node in unused:
@@ -69,10 +69,10 @@ def emit_beside(graph: fx.Graph, region: MoERegion, lowering: LocalLowering, *, 
         with graph.inserting_before(insert_before):
             out = emit_region(EmittingTracer(graph), region, lowering, cast_to=cast_to, guard=guard)
     except BaseException:  # no half-emitted region stays behind
-        for node in reversed(_nodes_between(first_new, insert_before)):
+        for node in reversed(nodes_between(first_new, insert_before)):
             graph.erase_node(node)
         raise
-    return out, _nodes_between(first_new, insert_before)
+    return out, nodes_between(first_new, insert_before)
 
 
 def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:
@@ -92,7 +92,7 @@ def _single_cast_user(region: MoERegion) -> tuple[fx.Node, torch.dtype] | None:
     return user, rest[0]
 
 
-def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
+def nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
     out, node = [], after.next
     while node is not before:
         out.append(node)
@@ -100,7 +100,7 @@ def _nodes_between(after: fx.Node, before: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
+def erase_dead(candidates: frozenset[fx.Node] | set[fx.Node]) -> None:
     """Erase the candidates nothing reads any more (mutations of dead values included)."""
     alive = set(candidates)
     if not alive:

@@ -31,7 +31,7 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
     reads its ids or a near-miss already names its block."""
     found = []
     for node in graph.nodes:
-        router = _router(node)
+        router = find_router(node)
         if router is None:
             continue
         weight, num_experts = router
@@ -41,12 +41,12 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
         if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(parent) for m in misses):
             continue
         block = parent or "<root module>"
-        if reason := _where_ids_go(node, num_experts, router_path):
+        if reason := where_ids_go(node, num_experts, router_path):
             found.append(NoMatch(block, FORM, reason))
     return found
 
 
-def _router(topk: fx.Node) -> tuple[fx.Node, int] | None:
+def find_router(topk: fx.Node) -> tuple[fx.Node, int] | None:
     """(router weight, E) of a ``topk`` over a router's scores, or None."""
     if not is_op(topk, "topk"):
         return None
@@ -57,12 +57,8 @@ def _router(topk: fx.Node) -> tuple[fx.Node, int] | None:
     if arg(topk, 2, "dim", -1) not in (-1, None, scores.dim() - 1):
         return None
     num_experts = int_value(scores.shape[-1])
-    node = topk.args[0]
-    while isinstance(node, fx.Node) and not is_op(node, "linear", "matmul", "mm"):
-        if not is_op(node, *_SCORE_STEPS) or not isinstance(node.args[0], fx.Node):
-            return None
-        node = node.args[0]
-    if not isinstance(node, fx.Node):
+    node = _router_matmul(topk)
+    if node is None:
         return None
     weight = node.args[1]
     while is_op(weight, "t", "transpose", "permute") or (is_op(weight, "getattr") and weight.args[1] in ("T", "mT")):
@@ -73,7 +69,23 @@ def _router(topk: fx.Node) -> tuple[fx.Node, int] | None:
     return weight, num_experts
 
 
-def _where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
+def router_input(topk: fx.Node) -> fx.Node | None:
+    """What a router's matmul reads (the hidden states), for a ``topk`` that ``find_router`` takes."""
+    matmul = _router_matmul(topk)
+    return matmul.args[0] if matmul is not None and isinstance(matmul.args[0], fx.Node) else None
+
+
+def _router_matmul(topk: fx.Node) -> fx.Node | None:
+    """The matmul whose scores ``topk`` ranks, through elementwise score steps."""
+    node = topk.args[0]
+    while isinstance(node, fx.Node) and not is_op(node, "linear", "matmul", "mm"):
+        if not is_op(node, *_SCORE_STEPS) or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) else None
+
+
+def where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
     """Why this router's block is a near-miss, or None when its ids reach no experts."""
     ids = next((u for u in topk.users if is_op(u, "getitem") and u.args[1] == 1), None)
     if ids is None:

@@ -1,0 +1,57 @@
+"""The generic path (moe_fx/passes/generic.py): MoE blocks no recognizer matches are rewritten by
+what they compute, with real expert parallelism, once their probe check proves it; a dense form
+is refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.form_jobs import forms_case
+from tests.tolerances import within
+
+SPARSE = [dict(cls="NormedExpertLoop"), dict(cls="NonzeroSlotLoop")]
+BOUND = {"max_tokens_per_rank": 12}  # tests/form_jobs.py's ranks hold 7, 12, 3 and 9 tokens
+
+
+def _check_rewritten(results: list[list[dict]]) -> None:
+    for rank, per_case in enumerate(results):
+        for case, res in zip(SPARSE, per_case):
+            assert res["touched"] > 0, "foreign experts were not zeroed"
+            r = res["auto"]
+            assert r["forms"] == ["generic"] and [s for _, s in r["blocks"]] == ["allgather"], (rank, case, r)
+            assert not r["misses"], (rank, case, r["misses"])
+            assert within(r, "float32"), (rank, case, r["diff"], r["scale"])
+
+
+def test_ep1_leaves_the_block_as_traced_and_says_so():
+    for res in forms_case(cases=SPARSE):
+        r = res["auto"]
+        assert r["blocks"] == [] and within(r, "float32")
+        assert any("generic" in m and "ep = 1" in m for m in r["misses"]), r["misses"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rewritten_with_expert_parallelism(rank_pool, world):
+    _check_rewritten(rank_pool(world).run("tests.form_jobs:forms_case", cases=SPARSE, config_patch=BOUND))
+
+
+def test_a_dense_form_is_refused_with_the_reason(rank_pool):
+    """Every expert on every token: the sum over ranks is right, but each rank would compute every
+    expert, so the probe refuses it (with foreign experts zeroed, the traced block on one rank's
+    weights is not the eager reference: only the reason is checked here)."""
+    results = rank_pool(2).run("tests.form_jobs:forms_case", cases=[dict(cls="DenseGateLoop")], config_patch=BOUND)
+    for (res,) in results:
+        r = res["auto"]
+        assert r["blocks"] == [], r
+        assert any("dense form" in m and "FLOPs" in m for m in r["misses"]), r["misses"]
+
+
+def test_explain_names_the_generic_candidate():
+    import torch
+
+    import moe_fx
+    from tests.form_jobs import build_form
+
+    report = moe_fx.explain(build_form("NormedExpertLoop"), torch.randn(7, 16))
+    rows = [m for m in report.near_misses if m.form == "generic"]
+    assert len(rows) == 1 and "probe check" in rows[0].reason, str(report)
