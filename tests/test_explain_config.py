@@ -61,8 +61,9 @@ def test_near_miss_has_a_reason_and_keeps_the_original(caplog):
     model, x = _LeakyActivation(), torch.randn(5, 16)
     report = moe_fx.explain(model, x)
     assert not report.blocks
-    assert len(report.near_misses) == 1
-    assert "computed outside the experts" in report.near_misses[0].reason
+    misses = [m for m in report.near_misses if m.form != "generic"]  # the generic path's line: tests/test_generic.py
+    assert len(misses) == 1
+    assert "computed outside the experts" in misses[0].reason
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING), moe_fx.config.patch(inner_backend="eager"):
         out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x)
