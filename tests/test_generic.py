@@ -55,3 +55,29 @@ def test_explain_names_the_generic_candidate():
     report = moe_fx.explain(build_form("NormedExpertLoop"), torch.randn(7, 16))
     rows = [m for m in report.near_misses if m.form == "generic"]
     assert len(rows) == 1 and "probe check" in rows[0].reason, str(report)
+
+
+def test_operator_methods_are_named_as_their_operators():
+    """torch 2.11's dynamo (Python 3.12) records ``ids == e`` as ``Tensor.__eq__``, where 2.13's
+    records ``operator.eq``: the recognizers and the generic path read both as "eq" (on the GPU
+    machine's torch 2.11, expert loops were refused and a dense loop got no near-miss before)."""
+    import operator
+
+    import torch
+    import torch.fx as fx
+
+    from moe_fx.passes.graph_utils import op_name
+    from moe_fx.passes.rowwise import mutates
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {
+        "eq": graph.call_function(torch.Tensor.__eq__, (x, 3)),
+        "eq_op": graph.call_function(operator.eq, (x, 3)),
+        "eq_method": graph.call_method("__eq__", (x, 3)),
+        "and": graph.call_function(torch.Tensor.__and__, (x, x)),
+        "add_": graph.call_method("add_", (x, x)),
+    }
+    assert [op_name(nodes[k]) for k in ("eq", "eq_op", "eq_method")] == ["eq"] * 3
+    assert op_name(nodes["and"]) == "and_" and not mutates(nodes["and"])
+    assert mutates(nodes["add_"])

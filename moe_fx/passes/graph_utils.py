@@ -23,11 +23,19 @@ _OPERATOR_NAMES = {
 }
 
 
+# Python's operator methods under the names the graph also records them by (``ids == e`` is
+# ``operator.eq`` from torch 2.13's dynamo, ``Tensor.__eq__`` from torch 2.11's on Python 3.12).
+_DUNDER_NAMES = {f"__{n}__": n for n in ("eq", "ne", "lt", "le", "gt", "ge", "add", "sub", "mul", "truediv",
+                                         "floordiv", "mod", "neg", "pow", "matmul", "getitem", "setitem")}
+_DUNDER_NAMES.update({"__and__": "and_", "__or__": "or_", "__invert__": "invert"})
+
+
 def op_name(node: fx.Node) -> str:
     """A torch-version-stable name for what ``node`` computes: ``"sort"`` for both ``torch.sort``
-    and ``x.sort()``, ``"transformers.grouped_mm_fallback"`` for a custom op."""
+    and ``x.sort()``, ``"eq"`` for ``operator.eq`` and ``Tensor.__eq__``,
+    ``"transformers.grouped_mm_fallback"`` for a custom op."""
     if node.op == "call_method":
-        return str(node.target)
+        return _DUNDER_NAMES.get(str(node.target), str(node.target))
     if node.op != "call_function":
         return node.op
     target = node.target
@@ -36,7 +44,8 @@ def op_name(node: fx.Node) -> str:
     if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
         name = target._qualified_op_name if hasattr(target, "_qualified_op_name") else str(target)
         return name.replace("::", ".")
-    return getattr(target, "__name__", str(target))
+    name = getattr(target, "__name__", str(target))
+    return _DUNDER_NAMES.get(name, name)
 
 
 def is_op(node: Any, *names: str) -> bool:

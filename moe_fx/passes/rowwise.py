@@ -33,8 +33,8 @@ _ACTIVATIONS = ("silu", "gelu", "relu", "sigmoid", "tanh", "clamp", "softplus", 
 def mutates(node: fx.Node) -> bool:
     """In-place ops: ``x.add_(y)``, ``x[i] = y``."""
     name = op_name(node)
-    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
-        return name == "setitem"  # operator.and_ / or_ are not in-place, whatever their names
+    if name in ("and_", "or_"):  # operator.and_ / Tensor.__and__ are not in-place, whatever their names
+        return False
     return name == "setitem" or (name.endswith("_") and not name.endswith("__"))
 
 
