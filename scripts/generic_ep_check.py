@@ -31,6 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--forms", nargs="+", default=["NormedExpertLoop", "NonzeroSlotLoop", "DenseGateLoop"])
+    parser.add_argument("--inner", help="moe_fx's inner compiler (default: inductor on CUDA, eager on CPU)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -40,7 +42,7 @@ def main() -> int:
         torch.cuda.set_device(device)
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     failed = 0
-    for cls in ("NormedExpertLoop", "NonzeroSlotLoop", "DenseGateLoop"):
+    for cls in args.forms:
         for dtype in args.dtypes:
             model = build_form(cls, dtype=dtype).to(device)
             gen = torch.Generator().manual_seed(100 + rank)
@@ -49,7 +51,7 @@ def main() -> int:
                 ref = model(x).float()
             zero_foreign_form_experts(model)
             torch._dynamo.reset()
-            settings = dict(inner_backend="inductor" if cuda else "eager", max_tokens_per_rank=TOKENS)
+            settings = dict(inner_backend=args.inner or ("inductor" if cuda else "eager"), max_tokens_per_rank=TOKENS)
             with moe_fx.config.patch(**settings), moe_fx.recording() as graphs, torch.no_grad():
                 out = torch.compile(model, backend=moe_fx.backend, fullgraph=True)(x).float()
             forms = [(b.region.form, b.choice.strategy.value) for g in graphs for b in g.report.blocks]
