@@ -54,7 +54,12 @@ def forms_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], lowerin
                 got, blocks, misses = _compile_and_run(model, (x,), lowering=lowering, inner=inner,
                                                        config_patch=config_patch)
             forms = [b.region.form for g in graphs for b in g.report.blocks]
-            result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses, "forms": forms}
+            # data-dependent ops in the graphs before and after the pass (the rewrite's leftovers)
+            nonzeros = [sum(str(n.target) in ("nonzero", "<built-in method nonzero of type object>")
+                            or getattr(n.target, "__name__", "") == "nonzero" for n in gm.graph.nodes)
+                        for g in graphs for gm in (g.original, g.rewritten)]
+            result[lowering] = {**_diff(got, ref), "blocks": blocks, "misses": misses, "forms": forms,
+                                "nonzero": nonzeros}
         out.append(result)
     return out
 

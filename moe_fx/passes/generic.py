@@ -42,7 +42,7 @@ from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.lowering.select import LoweringChoice
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.graph_utils import (
-    depends_on, expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, owner_path,
+    depends_on, expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, owner_path, size_guards,
 )
 from moe_fx.passes.plan import exchange_group, token_layout
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -74,6 +74,9 @@ class GenericRegion:
     output: fx.Node  # the block's [T, H] result
     last_update: fx.Node | None  # the last in-place write when ``output`` is an accumulator
     nodes: tuple[fx.Node, ...]  # the block's code, in graph order
+    # dynamo's checks on the unbacked sizes the code produces (``u0 <= 20`` after a nonzero):
+    # erased with it, not copied (the copy's sizes have other bounds)
+    guards: frozenset[fx.Node]
     num_experts: int
     top_k: int
     num_tokens: int
@@ -173,9 +176,11 @@ def _delimit(topk: fx.Node, weight: fx.Node, num_experts: int) -> GenericRegion 
                             "needs every expert's parameters")
     if message := _token_uses(nodes, num_tokens, top_k, num_experts, hidden_size):
         return miss(message)
+    guards = frozenset().union(*(size_guards(n) for n in nodes)) - set(nodes)
     return GenericRegion(
         block=block, router=router, hidden=hidden, aliases=aliases, topk=topk, ids=ids,
         values=values if values in code else None, output=output, last_update=last_update, nodes=tuple(nodes),
+        guards=guards,
         num_experts=num_experts, top_k=top_k, num_tokens=num_tokens, hidden_size=hidden_size, dtype=value.dtype)
 
 
@@ -313,5 +318,7 @@ def rewrite_generic(graph: fx.Graph, region: GenericRegion, plan: LoweringPlan, 
     new_nodes = nodes_between(first_new, insert_before)
     created, traced = set(new_nodes), set(region.nodes)
     region.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in created and u not in traced)
-    erase_dead(set(region.nodes) | {region.output})
+    # the traced code's unbacked sizes must not outlive it: inductor would bind the copy's sizes
+    # and the original's to one name (a 2 x H200 run wrote past a buffer that way)
+    erase_dead(set(region.nodes) | region.guards | {region.output})
     return [n for n in new_nodes if n.graph is graph and (n.users or n is out)]
