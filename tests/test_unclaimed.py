@@ -153,6 +153,8 @@ FORM_MODULES = [("LoopMoE", {}), ("LoopMoE", {"experts": "params", "select": "eq
 # issue 20's hand-written forms of public repositories (tests/handwritten_forms.py)
 FORM_MODULES += [(name, {"dtype": "bfloat16"} if name.startswith(("Titan", "GroupedMLP")) else {})
                  for name in (*HANDWRITTEN.values(), "TorchMoERefFixed")]
+# blocks only the generic path takes (tests/generic_forms.py)
+FORM_MODULES += [(name, {}) for name in ("NormedExpertLoop", "NonzeroSlotLoop", "DenseGateLoop")]
 
 
 @pytest.mark.parametrize("cls,kw", FORM_MODULES, ids=[f"{c}-{i}" for i, (c, _) in enumerate(FORM_MODULES)])

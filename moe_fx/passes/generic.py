@@ -304,11 +304,8 @@ def rewrite_generic(graph: fx.Graph, region: GenericRegion, plan: LoweringPlan, 
             x_all, ids_all, values_all = lowering.gathered(issued)
             ep = plan.ep
             kept = drop_foreign_slots(ids_all, ep.expert_start, ep.num_local_experts).to(fake(region.ids).dtype)
-            # The block's code reads dense rows, as it did when traced (inductor 2.11 miscompiled its
-            # row gathers over the packed buffer's column slice in bf16: an illegal address on 2 H200s).
-            rows, ids_rows, values_rows = x_all.contiguous(), kept.contiguous(), values_all.contiguous()
-            partial = region.replay(graph, rows.node, ids_rows.node, values_rows.node,
-                                    ep.ep_size * plan.capacity_tokens, on_copy=tracer.propagate)
+            partial = region.replay(graph, x_all.node, kept.node, values_all.node, ep.ep_size * plan.capacity_tokens,
+                                    on_copy=tracer.propagate)
             scattered = start_reduce_scatter_rows(proxy(partial), plan)
             out = lowering.finish_combine(ScatterIssued(scattered=scattered, num_tokens=region.num_tokens)).node
     except BaseException:  # no half-emitted region stays behind
