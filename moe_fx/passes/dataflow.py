@@ -50,3 +50,15 @@ def _indexes_by_tensor(node: fx.Node) -> bool:
         return False
     index = node.args[1]
     return any(isinstance(i, fx.Node) for i in (index if isinstance(index, (tuple, list)) else (index,)))
+
+
+def router_topk(ids: fx.Node) -> fx.Node | None:
+    """The ``topk`` whose indices the region's ids are (through getitem, casts and views)."""
+    node = ids
+    for _ in range(8):
+        if op_name(node) == "topk":
+            return node
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None

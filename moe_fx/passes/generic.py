@@ -42,13 +42,13 @@ from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.lowering.select import LoweringChoice
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.graph_utils import (
-    depends_on, expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, owner_path, size_guards,
+    expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, owner_path, size_guards,
 )
 from moe_fx.passes.plan import exchange_group, token_layout
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import erase_dead, nodes_between
 from moe_fx.passes.rowwise import mutates
-from moe_fx.passes.unclaimed import find_router, router_input, where_ids_go
+from moe_fx.passes.unclaimed import find_router, read_by_regions, router_input, where_ids_go
 from moe_fx.passes.dataflow import needed, view_source
 
 FORM = "generic"
@@ -113,7 +113,7 @@ def find_generic(graph: fx.Graph, regions: list[MoERegion]) -> list[GenericRegio
     found: list[GenericRegion | NoMatch] = []
     for node in graph.nodes:
         router = find_router(node)
-        if router is None or any(_reads(r, node) for r in regions):
+        if router is None or read_by_regions(node, regions):
             continue
         weight, num_experts = router
         reaches = where_ids_go(node, num_experts, "")
@@ -127,10 +127,6 @@ def block_of(router_weight: fx.Node) -> str:
     """The module holding the router (and its experts)."""
     path = owner_path(router_weight)
     return path.rsplit(".", 1)[0] if "." in path else "<root module>"
-
-
-def _reads(region: MoERegion, topk: fx.Node) -> bool:
-    return depends_on(region.topk_ids, topk)
 
 
 def _delimit(topk: fx.Node, weight: fx.Node, num_experts: int) -> GenericRegion | NoMatch:

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_fx.lowering.base import EPPlan, LocalLowering, LoweringPlan, Strategy
-from moe_fx.passes.dataflow import needed, view_source
+from moe_fx.passes.dataflow import needed, router_topk, view_source
 from moe_fx.passes.generic import GenericRegion, drop_foreign_slots
 from moe_fx.passes.graph_utils import fake, is_graph_input, op_name
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -92,7 +92,7 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
     shape = _concrete(hidden.shape) if hidden is not None else None
     if shape is None:
         return ProbeResult(None, note="the hidden states have no concrete shape")
-    topk = _router_topk(region.topk_ids)
+    topk = router_topk(region.topk_ids)
     emitted = _emit_local(gm.graph, region)
     if emitted is None:
         return ProbeResult(None, note="the ep = 1 lowering does not take this region")
@@ -294,18 +294,6 @@ def concrete_inputs(example_inputs: list) -> list | None:
             value = value[0]
         values.append(value)
     return values
-
-
-def _router_topk(ids: fx.Node) -> fx.Node | None:
-    """The ``topk`` whose indices the region's ids are (through getitem, casts and views)."""
-    node = ids
-    for _ in range(8):
-        if op_name(node) == "topk":
-            return node
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        node = node.args[0]
-    return None
 
 
 def _forced_topk(topk: fx.Node, ids: torch.Tensor, device: torch.device, generator: torch.Generator):

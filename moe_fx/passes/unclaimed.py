@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from moe_fx.passes.dataflow import router_topk
 from moe_fx.passes.graph_utils import (
     arg, depends_on, fake, int_value, is_graph_input, is_op, owner_path,
 )
@@ -38,12 +39,19 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
         router_path = owner_path(weight)
         # the module holding the router (and its experts); "" when the router is the root's child
         parent = router_path.rsplit(".", 1)[0] if "." in router_path else ""
-        if any(depends_on(r.topk_ids, node) for r in regions) or any(m.block.startswith(parent) for m in misses):
+        if read_by_regions(node, regions) or any(m.block.startswith(parent) for m in misses):
             continue
         block = parent or "<root module>"
         if reason := where_ids_go(node, num_experts, router_path):
             found.append(NoMatch(block, FORM, reason))
     return found
+
+
+def read_by_regions(topk: fx.Node, regions: list[MoERegion]) -> bool:
+    """Whether a region reads this router's ids: its ids' own ``topk`` (a few steps up), or for a
+    region whose ids come from further away, anything computed from ``topk``."""
+    above = [router_topk(r.topk_ids) for r in regions]
+    return topk in above or any(t is None and depends_on(r.topk_ids, topk) for r, t in zip(regions, above))
 
 
 def find_router(topk: fx.Node) -> tuple[fx.Node, int] | None:
