@@ -109,3 +109,19 @@ def sentinel517_case(*, rank: int = 0, world_size: int = 1, cases: list[dict], l
                                 "renderings": [b.rendering for g in graphs for b in g.report.blocks]}
         out.append(result)
     return out
+
+
+def outcome_case(*, rank: int = 0, world_size: int = 1, cls: str, config_patch: dict | None = None) -> tuple[str, str]:
+    """("ok", max |diff|) or ("error", "<type>: <message>") of compiling ``cls`` on this rank's
+    tokens (foreign experts zeroed)."""
+    torch.set_num_threads(1) if world_size > 1 else None
+    model = build_form(cls)
+    x = torch.randn(TOKENS_PER_RANK[rank], HIDDEN, generator=torch.Generator().manual_seed(100 + rank))
+    with torch.no_grad():
+        ref = model(x)
+    zero_foreign_form_experts(model)
+    try:
+        got, _, _ = _compile_and_run(model, (x,), lowering="auto", inner="eager", config_patch=config_patch)
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        return "error", f"{type(exc).__name__}: {exc}"
+    return "ok", f"{(got - ref).abs().max().item():.3g}"

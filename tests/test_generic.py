@@ -84,3 +84,13 @@ def test_operator_methods_are_named_as_their_operators():
     assert [op_name(nodes[k]) for k in ("eq", "eq_op", "eq_method")] == ["eq"] * 3
     assert op_name(nodes["and"]) == "and_" and not mutates(nodes["and"])
     assert mutates(nodes["add_"])
+
+
+def test_ranks_with_different_token_counts_and_no_bound_raise_on_every_rank(rank_pool):
+    """Without max_tokens_per_rank the bound is each rank's own token count (7 and 12 here): the
+    guard names the block and both counts on every rank instead of exchanging unequal buffers."""
+    results = rank_pool(2).run("tests.form_jobs:outcome_case", cls="NormedExpertLoop")
+    for rank, (outcome, text) in enumerate(results):
+        assert outcome == "error", (rank, text)
+        assert "MoE block '<root module>'" in text and "token capacity" in text, text
+        assert "(rank 0: 7, rank 1: 12)" in text, text
