@@ -19,7 +19,7 @@ from moe_fx.graph_breaks import BreakSite, break_site, explain_break, outside_ex
 from moe_fx.passes import PassReport, analyze_graph
 from moe_fx.passes.graph_utils import fake, module_path, real_value
 from moe_fx.passes.region import MoERegion
-from moe_fx.passes.unclaimed import FORM as UNCLAIMED
+from moe_fx.passes.unclaimed import FORM as UNCLAIMED, LEAVES_GRAPH
 from moe_fx.prepare import find_candidates, prepare_report
 from moe_fx.shard import expert_shard, held_bytes
 
@@ -161,7 +161,7 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     # A break dynamo gave no reason for (a data-dependent guard restarts the frame; one inside a
     # loop skips it whole), or a router whose ids leave the graph with no break explained: capture
     # once more with fullgraph=True to read the error.
-    leaves = any(m.form == UNCLAIMED and "leave this graph" in m.reason for m in report.near_misses)
+    leaves = any(m.form == UNCLAIMED and LEAVES_GRAPH in m.reason for m in report.near_misses)
     if capture_failed or captured.graph_break_count > len(captured.break_reasons) or (leaves and not explained):
         _add_fullgraph_error(report, model_or_fn, args, kwargs, flags)
     if any(m.form == "graph break" for m in report.near_misses):

@@ -26,7 +26,7 @@ from moe_fx.passes.probe import (
     ProbeResult, RegionEvaluator, concrete_inputs, generic_refusal, prove_generic, prove_region, refusal,
 )
 from moe_fx.passes.region import MoERegion, NoMatch
-from moe_fx.passes.unclaimed import FORM as UNCLAIMED
+from moe_fx.passes.unclaimed import FORM as UNCLAIMED, ROOT
 from moe_fx.passes.render import render_nodes, render_region
 from moe_fx.passes.report import BlockDecision, PassReport
 from moe_fx.passes.rewrite import rewrite_region
@@ -48,7 +48,11 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     generic = [g for g in delimited if isinstance(g, GenericRegion)]
     # a block the generic path looked at is described by it, not by the unrecognized-router line
     misses = [m for m in misses if not (m.form == UNCLAIMED and any(_inside(m.block, g.block) for g in delimited))]
-    misses += [g for g in delimited if isinstance(g, NoMatch)]
+    # a block a recognizer already explained (the router inside it, or it inside the router's module)
+    # keeps that reason; the generic path's is added where none did (a block it delimited still goes
+    # to it: tried at compile time)
+    misses += [g for g in delimited if isinstance(g, NoMatch)
+               and not any(_inside(m.block, g.block) or _inside(g.block, m.block) for m in misses)]
     report = PassReport(misses=misses, respelled=respelled, generic=generic)
     for region in regions:
         plan = ep_plan(region)
@@ -171,7 +175,7 @@ def _proven_generic(evaluator: RegionEvaluator | None, candidates: list[GenericR
 
 def _inside(block: str, outer: str) -> bool:
     """Whether module ``block`` is ``outer`` or inside it (every module is inside the root)."""
-    return outer == "<root module>" or block == outer or block.startswith(outer + ".")
+    return outer == ROOT or block == outer or block.startswith(outer + ".")
 
 
 def _probe(prove: Callable[[], ProbeResult]) -> ProbeResult:

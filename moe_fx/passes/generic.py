@@ -40,16 +40,16 @@ from moe_fx.lowering.base import EPPlan, LoweringPlan, Strategy
 from moe_fx.lowering.collectives import start_reduce_scatter_rows
 from moe_fx.lowering.guard import GuardPlan, emit_guard
 from moe_fx.lowering.select import LoweringChoice
+from moe_fx.passes.dataflow import needed, view_source
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.graph_utils import (
-    expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, owner_path, size_guards,
+    expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, size_guards,
 )
 from moe_fx.passes.plan import exchange_group, token_layout
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import erase_dead, nodes_between
 from moe_fx.passes.rowwise import mutates
-from moe_fx.passes.unclaimed import find_router, read_by_regions, router_input, where_ids_go
-from moe_fx.passes.dataflow import needed, view_source
+from moe_fx.passes.unclaimed import LEAVES_GRAPH, find_router, read_by_regions, router_block, router_input, where_ids_go
 
 FORM = "generic"
 
@@ -83,8 +83,6 @@ class GenericRegion:
     hidden_size: int
     dtype: torch.dtype  # the hidden states' dtype
     form: str = FORM
-    weights_on_input: bool = False  # as MoERegion, for the plan's helpers: the rows are tokens
-    shard = None
 
     def replay(self, graph: fx.Graph, hidden: fx.Node, ids: fx.Node, values: fx.Node | None, rows: int,
                on_copy: Callable[[fx.Node], None] | None = None) -> fx.Node:
@@ -117,20 +115,14 @@ def find_generic(graph: fx.Graph, regions: list[MoERegion]) -> list[GenericRegio
             continue
         weight, num_experts = router
         reaches = where_ids_go(node, num_experts, "")
-        if reaches is None or "leave this graph" in reaches:
+        if reaches is None or LEAVES_GRAPH in reaches:  # a graph break after the router: explained there
             continue
         found.append(_delimit(node, weight, num_experts))
     return found
 
 
-def block_of(router_weight: fx.Node) -> str:
-    """The module holding the router (and its experts)."""
-    path = owner_path(router_weight)
-    return path.rsplit(".", 1)[0] if "." in path else "<root module>"
-
-
 def _delimit(topk: fx.Node, weight: fx.Node, num_experts: int) -> GenericRegion | NoMatch:
-    block, router = block_of(weight), module_path(weight)
+    block, router = router_block(weight), module_path(weight)
 
     def miss(reason: str) -> NoMatch:
         return NoMatch(block, FORM, f"no recognizer matched the block of the router {router}, and moe_fx cannot "

@@ -21,6 +21,8 @@ from moe_fx.passes.graph_utils import (
 from moe_fx.passes.region import MoERegion, NoMatch
 
 FORM = "unrecognized"
+ROOT = "<root module>"
+LEAVES_GRAPH = "leave this graph"  # in the reason of a router whose ids leave the graph (explain() reads it)
 
 # Steps between a router's matmul and its top-k that keep one score per (token, expert).
 _SCORE_STEPS = ("softmax", "log_softmax", "sigmoid", "tanh", "to", "float", "type", "contiguous", "view", "reshape",
@@ -36,15 +38,19 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
         if router is None:
             continue
         weight, num_experts = router
-        router_path = owner_path(weight)
-        # the module holding the router (and its experts); "" when the router is the root's child
-        parent = router_path.rsplit(".", 1)[0] if "." in router_path else ""
+        block = router_block(weight)
+        parent = "" if block == ROOT else block
         if read_by_regions(node, regions) or any(m.block.startswith(parent) for m in misses):
             continue
-        block = parent or "<root module>"
-        if reason := where_ids_go(node, num_experts, router_path):
+        if reason := where_ids_go(node, num_experts, owner_path(weight)):
             found.append(NoMatch(block, FORM, reason))
     return found
+
+
+def router_block(router_weight: fx.Node) -> str:
+    """The module holding the router (and its experts), or ``ROOT``."""
+    path = owner_path(router_weight)
+    return path.rsplit(".", 1)[0] if "." in path else ROOT
 
 
 def read_by_regions(topk: fx.Node, regions: list[MoERegion]) -> bool:
@@ -103,7 +109,7 @@ def where_ids_go(topk: fx.Node, num_experts: int, router: str) -> str | None:
         frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
         for node in frontier:
             if node.op == "output" and _returns_routing(node, seen, ids):
-                return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) leave this graph: "
+                return (f"the expert ids of the router {router} (top-{_k(topk)} of {num_experts}) {LEAVES_GRAPH}: "
                         "dynamo broke the graph after the router (see the graph breaks), so the experts code is "
                         "not in one graph moe_fx can rewrite")
             reaches = reaches or _expert_read(node, num_experts)
