@@ -1,6 +1,6 @@
 """The hand-written MoE forms of public repositories (tests/handwritten_forms.py, issue 20): each is
-rewritten with real expert parallelism (ep 2 over gloo, foreign experts zeroed, equal to eager on
-every rank) or refused with a reason in explain() that names what in the user's code prevents it.
+rewritten with real expert parallelism (ep 2 and 4 over gloo, foreign experts zeroed, equal to eager
+on every rank) or refused with a reason in explain() that names what in the user's code prevents it.
 """
 
 from __future__ import annotations
@@ -59,6 +59,16 @@ def test_rewritten_ep2(rank_pool):
         for (case, _), res in zip(REWRITTEN.values(), per_case):
             assert res["all2allv"]["blocks"][0][1] == "all2allv", (case, res["all2allv"]["blocks"])
     _check(results, "all2allv")
+
+
+def test_rewritten_ep4(rank_pool):
+    """The same forms at ep 4 (one expert per rank) through AllGather, foreign experts zeroed."""
+    results = rank_pool(4).run("tests.form_jobs:forms_case", cases=CASES, lowerings=("allgather",))
+    assert all(res["touched"] > 0 for per_case in results for res in per_case), "foreign experts were not zeroed"
+    for per_case in results:
+        for (case, _), res in zip(REWRITTEN.values(), per_case):
+            assert res["allgather"]["blocks"][0][1] == "allgather", (case, res["allgather"]["blocks"])
+    _check(results, "allgather")
 
 
 @pytest.mark.parametrize("number", sorted(REFUSED))

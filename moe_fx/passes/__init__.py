@@ -76,15 +76,16 @@ def moe_ep_pass(gm: fx.GraphModule, example_inputs: list | None = None) -> PassR
     _report_misses(analysis.misses)
     report = PassReport(misses=analysis.misses)
     # the user's spelling comes back wherever no rewritten region holds a respelling
-    keep_claimed(analysis.respelled, set().union(*(d.region.nodes for d in chosen), *(set(g.region.nodes) for g in generic)))
+    claimed = set().union(*(d.region.nodes for d in chosen), *(g.region.nodes for g in generic))
+    keep_claimed(analysis.respelled, claimed)
     new_nodes: set[fx.Node] = set()
     for decision in generic:
         region = decision.region
-        guard = guard_plan(region, decision.plan_, decision.choice)
-        region_nodes = rewrite_generic(gm.graph, region, decision.plan_, guard)
+        guard = guard_plan(region, decision.plan, decision.choice)
+        region_nodes = rewrite_generic(gm.graph, region, decision.plan, guard)
         check_only_ops(region_nodes, region.block)
         new_nodes.update(region_nodes)
-        report.blocks.append(BlockDecision(region=region, plan=decision.plan_.ep, choice=decision.choice,
+        report.blocks.append(BlockDecision(region=region, plan=decision.plan.ep, choice=decision.choice,
                                            rendering=render_nodes(region_nodes), output=region_nodes[-1]))
         counters["moe_fx"]["regions_rewritten"] += 1
         counters["moe_fx"]["lowering_generic"] += 1
@@ -140,7 +141,7 @@ def _proven(evaluator: RegionEvaluator, decisions: list[BlockDecision], misses: 
 @dataclasses.dataclass(frozen=True)
 class _GenericDecision:
     region: GenericRegion
-    plan_: LoweringPlan
+    plan: LoweringPlan
     choice: LoweringChoice
 
 
