@@ -86,3 +86,24 @@ class DenseGateLoop(_Experts):
             gate = (w * (ids == e)).sum(-1, keepdim=True).to(x.dtype)
             out = out + gate * expert(x)
         return out
+
+
+class CappedLoop(_Experts):
+    """A where/index_add_ loop that keeps at most ``capacity`` slots per expert (a capacity no
+    recognizer knows): what it drops depends on how many tokens an expert gets, so computing an
+    expert on every rank's tokens at once would drop others. The generic path must refuse it."""
+
+    capacity = 12
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+        super().__init__(hidden, num_experts, top_k,
+                         [ExpertMLP(hidden, intermediate, gated=True, bias=False, act="silu") for _ in range(num_experts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = self.router(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            tok, slot = tok[:self.capacity], slot[:self.capacity]
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
+        return out

@@ -94,3 +94,13 @@ def test_ranks_with_different_token_counts_and_no_bound_raise_on_every_rank(rank
         assert outcome == "error", (rank, text)
         assert "MoE block '<root module>'" in text and "token capacity" in text, text
         assert "(rank 0: 7, rank 1: 12)" in text, text
+
+
+def test_a_capacity_no_recognizer_knows_is_refused(rank_pool):
+    """At most 12 slots per expert: on the probe routings no expert of one rank overflows, but with
+    every rank's tokens on the same experts the gathered rows do, so the probe refuses the block."""
+    results = rank_pool(2).run("tests.form_jobs:forms_case", cases=[dict(cls="CappedLoop")], config_patch=BOUND)
+    for (res,) in results:
+        r = res["auto"]
+        assert r["blocks"] == [], r
+        assert any("generic path's rewrite is not what its code computes" in m for m in r["misses"]), r["misses"]

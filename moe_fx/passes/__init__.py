@@ -19,6 +19,7 @@ from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering import LoweringChoice, choose_lowering
 from moe_fx.lowering.base import LoweringPlan
 from moe_fx.passes.canonical import canonicalize, keep_claimed
+from moe_fx.passes import capacity_gate
 from moe_fx.passes.find import find_moe_regions
 from moe_fx.passes.generic import GenericRegion, find_generic, plan_generic, rewrite_generic
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
@@ -44,7 +45,10 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     check_config()
     respelled = canonicalize(graph)
     regions, misses = find_moe_regions(graph)
-    delimited = find_generic(graph, regions)
+    # a capacity gate's drops depend on each token's place in its expert's queue: left as traced
+    # (passes/capacity_gate.py), never replayed on other ranks' rows
+    delimited = [g for g in find_generic(graph, regions)
+                 if not any(m.form == capacity_gate.FORM and _related(m.block, g.block) for m in misses)]
     generic = [g for g in delimited if isinstance(g, GenericRegion)]
     # a block the generic path looked at is described by it, not by the unrecognized-router line
     misses = [m for m in misses if not (m.form == UNCLAIMED and any(_inside(m.block, g.block) for g in delimited))]
@@ -52,7 +56,7 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     # keeps that reason; the generic path's is added where none did (a block it delimited still goes
     # to it: tried at compile time)
     misses += [g for g in delimited if isinstance(g, NoMatch)
-               and not any(_inside(m.block, g.block) or _inside(g.block, m.block) for m in misses)]
+               and not any(_related(m.block, g.block) for m in misses)]
     report = PassReport(misses=misses, respelled=respelled, generic=generic)
     for region in regions:
         plan = ep_plan(region)
@@ -172,6 +176,11 @@ def _proven_generic(evaluator: RegionEvaluator | None, candidates: list[GenericR
         misses[:] = [m for m in misses if not _inside(m.block, region.block)]
         kept.append(_GenericDecision(region, plan, choice))
     return kept
+
+
+def _related(a: str, b: str) -> bool:
+    """One module holds the other (a router inside a missed block's module, or around it)."""
+    return _inside(a, b) or _inside(b, a)
 
 
 def _inside(block: str, outer: str) -> bool:

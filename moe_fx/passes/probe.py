@@ -142,8 +142,8 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
 def prove_generic(evaluator: RegionEvaluator, region: GenericRegion, ep_size: int, capacity: int) -> ProbeResult:
     """Run the generic rewrite of ``region`` (passes/generic.py) for each of ``ep_size`` ranks on
     probe inputs, as it will run: every rank's probe tokens and routing padded to ``capacity``
-    rows and gathered, the block's code copied onto them with other ranks' slots dropped. The sum
-    over ranks must equal the traced block on each rank's tokens, and the ranks together may
+    rows and gathered, the block's code copied onto them with other ranks' slots dropped (the
+    probe routings, then every rank's tokens on the same K experts). The sum over ranks must equal the traced block on each rank's tokens, and the ranks together may
     compute at most 1.25x the traced block's matmul FLOPs (a block that computes every expert for
     every token, whatever the routing, would gain nothing and cost ep x more)."""
     graph = evaluator.module.graph
@@ -180,11 +180,15 @@ def _compare_generic(evaluator: RegionEvaluator, region: GenericRegion, copy: tu
     routings = probe_routings(region.num_tokens, region.top_k, region.num_experts)
     per_rank = region.num_experts // ep_size
     worst, traced_flops, rewritten_flops = 0.0, 0, 0
-    for i in range(len(routings)):
+    # every rank's tokens on the same K experts: code whose result depends on how many tokens an
+    # expert gets (a capacity that drops the excess) then differs on the gathered rows
+    crowded = torch.arange(region.top_k).expand(region.num_tokens, -1)
+    schedule = [[routings[(i + rank) % len(routings)] for rank in range(ep_size)] for i in range(len(routings))]
+    for rank_routings in [*schedule, [crowded] * ep_size]:
         wanted, gathered = [], {region.hidden: [], region.ids: [], region.values: []}
         for rank in range(ep_size):
             x = torch.randn(shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
-            forced = _forced_topk(region.topk, routings[(i + rank) % len(routings)], x.device, generator)
+            forced = _forced_topk(region.topk, rank_routings[rank], x.device, generator)
             with torch.no_grad(), FlopCounterMode(display=False) as flops:
                 env = evaluator.run(targets, {source: x, region.topk: forced})
             traced_flops += flops.get_total_flops()
