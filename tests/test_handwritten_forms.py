@@ -51,24 +51,16 @@ def test_rewritten_ep1():
     _check([forms_case(cases=CASES)], "auto")
 
 
-def test_rewritten_ep2(rank_pool):
-    """One pool job: every rewritten form at ep 2 through All2AllV, foreign experts zeroed."""
-    results = rank_pool(2).run("tests.form_jobs:forms_case", cases=CASES, lowerings=("all2allv",))
+@pytest.mark.parametrize("world,lowering", [(2, "all2allv"), (4, "allgather")])
+def test_rewritten_with_expert_parallelism(rank_pool, world, lowering):
+    """One pool job: every rewritten form at ep 2 through All2AllV and at ep 4 (one expert per rank)
+    through AllGather, foreign experts zeroed."""
+    results = rank_pool(world).run("tests.form_jobs:forms_case", cases=CASES, lowerings=(lowering,))
     assert all(res["touched"] > 0 for per_case in results for res in per_case), "foreign experts were not zeroed"
     for per_case in results:
         for (case, _), res in zip(REWRITTEN.values(), per_case):
-            assert res["all2allv"]["blocks"][0][1] == "all2allv", (case, res["all2allv"]["blocks"])
-    _check(results, "all2allv")
-
-
-def test_rewritten_ep4(rank_pool):
-    """The same forms at ep 4 (one expert per rank) through AllGather, foreign experts zeroed."""
-    results = rank_pool(4).run("tests.form_jobs:forms_case", cases=CASES, lowerings=("allgather",))
-    assert all(res["touched"] > 0 for per_case in results for res in per_case), "foreign experts were not zeroed"
-    for per_case in results:
-        for (case, _), res in zip(REWRITTEN.values(), per_case):
-            assert res["allgather"]["blocks"][0][1] == "allgather", (case, res["allgather"]["blocks"])
-    _check(results, "allgather")
+            assert res[lowering]["blocks"][0][1] == lowering, (case, res[lowering]["blocks"])
+    _check(results, lowering)
 
 
 @pytest.mark.parametrize("number", sorted(REFUSED))
