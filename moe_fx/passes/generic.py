@@ -43,7 +43,7 @@ from moe_fx.lowering.select import LoweringChoice
 from moe_fx.passes.dataflow import needed, view_source
 from moe_fx.passes.emit import EmittingTracer
 from moe_fx.passes.graph_utils import (
-    expert_shard_of, fake, int_value, is_graph_input, module_path, op_name, size_guards,
+    expert_shard_of, fake, int_value, is_graph_input, is_state_input, module_path, op_name, size_guards,
 )
 from moe_fx.passes.plan import exchange_group, token_layout
 from moe_fx.passes.region import MoERegion, NoMatch
@@ -155,7 +155,7 @@ def _delimit(topk: fx.Node, weight: fx.Node, num_experts: int) -> GenericRegion 
                 if read is topk:
                     return miss(f"{node.name} reads the router's top-k other than by its values and ids")
                 continue
-            if not _is_state(read):
+            if not is_state_input(read):
                 shape = tuple(fake(read).shape) if fake(read) is not None else "?"
                 return miss(f"{node.name} reads {read.name} {shape}, which is neither the hidden states, the "
                             "router's top-k nor a parameter")
@@ -191,7 +191,7 @@ def _result(topk: fx.Node, num_tokens: int, hidden_size: int) -> tuple[fx.Node, 
     read_params = False
     for node in after:
         live = {d for d in live if last_read[d] > node}
-        read_params = read_params or any(_is_state(i) and fake(i) is not None for i in node.all_input_nodes)
+        read_params = read_params or any(is_state_input(i) and fake(i) is not None for i in node.all_input_nodes)
         if node in dependent:
             if last_read[node] > node:
                 live.add(node)
@@ -214,7 +214,7 @@ def _token_uses(nodes: list[fx.Node], num_tokens: int, top_k: int, num_experts: 
     token_sizes = {num_tokens, num_tokens * top_k}
     other_sizes = {hidden_size, top_k, num_experts}
     for node in nodes:
-        for value in (fake(i) for i in node.all_input_nodes if is_graph_input(i) and _is_state(i)):
+        for value in (fake(i) for i in node.all_input_nodes if is_state_input(i)):
             if value is not None:
                 other_sizes.update(int_value(s) for s in value.shape)
     if clash := token_sizes & other_sizes:
@@ -236,12 +236,6 @@ def _rebind(value, tokens: dict[int, int]):
     if isinstance(value, dict):
         return {k: _rebind(v, tokens) for k, v in value.items()}
     return value
-
-
-def _is_state(node: fx.Node) -> bool:
-    """A graph input holding the model's state (a parameter or buffer) or a size."""
-    return node.op == "get_attr" or (node.op == "placeholder" and (
-        "_parameters_" in node.name or "_buffers_" in node.name or fake(node) is None))
 
 
 def drop_foreign_slots(ids_TK, start: int, count: int):

@@ -86,6 +86,19 @@ def is_graph_input(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
 
 
+def is_state_input(node: fx.Node, value: Any = None) -> bool:
+    """A graph input holding the model's state (a parameter or buffer) or a size, not its data:
+    by dynamo's placeholder name, or by ``value`` (the real input) when given, else its example."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    if "_parameters_" in node.name or "_buffers_" in node.name:
+        return True
+    value = value if value is not None else fake(node)
+    return not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
+
+
 def is_expert_gather(node: Any, row_ids: fx.Node) -> bool:
     """``param[row_ids]``: a per-expert parameter (a bias) picked per row by the row's expert id."""
     return is_op(node, "getitem") and node.args[1] is row_ids and is_graph_input(node.args[0])

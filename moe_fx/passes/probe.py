@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moe_fx.lowering.base import EPPlan, LocalLowering, LoweringPlan, Strategy
 from moe_fx.passes.dataflow import needed, router_topk, view_source
 from moe_fx.passes.generic import GenericRegion, drop_foreign_slots
-from moe_fx.passes.graph_utils import fake, is_graph_input, op_name
+from moe_fx.passes.graph_utils import fake, is_graph_input, is_state_input, op_name
 from moe_fx.passes.region import MoERegion, NoMatch
 from moe_fx.passes.rewrite import emit_beside, nodes_between
 from moe_fx.passes.rowwise import mutates
@@ -103,11 +103,8 @@ def prove_region(evaluator: RegionEvaluator, region: MoERegion) -> ProbeResult:
             traced_targets.append(region.last_update)
         stop = {source: None, **({topk: None} if topk is not None else {})}
         evaluated = needed(traced_targets, stop) | needed([out], stop, region.nodes)
-        if written := _writes_graph_input(evaluated):
-            return ProbeResult(None, note=f"the region writes into a graph input ({written.format_node()})")
-        if read := next((n for n in evaluated if n.op == "placeholder" and n is not source
-                         and not _is_state(n, inputs[n])), None):
-            return ProbeResult(None, note=f"the region reads the graph input {read.name} besides its hidden states")
+        if reason := _unprovable(evaluated, source, inputs):
+            return ProbeResult(None, note=f"the region {reason}")
         generator = torch.Generator().manual_seed(_SEED)
         x = torch.randn(shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
         tol = max(tolerance(region.dtype, hidden.device.type), tolerance(hidden.dtype, hidden.device.type))
@@ -143,20 +140,17 @@ def prove_generic(evaluator: RegionEvaluator, region: GenericRegion, ep_size: in
     """Run the generic rewrite of ``region`` (passes/generic.py) for each of ``ep_size`` ranks on
     probe inputs, as it will run: every rank's probe tokens and routing padded to ``capacity``
     rows and gathered, the block's code copied onto them with other ranks' slots dropped (the
-    probe routings, then every rank's tokens on the same K experts). The sum over ranks must equal the traced block on each rank's tokens, and the ranks together may
-    compute at most 1.25x the traced block's matmul FLOPs (a block that computes every expert for
+    probe routings, then every rank's tokens on the same K experts). The sum over ranks must equal
+    the traced block on each rank's tokens, and the ranks together may compute at most 1.25x the
+    traced block's matmul FLOPs (a block that computes every expert for
     every token, whatever the routing, would gain nothing and cost ep x more)."""
     graph = evaluator.module.graph
     source = view_source(region.hidden)
     shape = _concrete(fake(source).shape)
     targets = [region.output, *([region.last_update] if region.last_update is not None else [])]
     stop = {source: None, region.topk: None}
-    evaluated = needed(targets, stop)
-    if written := _writes_graph_input(evaluated):
-        return ProbeResult(None, note=f"the block writes into a graph input ({written.format_node()})")
-    if read := next((n for n in evaluated if n.op == "placeholder" and n is not source
-                     and not _is_state(n, evaluator.inputs[n])), None):
-        return ProbeResult(None, note=f"the block reads the graph input {read.name} besides its hidden states")
+    if reason := _unprovable(needed(targets, stop), source, evaluator.inputs):
+        return ProbeResult(None, note=f"the block {reason}")
     insert_before = region.last_update.next if region.last_update is not None else region.output
     first_new = insert_before.prev
     with graph.inserting_before(insert_before):
@@ -206,7 +200,8 @@ def _compare_generic(evaluator: RegionEvaluator, region: GenericRegion, copy: tu
         got = torch.cat([total[r * capacity:r * capacity + region.num_tokens] for r in range(ep_size)])
         want = torch.cat(wanted)
         if got.shape != want.shape:
-            return ProbeResult(False, note=f"the rewrite returns {tuple(got.shape)}, the traced code {tuple(want.shape)}")
+            return ProbeResult(False, note=f"the rewrite returns {tuple(got.shape)}, the traced code "
+                                           f"{tuple(want.shape)}")
         if not torch.isfinite(want).all():
             return ProbeResult(None, note="the traced block is not finite on the probe inputs")
         worst = max(worst, (want - got).abs().max().item() / (want.abs().max().item() or 1.0))
@@ -214,9 +209,9 @@ def _compare_generic(evaluator: RegionEvaluator, region: GenericRegion, copy: tu
             return ProbeResult(False, worst=worst, tolerance=tol)
     if rewritten_flops > 1.25 * traced_flops:
         return ProbeResult(False, worst=worst, tolerance=tol, note=(
-            f"with other ranks' slots dropped, the {ep_size} ranks together computed {rewritten_flops / max(1, traced_flops):.2f}x "
-            "the traced block's matmul FLOPs: its code computes experts whatever the routing (a dense form), so "
-            "expert parallelism would not divide its work"))
+            f"with other ranks' slots dropped, the {ep_size} ranks together computed "
+            f"{rewritten_flops / max(1, traced_flops):.2f}x the traced block's matmul FLOPs: its code computes "
+            "experts whatever the routing (a dense form), so expert parallelism would not divide its work"))
     return ProbeResult(True, worst=worst, tolerance=tol)
 
 
@@ -276,10 +271,15 @@ def _writes_graph_input(nodes: set[fx.Node]) -> fx.Node | None:
     return None
 
 
-def _is_state(node: fx.Node, value: Any) -> bool:
-    """A graph input that is the model's state (parameters, buffers) or a size, not its data."""
-    return (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
-            or "_parameters_" in node.name or "_buffers_" in node.name)
+def _unprovable(evaluated: set[fx.Node], source: fx.Node, inputs: dict[fx.Node, Any]) -> str | None:
+    """Why code evaluating ``evaluated`` from ``source`` cannot be probed on its own, or None: it
+    would write into the model's inputs or state, or read data other than its hidden states."""
+    if written := _writes_graph_input(evaluated):
+        return f"writes into a graph input ({written.format_node()})"
+    if read := next((n for n in evaluated if n.op == "placeholder" and n is not source
+                     and not is_state_input(n, inputs[n])), None):
+        return f"reads the graph input {read.name} besides its hidden states"
+    return None
 
 
 def concrete_inputs(example_inputs: list) -> list | None:
