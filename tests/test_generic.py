@@ -104,3 +104,32 @@ def test_a_capacity_no_recognizer_knows_is_refused(rank_pool):
         r = res["auto"]
         assert r["blocks"] == [], r
         assert any("generic path's rewrite is not what its code computes" in m for m in r["misses"]), r["misses"]
+
+
+def test_tokens_above_the_bound_raise_naming_the_block():
+    """A rank holding more tokens than max_tokens_per_rank gets an error naming the block and both
+    sizes, as the recognized AllGather's bound does (rather than leaving the block as traced on that
+    rank alone while its peers rewrite it). The plan is built directly: ep = 2 without a group."""
+    import torch
+
+    import moe_fx
+    from moe_fx.errors import UnsupportedMoEError
+    from moe_fx.lowering.base import EPPlan
+    from moe_fx.passes.generic import GenericRegion, find_generic, plan_generic
+    from tests.form_jobs import build_form
+
+    found = []
+
+    def capture(gm, example_inputs):
+        found.extend(g for g in find_generic(gm.graph, []) if isinstance(g, GenericRegion))
+        return gm
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(build_form("NormedExpertLoop"), backend=capture, fullgraph=True)(torch.randn(7, 16))
+    (region,) = found
+    ep = EPPlan(block=region.block, num_experts=4, ep_size=2, ep_rank=1, group_name="unused")
+    with moe_fx.config.patch(max_tokens_per_rank=5), pytest.raises(UnsupportedMoEError) as err:
+        plan_generic(region, ep)
+    assert "MoE block '<root module>' (generic): 7 tokens on rank 1 exceed" in str(err.value)
+    assert "max_tokens_per_rank=5" in str(err.value)

@@ -47,11 +47,12 @@ def analyze_graph(graph: fx.Graph) -> PassReport:
     regions, misses = find_moe_regions(graph)
     # a capacity gate's drops depend on each token's place in its expert's queue: left as traced
     # (passes/capacity_gate.py), never replayed on other ranks' rows
-    delimited = [g for g in find_generic(graph, regions)
-                 if not any(m.form == capacity_gate.FORM and _related(m.block, g.block) for m in misses)]
+    gates = {m.anchor for m in misses if m.form == capacity_gate.FORM}
+    delimited = [g for g in find_generic(graph, regions) if not (isinstance(g, GenericRegion) and gates & set(g.nodes))]
     generic = [g for g in delimited if isinstance(g, GenericRegion)]
-    # a block the generic path looked at is described by it, not by the unrecognized-router line
-    misses = [m for m in misses if not (m.form == UNCLAIMED and any(_inside(m.block, g.block) for g in delimited))]
+    # a router the generic path looked at is described by it, not by the unrecognized-router line
+    looked_at = {g.topk if isinstance(g, GenericRegion) else g.anchor for g in delimited}
+    misses = [m for m in misses if not (m.form == UNCLAIMED and m.anchor in looked_at)]
     # a block a recognizer already explained (the router inside it, or it inside the router's module)
     # keeps that reason; the generic path's is added where none did (a block it delimited still goes
     # to it: tried at compile time)
@@ -152,7 +153,7 @@ class _GenericDecision:
 def _proven_generic(evaluator: RegionEvaluator | None, candidates: list[GenericRegion],
                     misses: list[NoMatch]) -> list[_GenericDecision]:
     """The generic candidates to rewrite: planned under an EP group and proven on probe inputs.
-    Each other one gets a near-miss saying why; a rewritten block's recognizers' near-misses go."""
+    Each other one gets a near-miss saying why; the near-misses found in a rewritten block's code go."""
     kept = []
     for region in candidates:
         ep = ep_plan(region)
@@ -173,7 +174,9 @@ def _proven_generic(evaluator: RegionEvaluator | None, candidates: list[GenericR
             misses.append(generic_refusal(region, result))
             counters["moe_fx"]["probe_refused"] += result.agreed is False
             continue
-        misses[:] = [m for m in misses if not _inside(m.block, region.block)]
+        # the recognizers' near-misses found inside the code it replaces are answered
+        replaced = {*region.nodes, region.topk}
+        misses[:] = [m for m in misses if m.anchor not in replaced]
         kept.append(_GenericDecision(region, plan, choice))
     return kept
 

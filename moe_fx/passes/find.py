@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch.fx as fx
@@ -49,5 +50,5 @@ def find_moe_regions(graph: fx.Graph) -> tuple[list[MoERegion], list[NoMatch]]:
     # An anchor inside a region another recognizer matched is no near-miss (torchtitan's three
     # grouped matmuls are not transformers' two).
     claimed = set().union(*(r.nodes for r in regions)) if regions else set()
-    near_misses = [miss for anchor, miss in misses if anchor not in claimed]
+    near_misses = [dataclasses.replace(miss, anchor=anchor) for anchor, miss in misses if anchor not in claimed]
     return regions, near_misses + unclaimed_routers(graph, regions, near_misses)

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from moe_fx import config
+from moe_fx.errors import UnsupportedMoEError
 from moe_fx.lowering.allgather import AllGatherLowering, ScatterIssued
 from moe_fx.lowering.base import EPPlan, LoweringPlan, Strategy
 from moe_fx.lowering.collectives import start_reduce_scatter_rows
@@ -126,7 +127,7 @@ def _delimit(topk: fx.Node, weight: fx.Node, num_experts: int) -> GenericRegion 
 
     def miss(reason: str) -> NoMatch:
         return NoMatch(block, FORM, f"no recognizer matched the block of the router {router}, and moe_fx cannot "
-                                    f"delimit its experts code: {reason}")
+                                    f"delimit its experts code: {reason}", anchor=topk)
 
     ids = next((u for u in topk.users if op_name(u) == "getitem" and u.args[1] == 1), None)
     values = next((u for u in topk.users if op_name(u) == "getitem" and u.args[1] == 0), None)
@@ -249,9 +250,9 @@ def plan_generic(region: GenericRegion, ep: EPPlan) -> tuple[LoweringPlan, Lower
     device_type = fake(region.hidden).device.type
     bound = config.max_tokens_per_rank
     capacity = region.num_tokens if bound is None else bound
-    if capacity < region.num_tokens:
-        return (f"this rank holds {region.num_tokens} tokens, more than moe_fx.config.max_tokens_per_rank = "
-                f"{bound}")
+    if capacity < region.num_tokens:  # as the recognized AllGather does: an error, never one rank's refusal
+        raise UnsupportedMoEError(f"MoE block {region.block!r} (generic): {region.num_tokens} tokens on rank "
+                                  f"{ep.ep_rank} exceed moe_fx.config.max_tokens_per_rank={bound}; raise the bound")
     if device_type == "npu":
         return "the generic path has no Ascend lowering"
     if token_layout() != "per_rank":

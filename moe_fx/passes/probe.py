@@ -233,8 +233,9 @@ def generic_refusal(region: GenericRegion, result: ProbeResult) -> NoMatch:
     """The near-miss of a block the generic path leaves as traced."""
     head = f"no recognizer matched the block of the router {region.router}"
     if result.note:
-        return NoMatch(region.block, region.form, f"{head}; the generic path leaves it as traced: {result.note}")
-    return NoMatch(region.block, region.form, (
+        return NoMatch(region.block, region.form, f"{head}; the generic path leaves it as traced: {result.note}",
+                       anchor=region.topk)
+    return NoMatch(region.block, region.form, anchor=region.topk, _reason=(
         f"{head}, and the generic path's rewrite is not what its code computes: on probe inputs the sum over ranks "
         f"differs from the traced block by {result.worst:.3g} of its largest value (tolerance {result.tolerance:.0e} "
         f"for {str(region.dtype).removeprefix('torch.')}); left as traced"))

@@ -160,6 +160,9 @@ class NoMatch:
     block: str
     form: str
     _reason: Callable[[], str] | str = field(repr=False)
+    # the node the miss was found at (a recognizer's anchor, a router's topk): a rewrite that
+    # replaces it answers the miss
+    anchor: fx.Node | None = field(default=None, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return False

@@ -43,7 +43,7 @@ def unclaimed_routers(graph: fx.Graph, regions: list[MoERegion], misses: list[No
         if read_by_regions(node, regions) or any(m.block.startswith(parent) for m in misses):
             continue
         if reason := where_ids_go(node, num_experts, owner_path(weight)):
-            found.append(NoMatch(block, FORM, reason))
+            found.append(NoMatch(block, FORM, reason, anchor=node))
     return found
 
 
