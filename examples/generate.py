@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                 f"{res['same_rows']}/{res['rows']} rows generate the reference's tokens, "
                 f"the others first differ at steps {res['diverged_at']}")
     if distributed:
-        dist.destroy_process_group()
+        moe_fx.destroy_process_group()
     return 1 if failed else 0
 
 

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         say(f"check: {'FAIL' if failed else 'PASS'}: closest to its tolerance: step {worst}, relative loss difference "
             f"{diffs[worst]:.2e} against {tols[worst]:.2e} ({SLACK:g} x the largest drift so far between the one-process "
             f"runs on micro-batches and on the concatenated batch, or {FLOOR[args.dtype]:g}); largest difference {max(diffs):.2e}")
-    dist.destroy_process_group()
+    moe_fx.destroy_process_group()
     return 1 if failed else 0
 
 

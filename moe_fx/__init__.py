@@ -10,6 +10,7 @@ from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
 from moe_fx.errors import CollectiveTimeoutError, MoEFxError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.explain import ExplainReport, explain
 from moe_fx.prepare import PrepareReport, prepare, prepare_report
+from moe_fx.runtime.comm import destroy_process_group
 from moe_fx.runtime.guard import reset_call_counts
 from moe_fx.parallel import average_expert_gradients, expert_parallel_parameters
 from moe_fx.shard import ExpertShard, shard_experts
@@ -29,6 +30,7 @@ __all__ = [
     "average_expert_gradients",
     "backend",
     "config",
+    "destroy_process_group",
     "expert_parallel_parameters",
     "explain",
     "load_sharded",

@@ -146,4 +146,4 @@ def _rank_main(rank: int, world: int, port: int | None, args: argparse.Namespace
         return 0 if ok else 1
     finally:
         if world > 1:
-            dist.destroy_process_group()
+            moe_fx.destroy_process_group()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+import moe_fx
 from moe_fx.bench import SHAPES, build_blocks, configured_backend, make_tokens
 
 
@@ -88,7 +89,7 @@ def main() -> None:
                                                  for e in cpu))
             print("GPU (self):  " + "; ".join(f"{e.key[:60]} {e.self_device_time_total / args.calls:.0f}"
                                             for e in gpu if e.self_device_time_total > 0))
-    dist.destroy_process_group()
+    moe_fx.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_a_verdict_on_one_rank_only_is_an_error_not_a_hang(rank_pool):
     """The claim is wrong on rank 0 only (ranks with the same weights never disagree; this forces
     it): rank 0 runs the block as traced (with the foreign experts zeroed here, so against the
     traced code on its weights); rank 1, whose rewrite needs rank 0 for the block's groups and
-    guard, fails within collective_timeout_s (3 s) instead of waiting. moe_fx's group set-up is
+    guard, fails within collective_timeout_s (3 s) with an error naming the block instead of waiting. moe_fx's group set-up is
     then out of step between the ranks, so the pool is replaced."""
     try:
         results = rank_pool(2).run("tests.probe_jobs:corrupted_case", corrupt_ranks=(0,))
@@ -42,7 +42,8 @@ def test_a_verdict_on_one_rank_only_is_an_error_not_a_hang(rank_pool):
         rank_pool(2).close()
     assert results[0]["blocks"] == [] and "not what the traced code computes" in results[0]["misses"][0]
     assert within(results[0]["as_traced"], "float32"), results[0]
-    assert "timeout" in results[1].get("error", "").lower(), results[1]
+    error = results[1].get("error", "")
+    assert "CollectiveTimeoutError: MoE block '<root module>'" in error and "came to set up" in error, results[1]
 
 
 def test_right_claims_pass_on_every_rank(rank_pool):

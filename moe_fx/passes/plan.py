@@ -11,11 +11,12 @@ import dataclasses
 import logging
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx import config
-from moe_fx.errors import UnsupportedMoEError
+from moe_fx.errors import CollectiveTimeoutError, UnsupportedMoEError
 from moe_fx.lowering import LOWERINGS, BlockFacts, EPPlan, LocalLowering, LoweringChoice, LoweringPlan, Strategy
 from moe_fx.lowering.guard import GuardPlan
 from moe_fx.lowering.npu import BlockShape, is_npu_target, make_npu_lowering, npu_soc
@@ -141,7 +142,16 @@ def exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: 
         protocol = config.ep_nccl_protocol
     else:
         protocol = None
-    group = timed_sibling(resolve_group(ep.group_name), config.collective_timeout_s, protocol)
+    parent = resolve_group(ep.group_name)
+    try:
+        group = timed_sibling(parent, config.collective_timeout_s, protocol)
+    except Exception as exc:  # c10d's store barrier: a peer never came to the set-up
+        raise CollectiveTimeoutError(
+            f"MoE block {region.block!r}: not every rank of EP group {ep.group_name!r} (global ranks "
+            f"{dist.get_process_group_ranks(parent)}) came to set up moe_fx's exchange group within "
+            f"collective_timeout_s={config.collective_timeout_s:g} s. A peer that left this block as traced "
+            f"(its near-misses say why) or compiled another graph never comes; end the job on every rank. "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     return dataclasses.replace(ep, group_name=group.group_name)
 
 
