@@ -141,10 +141,10 @@ def render_case(*, rank: int = 0, world_size: int = 1, key: str, impl: str, dtyp
 def _stable_group_names(rendering: str) -> str:
     """moe_fx's own groups (comm.timed_sibling) are named by c10d in creation order: shown as
     ``moe_fx(<EP group's name>)``."""
-    from moe_fx.runtime.comm import _own_groups
+    from moe_fx.runtime.comm import own_group_parents
 
-    for (parent, _, _), group in _own_groups.items():
-        rendering = rendering.replace(repr(group.group_name), repr(f"moe_fx({parent})"))
+    for name, parent in own_group_parents().items():
+        rendering = rendering.replace(repr(name), repr(f"moe_fx({parent})"))
     return rendering
 
 

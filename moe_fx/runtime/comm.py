@@ -117,6 +117,11 @@ def timed_sibling(group: dist.ProcessGroup, timeout_s: float, protocol: str | No
     return _own_groups[key]
 
 
+def own_group_parents() -> dict[str, str]:
+    """The group name of each communicator ``timed_sibling`` created -> its parent group's name."""
+    return {group.group_name: parent for (parent, _, _), group in _own_groups.items()}
+
+
 def destroy_process_group() -> None:
     """``dist.destroy_process_group()`` after releasing, on every rank at the same point, what
     compiled MoE blocks hold on the devices: dynamo's compiled graphs (with their CUDA graphs,
