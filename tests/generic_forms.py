@@ -107,3 +107,29 @@ class CappedLoop(_Experts):
             tok, slot = tok[:self.capacity], slot[:self.capacity]
             out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None].to(x.dtype))
         return out
+
+
+class TopKCapacityGate(nn.Module):
+    """A DeepSpeed-style top-k gate with a capacity, on [E, C, H] buffers: slots past an expert's
+    capacity are dropped by queue position. The ``capacity_gate`` recognizer names it, and the
+    generic path must not take its top-k router as a candidate."""
+
+    capacity = 3
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = _Router(hidden, num_experts, top_k)
+        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, w = self.router(x)
+        mask_TE = F.one_hot(ids, self.num_experts).sum(dim=1)
+        position_TE = torch.cumsum(mask_TE, dim=0) - 1
+        mask_TE = mask_TE * (position_TE < self.capacity)
+        gates_TE = torch.zeros(mask_TE.shape, dtype=w.dtype).scatter(1, ids, w) * mask_TE
+        dispatch_TEC = mask_TE[:, :, None] * F.one_hot(position_TE * mask_TE, self.capacity)
+        x_ECH = torch.einsum("tec,th->ech", dispatch_TEC.to(x.dtype), x)
+        y_ECH = torch.einsum("eci,ehi->ech", F.silu(torch.einsum("ech,eih->eci", x_ECH, self.w1)), self.w2)
+        return torch.einsum("tec,ech->th", (gates_TE[:, :, None] * dispatch_TEC).to(x.dtype), y_ECH)

@@ -133,3 +133,16 @@ def test_tokens_above_the_bound_raise_naming_the_block():
         plan_generic(region, ep)
     assert "MoE block '<root module>' (generic): 7 tokens on rank 1 exceed" in str(err.value)
     assert "max_tokens_per_rank=5" in str(err.value)
+
+
+def test_a_capacity_gate_is_not_a_candidate():
+    """A top-k router feeding a capacity-dropping gate: the capacity_gate near-miss, no generic line."""
+    import torch
+
+    import moe_fx
+    from tests.generic_forms import TopKCapacityGate
+
+    torch.manual_seed(0)
+    report = moe_fx.explain(TopKCapacityGate(16, 8, 4, 2), torch.randn(9, 16))
+    forms = [m.form for m in report.near_misses]
+    assert "capacity_gate" in forms and "generic" not in forms, str(report)
