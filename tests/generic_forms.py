@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.form_modules import ExpertMLP
+from tests.handwritten_forms import _StackedExperts
 from tests.moe_modules import _Router
 
 
@@ -109,19 +110,12 @@ class CappedLoop(_Experts):
         return out
 
 
-class TopKCapacityGate(nn.Module):
+class TopKCapacityGate(_StackedExperts):
     """A DeepSpeed-style top-k gate with a capacity, on [E, C, H] buffers: slots past an expert's
     capacity are dropped by queue position. The ``capacity_gate`` recognizer names it, and the
     generic path must not take its top-k router as a candidate."""
 
     capacity = 3
-
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.router = _Router(hidden, num_experts, top_k)
-        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate, hidden) * hidden**-0.5)
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, intermediate) * intermediate**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, w = self.router(x)
@@ -131,5 +125,6 @@ class TopKCapacityGate(nn.Module):
         gates_TE = torch.zeros(mask_TE.shape, dtype=w.dtype).scatter(1, ids, w) * mask_TE
         dispatch_TEC = mask_TE[:, :, None] * F.one_hot(position_TE * mask_TE, self.capacity)
         x_ECH = torch.einsum("tec,th->ech", dispatch_TEC.to(x.dtype), x)
-        y_ECH = torch.einsum("eci,ehi->ech", F.silu(torch.einsum("ech,eih->eci", x_ECH, self.w1)), self.w2)
+        h_ECI = F.silu(torch.einsum("ech,eih->eci", x_ECH, self.w1)) * torch.einsum("ech,eih->eci", x_ECH, self.w3)
+        y_ECH = torch.einsum("eci,ehi->ech", h_ECI, self.w2)
         return torch.einsum("tec,ech->th", (gates_TE[:, :, None] * dispatch_TEC).to(x.dtype), y_ECH)
