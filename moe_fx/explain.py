@@ -4,19 +4,20 @@
     print(report)            # a table of blocks, then near-misses and graph breaks
 
 It captures the model with dynamo (with the dynamic-shape flags ``fullgraph=True`` turns on),
-runs the recognizers and the lowering choice on every graph, and runs the model eagerly: no
-collective is issued, so it may be called on one rank alone.
+runs the recognizers, the lowering choice and the backend's probe check on every graph (the
+probe's EP ranks simulated), and runs the model eagerly: no collective is issued, so it may be
+called on one rank alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from moe_fx.errors import MoEFxError
 from moe_fx.graph_breaks import BreakSite, break_site, explain_break, outside_experts, owner_modules
-from moe_fx.passes import PassReport, analyze_graph
+from moe_fx.passes import PassReport, analyze_graph, probe_refusals
 from moe_fx.passes.graph_utils import fake, module_path, real_value
 from moe_fx.passes.region import MoERegion
 from moe_fx.passes.unclaimed import FORM as UNCLAIMED, LEAVES_GRAPH
@@ -110,10 +111,13 @@ class ExplainReport:
     __str__ = table
 
 
-_GENERIC = ("no recognizer matched the block of the router {router}; the generic path delimited its code ({nodes} "
+_DELIMITED = "the generic path delimited its code"
+_GENERIC = ("no recognizer matched the block of the router {router}; " + _DELIMITED + " ({nodes} "
             "nodes from the router's top-k to its [T, H] result). Under an expert-parallel group the backend "
             "rewrites it (AllGather; the block's own code on the gathered rows, other ranks' slots dropped) if its "
-            "probe check passes at compile time; explain() does not run the probe. At ep = 1 it stays as traced.")
+            "probe check passes at compile time. At ep = 1 it stays as traced.")
+_PROVEN = " Its probe check passed here (every rank of the EP group simulated; without one, 2 ranks)."
+_NOT_PROBED = " explain() did not run its probe check (moe_fx.config.probe_check is off, or the inputs were fake)."
 
 
 def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
@@ -143,6 +147,8 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}
     for gm in captured.graphs:
         _add_graph(report, analyze_graph(gm.graph), params)
+    if report.blocks or any(m.form == "generic" for m in report.near_misses):
+        _add_probe_verdicts(report, model_or_fn, args, kwargs, flags if not capture_failed else {})
     explained = False
     candidates = find_candidates(model_or_fn) if isinstance(model_or_fn, torch.nn.Module) else []
     fix = _FIX_EAGER_EXPERTS + (_FIX_BY_PREPARE if candidates else _FIX_WITHOUT_PREPARE)
@@ -168,6 +174,37 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
         _add_prepare_candidates(report, candidates)
     _add_prepare_report(report, model_or_fn)
     return report
+
+
+def _add_probe_verdicts(report: ExplainReport, model_or_fn, args, kwargs, flags: dict) -> None:
+    """The backend's probe check on each block, as it runs at compile time: a recognized block it
+    refuses leaves the table for the near-miss the backend logs, and a generic candidate's line
+    says whether it passed. One more capture, whose graphs come with their real inputs (those of
+    dynamo.explain do not)."""
+    verdicts = []
+
+    def probe(gm, example_inputs):
+        verdicts.append(probe_refusals(gm, example_inputs))
+        return gm.forward
+
+    try:
+        with torch._dynamo.config.patch(**flags), torch.no_grad():
+            torch.compile(model_or_fn, backend=probe)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    ran = [v for v in verdicts if v is not None]
+    refused = [m for misses, _ in ran for m in misses]
+    proven = set().union(*(blocks for _, blocks in ran))
+    gone = {m.block for m in refused}
+    report.blocks[:] = [b for b in report.blocks if b.block not in gone]
+    rows = []
+    for row in report.near_misses:
+        if _DELIMITED not in row.reason:
+            rows.append(row)
+        elif row.block not in gone:  # a refused candidate's line is its refusal, below
+            note = _PROVEN if row.block in proven else "" if ran else _NOT_PROBED
+            rows.append(replace(row, reason=row.reason + note))
+    report.near_misses[:] = rows + [NearMissRow(block=m.block, form=m.form, reason=m.reason) for m in refused]
 
 
 def _add_prepare_candidates(report: ExplainReport, candidates: list) -> None:

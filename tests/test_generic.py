@@ -57,7 +57,14 @@ def test_explain_names_the_generic_candidate():
 
     report = moe_fx.explain(build_form("NormedExpertLoop"), torch.randn(7, 16))
     rows = [m for m in report.near_misses if m.form == "generic"]
-    assert len(rows) == 1 and "probe check" in rows[0].reason, str(report)
+    assert len(rows) == 1 and "probe check passed here" in rows[0].reason, str(report)
+    dense = moe_fx.explain(build_form("DenseGateLoop"), torch.randn(7, 16))
+    rows = [m for m in dense.near_misses if m.form == "generic"]
+    assert len(rows) == 1 and "dense form" in rows[0].reason, str(dense)
+    with moe_fx.config.patch(probe_check=False):
+        unchecked = moe_fx.explain(build_form("NormedExpertLoop"), torch.randn(7, 16))
+    rows = [m for m in unchecked.near_misses if m.form == "generic"]
+    assert len(rows) == 1 and "did not run its probe check" in rows[0].reason, str(unchecked)
 
 
 def test_operator_methods_are_named_as_their_operators():

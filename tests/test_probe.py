@@ -52,6 +52,31 @@ def test_right_claims_pass_on_every_rank(rank_pool):
         assert within(res, "float32"), f"rank {rank}: {res}"
 
 
+def test_explain_runs_the_probe_check():
+    """explain() reaches the backend's verdict: the wrongly claimed block leaves its table for the
+    probe's near-miss; the right claim stays; with the check off nothing is refused."""
+    import moe_fx
+    import moe_fx.passes
+    from tests.ep_jobs import build_plain
+    from tests.probe_jobs import wrong_weighting
+
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
+    x = torch.randn(5, 16)
+    find = moe_fx.passes.find_moe_regions
+    moe_fx.passes.find_moe_regions = wrong_weighting(find)
+    try:
+        wrong = moe_fx.explain(model, x)
+        with moe_fx.config.patch(probe_check=False):
+            unchecked = moe_fx.explain(model, x)
+    finally:
+        moe_fx.passes.find_moe_regions = find
+    right = moe_fx.explain(model, x)
+    assert wrong.blocks == [] and [m.form for m in wrong.near_misses] == ["probe"], str(wrong)
+    assert "not what the traced code computes" in wrong.near_misses[0].reason
+    assert len(unchecked.blocks) == 1 and not unchecked.near_misses, str(unchecked)
+    assert len(right.blocks) == 1 and not right.near_misses, str(right)
+
+
 def test_probe_routings_hit_every_expert():
     for tokens, top_k, experts in ((1, 2, 8), (3, 2, 8), (5, 8, 128), (16, 4, 8), (1, 1, 64)):
         routings = probe_routings(tokens, top_k, experts)

@@ -62,13 +62,13 @@ class DepthRouter(nn.Module):
 
 
 def test_a_router_feeding_unknown_experts_code_is_a_near_miss():
-    """No recognizer matches; the generic path delimits the block, and explain() says so (the
-    probe that decides runs at compile time)."""
+    """No recognizer matches; the generic path delimits the block and its probe check refuses it
+    (``self.w_in[ids]`` reads a dropped slot's id -1 as the last expert), and explain() says so."""
     report = moe_fx.explain(ElementwiseExperts(), torch.randn(T, H))
     assert not report.blocks
     misses = [m for m in report.near_misses if m.form == "generic"]
     assert len(misses) == 1 and not [m for m in report.near_misses if m.form == "unrecognized"], str(report)
-    assert "router gate.weight" in misses[0].reason and "probe check" in misses[0].reason
+    assert "router gate.weight" in misses[0].reason and "slot whose id is -1" in misses[0].reason, str(report)
 
 
 @pytest.mark.parametrize("model", [TopkAttention(), DepthRouter(), nn.Sequential(nn.Linear(H, I), nn.GELU(), nn.Linear(I, H))],

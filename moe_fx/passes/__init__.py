@@ -26,7 +26,7 @@ from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, 
 from moe_fx.passes.probe import (
     ProbeResult, RegionEvaluator, concrete_inputs, generic_refusal, prove_generic, prove_region, refusal,
 )
-from moe_fx.passes.region import MoERegion, NoMatch
+from moe_fx.passes.region import NoMatch
 from moe_fx.passes.unclaimed import FORM as UNCLAIMED, ROOT
 from moe_fx.passes.render import render_nodes, render_region
 from moe_fx.passes.report import BlockDecision, PassReport
@@ -36,7 +36,7 @@ from moe_fx.passes.verify import check_only_ops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_ep_pass"]
+__all__ = ["BlockDecision", "PassReport", "analyze_graph", "block_facts", "moe_ep_pass", "probe_refusals"]
 
 
 def analyze_graph(graph: fx.Graph) -> PassReport:
@@ -113,6 +113,31 @@ def moe_ep_pass(gm: fx.GraphModule, example_inputs: list | None = None) -> PassR
         gm.graph.lint()
         gm.recompile()
     return report
+
+
+def probe_refusals(gm: fx.GraphModule, example_inputs: list) -> tuple[list[NoMatch], set[str]] | None:
+    """What the backend's probe check would say of ``gm``'s blocks, with no rewrite and no
+    collective (for explain()): the near-misses of the recognized blocks and generic candidates it
+    refuses, and the generic candidates it proves (each rank of the EP group simulated; without
+    one, 2 ranks: what the block would meet under expert parallelism). None where the graph's
+    inputs are fake or the check is off."""
+    evaluator = _evaluator(gm, example_inputs) if config.probe_check else None
+    if evaluator is None:
+        return None
+    analysis = analyze_graph(gm.graph)
+    misses, proven = [], set()
+    for decision in analysis.blocks:
+        result = _probe(lambda: prove_region(evaluator, decision.region))
+        if result.agreed is False:
+            misses.append(refusal(decision.region, result))
+    for region in analysis.generic:
+        capacity = max(config.max_tokens_per_rank or 0, region.num_tokens)
+        result = _probe(lambda: prove_generic(evaluator, region, max(ep_plan(region).ep_size, 2), capacity))
+        if result.agreed:
+            proven.add(region.block)
+        else:
+            misses.append(generic_refusal(region, result))
+    return misses, proven
 
 
 def _evaluator(gm: fx.GraphModule, example_inputs: list) -> RegionEvaluator | None:

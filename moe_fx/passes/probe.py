@@ -238,7 +238,9 @@ def generic_refusal(region: GenericRegion, result: ProbeResult) -> NoMatch:
     return NoMatch(region.block, region.form, anchor=region.topk, _reason=(
         f"{head}, and the generic path's rewrite is not what its code computes: on probe inputs the sum over ranks "
         f"differs from the traced block by {result.worst:.3g} of its largest value (tolerance {result.tolerance:.0e} "
-        f"for {str(region.dtype).removeprefix('torch.')}); left as traced"))
+        f"for {str(region.dtype).removeprefix('torch.')}): code that does not skip a slot whose id is -1 (one "
+        f"that indexes expert weights by the ids reads it as the last expert; a capacity counts it) cannot be "
+        f"split by expert; left as traced"))
 
 
 class RegionEvaluator(fx.Interpreter):
