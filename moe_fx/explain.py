@@ -190,6 +190,9 @@ def _add_probe_verdicts(report: ExplainReport, model_or_fn, args, kwargs, flags:
     try:
         with torch._dynamo.config.patch(**flags), torch.no_grad():
             torch.compile(model_or_fn, backend=probe)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  (the report says so; the first capture's findings stand)
+        report.notes.append(f"the probe check could not run ({type(exc).__name__}: {str(exc).strip()[:200]})")
+        verdicts.clear()
     finally:
         torch._dynamo.reset()
     ran = [v for v in verdicts if v is not None]
