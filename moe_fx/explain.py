@@ -19,6 +19,7 @@ from moe_fx.errors import MoEFxError
 from moe_fx.graph_breaks import BreakSite, break_site, explain_break, outside_experts, owner_modules
 from moe_fx.passes import PassReport, analyze_graph, probe_refusals
 from moe_fx.passes.graph_utils import fake, module_path, real_value
+from moe_fx.passes.probe import FORM as PROBE
 from moe_fx.passes.region import MoERegion
 from moe_fx.passes.unclaimed import FORM as UNCLAIMED, LEAVES_GRAPH
 from moe_fx.prepare import find_candidates, prepare_report
@@ -198,13 +199,13 @@ def _add_probe_verdicts(report: ExplainReport, model_or_fn, args, kwargs, flags:
     ran = [v for v in verdicts if v is not None]
     refused = [m for misses, _ in ran for m in misses]
     proven = set().union(*(blocks for _, blocks in ran))
-    gone = {m.block for m in refused}
-    report.blocks[:] = [b for b in report.blocks if b.block not in gone]
+    report.blocks[:] = [b for b in report.blocks if b.block not in {m.block for m in refused if m.form == PROBE}]
+    refused_generic = {m.block for m in refused if m.form != PROBE}
     rows = []
     for row in report.near_misses:
         if _DELIMITED not in row.reason:
             rows.append(row)
-        elif row.block not in gone:  # a refused candidate's line is its refusal, below
+        elif row.block not in refused_generic:  # a refused candidate's line is its refusal, below
             note = _PROVEN if row.block in proven else "" if ran else _NOT_PROBED
             rows.append(replace(row, reason=row.reason + note))
     report.near_misses[:] = rows + [NearMissRow(block=m.block, form=m.form, reason=m.reason) for m in refused]
