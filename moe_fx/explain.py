@@ -136,13 +136,16 @@ def explain(model_or_fn, *args, **kwargs) -> ExplainReport:
     try:
         with torch._dynamo.config.patch(**flags):
             captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
-        capture_failed = False
+        # torch 2.11 gives up on a frame whose unbacked size it cannot guard without raising:
+        # no graph at all (seen with a slice by counts read on the host)
+        capture_failed = captured.graph_count == 0
     except Exception:  # noqa: BLE001  (the flags make some breaks errors; the fullgraph capture below says why)
         # e.g. a loop over `nonzero(...).tolist()`: with capture_scalar_outputs its unbacked
         # length is guarded on, an error; without the flags dynamo breaks the graph there.
+        capture_failed = True
+    if capture_failed:
         torch._dynamo.reset()
         captured = torch._dynamo.explain(model_or_fn)(*args, **kwargs)
-        capture_failed = True
     torch._dynamo.reset()
     report = ExplainReport(graph_count=captured.graph_count)
     params = dict(model_or_fn.named_parameters()) if isinstance(model_or_fn, torch.nn.Module) else {}

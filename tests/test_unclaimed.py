@@ -123,9 +123,16 @@ class HostCountsLoop(ElementwiseExperts):
 
 
 def test_a_router_over_dim_1_feeding_expert_slices_is_a_near_miss():
+    """torch 2.13 captures the loop into the router's graph (the generic path's line); torch 2.11
+    gives up on the flagged capture without raising (no graph at all, once a silent miss), and
+    explain() then captures without the flags: the ids leave the graph at the loop's break."""
     report = moe_fx.explain(HostCountsLoop(), torch.randn(T, H))
-    misses = [m for m in report.near_misses if m.form == "generic"]
-    assert len(misses) == 1 and "router gate.weight" in misses[0].reason, str(report)
+    generic = [m for m in report.near_misses if m.form == "generic"]
+    if generic:
+        assert len(generic) == 1 and "router gate.weight" in generic[0].reason, str(report)
+    else:
+        forms = {m.form: m.reason for m in report.near_misses}
+        assert "router gate" in forms.get("unrecognized", "") and "graph break" in forms, str(report)
 
 
 class NonzeroListLoop(ElementwiseExperts):
