@@ -3,6 +3,7 @@ ep == 1. Each returns plain data (floats, strings) for the test to assert on."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -406,3 +407,41 @@ def overlap_order_case(*, rank: int = 0, world_size: int = 1, chunks: int) -> di
     code_order = [t for name in calls if (t := _order_tag(name))]
     return {"graph": " ".join(graph_order), "code": " ".join(code_order), "diff": (out - ref).abs().max().item(),
             "chunks": [b.overlap_chunks for g in graphs for b in g.report.blocks]}
+
+
+def autograd_wrapper_case(*, rank: int = 0, world_size: int = 1, below_autograd: bool = True) -> dict:
+    """One call of a bounded-AllGather block compiled with grad off: how many calls it makes into
+    torch's Python autograd wrapper of registered ops (torch/_library/autograd.py, which the
+    functional collectives pass through), the output against eager, and what kind of tensor it is.
+    ``below_autograd=False`` leaves out moe_fx.backend's ``_below_autograd``."""
+    import sys
+
+    backend_module = sys.modules["moe_fx.backend"]  # the module (moe_fx.backend is the function)
+    model = build_plain("batched", hidden=16, intermediate=8, num_experts=8, top_k=2, dtype="float32")
+    x = torch.randn(5 + rank, 16, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref = model(x)
+    zero_foreign_experts(model, 8)
+    wrap = backend_module._below_autograd
+    if not below_autograd:
+        backend_module._below_autograd = lambda compiled: compiled
+    calls: list[str] = []
+
+    def count(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith(os.path.join("_library", "autograd.py")):
+            calls.append(frame.f_code.co_name)
+
+    torch._dynamo.reset()
+    try:
+        with moe_fx.config.patch(lowering="allgather", inner_backend="eager", max_tokens_per_rank=8), torch.no_grad():
+            compiled = torch.compile(model, backend=moe_fx.backend, fullgraph=True)
+            compiled(x)
+            sys.setprofile(count)
+            try:
+                out = compiled(x)
+            finally:
+                sys.setprofile(None)
+    finally:
+        backend_module._below_autograd = wrap
+    return {**_diff(out, ref), "wrapper_calls": len(calls), "inference_tensor": out.is_inference(),
+            "requires_grad": out.requires_grad}
