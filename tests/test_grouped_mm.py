@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_fx.passes.plan import _records_cuda_graphs
+from moe_fx.passes.plan import records_cuda_graphs
 from moe_fx.runtime.grouped_mm import TRITON_MAX_ROWS_PER_GROUP, cuda_kernel_for
 
 
@@ -43,9 +43,9 @@ def test_cuda_graphs_are_seen_from_inductor_config():
     from torch._inductor import config as inductor_config
 
     with inductor_config.patch({"triton.cudagraphs": False}):
-        assert not _records_cuda_graphs()
+        assert not records_cuda_graphs()
     with inductor_config.patch({"triton.cudagraphs": True}):
-        assert _records_cuda_graphs()
+        assert records_cuda_graphs()
 
 
 def test_cuda_graphs_are_seen_from_inner_mode_before_inductor_compiles():
@@ -56,11 +56,11 @@ def test_cuda_graphs_are_seen_from_inner_mode_before_inductor_compiles():
 
     with inductor_config.patch({"triton.cudagraphs": False}):
         with moe_fx.config.patch(inner_backend="inductor", inner_mode="reduce-overhead"):
-            assert _records_cuda_graphs()
+            assert records_cuda_graphs()
         with moe_fx.config.patch(inner_backend="inductor", inner_mode="max-autotune-no-cudagraphs"):
-            assert not _records_cuda_graphs()
+            assert not records_cuda_graphs()
         with moe_fx.config.patch(inner_backend="aot_eager", inner_mode="reduce-overhead"):
-            assert not _records_cuda_graphs()
+            assert not records_cuda_graphs()
 
 
 def test_symm_mem_falls_back_to_all_to_all_under_cuda_graphs(monkeypatch, caplog):

@@ -78,7 +78,7 @@ def lowering_plan(region: MoERegion, ep: EPPlan, choice: LoweringChoice) -> Lowe
             )
     if capacity is not None and region.weights_on_input:
         capacity *= region.top_k  # each (token, slot) row is dispatched as a token of its own
-    device_type, cuda_graphs, training = _device_type(region), _records_cuda_graphs(), _training(region)
+    device_type, cuda_graphs, training = _device_type(region), records_cuda_graphs(), _training(region)
     ep = exchange_group(ep, region, choice.strategy, capacity, device_type)
     return LoweringPlan(
         ep=ep, strategy=choice.strategy, top_k=rows_per_token, capacity_tokens=capacity,
@@ -234,7 +234,7 @@ def _mc2_transport(region: MoERegion, ep: EPPlan, strategy: Strategy, device_typ
     return transport
 
 
-def _records_cuda_graphs() -> bool:
+def records_cuda_graphs() -> bool:
     """Whether the graph being compiled will run as CUDA graphs: inductor's cudagraphs, set
     globally or by ``moe_fx.config.inner_mode = "reduce-overhead"`` (which the backend applies
     only when inductor compiles, after this pass: read from the mode's options here)."""
