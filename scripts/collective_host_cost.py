@@ -11,10 +11,13 @@ synchronizing inside the loop (what a graph without CUDA graphs pays per call), 
   graphs), and the same for ``reduce_scatter_tensor``;
 - ``eager``: ``dist.all_gather_into_tensor`` / ``dist.reduce_scatter_tensor``;
 - ``compiled``: an inductor function doing one all-gather and one reduce-scatter, against the same
-  function with the two collectives left out (its pointwise kernels only);
+  function with the two collectives left out (its pointwise kernels only), and the same call with
+  the autograd dispatch keys excluded (moe_fx/backend.py ``_below_autograd``: torch's functional
+  collectives pass through a Python autograd wrapper otherwise);
 - ``launch``: one small pointwise kernel, the floor of any launch.
 
-Each figure is the median over rounds of the mean host time per call in a round. The last
+Everything runs under ``torch.no_grad()``, as inference does. Each figure is the median over
+rounds of the mean host time per call in a round. The last
 column reruns each loop under torch.profiler (CPU and CUDA activities), for comparison with
 profiled host times.
 """
@@ -55,6 +58,11 @@ def host_us(fn: Callable[[], object], *, calls: int, rounds: int, profiled: bool
     return statistics.median(per_round)
 
 
+def below_autograd(fn: Callable, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return fn(*args)
+
+
 def variants(rows: int, hidden: int, world: int, group: str) -> dict[str, Callable[[], object]]:
     ops = torch.ops._c10d_functional
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
@@ -76,6 +84,7 @@ def variants(rows: int, hidden: int, world: int, group: str) -> dict[str, Callab
         "eager all-gather": lambda: dist.all_gather_into_tensor(gathered, x),
         "eager reduce-scatter": lambda: dist.reduce_scatter_tensor(scattered, xs),
         "compiled: both exchanges + pointwise": lambda: compiled(x),
+        "compiled: the same, below autograd": lambda: below_autograd(compiled, x),
         "compiled: the pointwise alone": lambda: compiled_bare(x),
         "launch: one pointwise kernel": lambda: small.add_(1),
     }
@@ -101,6 +110,7 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, "
               f"NCCL {_nccl_version()}; host µs per call, median of "
               f"{args.rounds} rounds of {args.calls} calls; hidden {args.hidden}, bf16")
+    torch.set_grad_enabled(False)
     for rows in args.rows:
         for name, fn in variants(rows, args.hidden, world, group).items():
             plain = host_us(fn, calls=args.calls, rounds=args.rounds)
