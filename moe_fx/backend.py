@@ -73,10 +73,10 @@ def _below_autograd(compiled: Callable) -> Callable:
     grad is off. On one H200 (scripts/collective_host_cost.py, one NCCL rank, one run) an
     all-gather and a reduce-scatter compiled by inductor took 402 / 204 / 320 µs of host time per
     call at 8 / 128 / 4096 rows of 2048, and 327 / 155 / 153 µs below autograd; the same pointwise
-    code without them 31-36 µs (README, "Host time without CUDA graphs"). Only for graphs compiled with grad off (dynamo
-    guards the grad mode, so they run with grad off, where autograd records nothing anyway) and
-    not recorded as CUDA graphs (a replay calls no op). The outputs stay normal tensors
-    (``torch.inference_mode`` would make them inference tensors)."""
+    code without them 31-36 µs (README, "Host time without CUDA graphs"). Only for graphs compiled
+    with grad off (dynamo guards the grad mode, so they run with grad off, where autograd records
+    nothing anyway) and not recorded as CUDA graphs (a replay calls no op). The outputs stay
+    normal tensors (``torch.inference_mode`` would make them inference tensors)."""
 
     def run(*args):
         with torch._C._AutoDispatchBelowAutograd():
