@@ -7,7 +7,9 @@ torch.compile pass.
 from moe_fx import config
 from moe_fx.backend import RecordedGraph, backend, recording
 from moe_fx.checkpoint import ShardedLoad, TensorRead, load_sharded
-from moe_fx.errors import CollectiveTimeoutError, MoEFxError, RankMismatchError, RoutingError, UnsupportedMoEError
+from moe_fx.errors import (
+    CollectiveTimeoutError, MoEFxError, OutOfStepError, RankMismatchError, RoutingError, UnsupportedMoEError,
+)
 from moe_fx.explain import ExplainReport, explain
 from moe_fx.prepare import PrepareReport, prepare, prepare_report
 from moe_fx.runtime.comm import destroy_process_group
@@ -20,6 +22,7 @@ __all__ = [
     "ExpertShard",
     "ExplainReport",
     "MoEFxError",
+    "OutOfStepError",
     "PrepareReport",
     "RankMismatchError",
     "RecordedGraph",

@@ -14,10 +14,15 @@ import torch
 import torch.fx as fx
 
 from moe_fx import config
-from moe_fx.errors import CollectiveTimeoutError
+from moe_fx.errors import CollectiveTimeoutError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.passes import PassReport, moe_ep_pass
 from moe_fx.passes.plan import records_cuda_graphs
-from moe_fx.runtime.guard import is_gloo_failure, peer_failure_message
+from moe_fx.runtime.guard import (
+    check_in_step, entered_blocks, is_gloo_failure, mark_out_of_step, peer_failure_message,
+)
+
+# the entry check's verdicts: every rank raises the same one at the same block, nothing exchanged
+AGREED = (RankMismatchError, RoutingError, UnsupportedMoEError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,15 +95,22 @@ def _naming_peer_failures(compiled: Callable, blocks: list[str]) -> Callable:
     """``compiled``, raising ``CollectiveTimeoutError`` naming ``blocks`` where a gloo collective
     of the graph failed (moe_fx's exchanges time out after ``config.collective_timeout_s``: a
     peer raised inside a block, stopped calling or died). NCCL's timeouts end the process from
-    its watchdog instead; nothing reaches Python there."""
+    its watchdog instead; nothing reaches Python there. A call that raises after a block's entry
+    check with anything but the check's own verdict (raised on every rank alike) leaves this rank
+    out of step: its next call raises ``OutOfStepError`` before any collective."""
 
     def run(*args):
+        check_in_step(blocks)
+        entered = entered_blocks()
         try:
             return compiled(*args)
-        except RuntimeError as exc:
-            if not is_gloo_failure(exc):
-                raise
-            raise CollectiveTimeoutError(peer_failure_message(blocks, exc)) from exc
+        except BaseException as exc:
+            if entered_blocks() != entered and not isinstance(exc, AGREED):
+                mark_out_of_step(f"an earlier call raised after a block's entry check ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+            if isinstance(exc, RuntimeError) and is_gloo_failure(exc):
+                raise CollectiveTimeoutError(peer_failure_message(blocks, exc)) from exc
+            raise
 
     run._boxed_call = getattr(compiled, "_boxed_call", False)  # dynamo passes boxed args alike
     return run

@@ -39,3 +39,12 @@ class CollectiveTimeoutError(MoEFxError, TimeoutError):
     """A peer did not reach an MoE block's agreement exchange within
     ``moe_fx.config.collective_timeout_s``; names the block and the ranks that did not arrive.
     moe_fx's groups are unusable afterwards: end the job on every rank."""
+
+
+class OutOfStepError(MoEFxError, RuntimeError):
+    """An earlier call of a compiled graph raised on this rank after one of its MoE blocks passed
+    its entry check, so this rank's exchanges may no longer pair with its peers' (a peer may still
+    wait in the exchange this rank left). Raised at this rank's next call of any compiled graph with
+    an expert-parallel block, before any collective, instead of exchanging out of step (on CUDA,
+    where later calls skip the host check, the exchanges would otherwise pair with the wrong
+    calls). End the job on every rank and restart it."""

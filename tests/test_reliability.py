@@ -187,6 +187,27 @@ def test_dtype_codes_agree_between_processes():
     assert len(seen) == 1, seen
 
 
+@pytest.mark.parametrize("strategy", ["allgather-bounded", "mc2"])
+def test_a_rank_that_raised_inside_a_block_is_stopped_before_its_next_exchange(strategy):
+    """As on CUDA, the entry check reads the host on the first call only (rank_check="first_call"),
+    so a later call would go straight to the exchanges. Rank 0 raises inside the block; rank 1 times
+    out in the exchange. On their next call both raise OutOfStepError at once, before any collective,
+    rather than pair their exchanges with the wrong calls."""
+    patch = {**STRATEGIES[strategy], "collective_timeout_s": TIMEOUT_S, "rank_check": "first_call"}
+    try:
+        results = _run(2, "raise_inside_case", op="unsort_weighted_sum" if strategy != "mc2" else "grouped_mm",
+                       patch=patch)
+    finally:
+        get_pool(2).close()
+    assert results[0]["second"] == ("error", "RuntimeError: simulated failure inside the block"), results
+    assert results[1]["second"][1].startswith("CollectiveTimeoutError"), results
+    for rank, res in enumerate(results):
+        kind, message = res["third"]
+        assert kind == "error" and message.startswith("OutOfStepError: MoE block(s) '<root module>': not called: an "
+                                                      "earlier call raised after a block's entry check"), (rank, res)
+        assert res["third_seconds"] < 1.0, (rank, res)
+
+
 @pytest.mark.parametrize("strategy,op", [("allgather-bounded", "unsort_weighted_sum"), ("all2allv", "grouped_mm"),
                                          ("mc2", "grouped_mm")])
 def test_a_rank_that_raises_inside_a_block_stops_its_peers_within_the_timeout(strategy, op):

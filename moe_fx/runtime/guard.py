@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moe_fx.errors import CollectiveTimeoutError, RankMismatchError, RoutingError, UnsupportedMoEError
+from moe_fx.errors import CollectiveTimeoutError, OutOfStepError, RankMismatchError, RoutingError, UnsupportedMoEError
 from moe_fx.runtime.comm import all_gather_rows, resolve_group
 from moe_fx.runtime.library import LIB, capacity_message, host_op
 
@@ -68,6 +68,8 @@ _calls: dict[tuple[Optional[str], str], int] = {}  # (EP group, block) -> calls 
 _block_names: dict[int, str] = {}  # block id -> module path, for messages naming a peer's block
 _guard_groups: dict[tuple[str, int], dist.ProcessGroup] = {}
 _failed: dict[str, str] = {}  # EP group -> the error that broke its guard group
+_entered = 0  # guard calls made by this process: whether a graph's call reached a block's entry
+_out_of_step: Optional[str] = None  # why this rank's exchanges may no longer pair with its peers'
 
 
 def block_id(block: str) -> int:
@@ -83,14 +85,37 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def reset_call_counts() -> None:
-    """Forget the call numbers and the failed guard groups. Every rank must call it at the same
+    """Forget the call numbers, the failed guard groups and an out-of-step mark. Every rank must call it at the same
     point: after catching a call-number or block mismatch on every rank, before running the step
     again. A guard group that failed is dropped (not torn down: a gloo group that timed out may
     not tear down cleanly); the next block call creates a new one, which every EP rank must reach."""
+    global _out_of_step
     _calls.clear()
     for key in [k for k in _guard_groups if k[0] in _failed]:
         del _guard_groups[key]
     _failed.clear()
+    _out_of_step = None
+
+
+def entered_blocks() -> int:
+    """How many block entries (guard calls) this process has made."""
+    return _entered
+
+
+def mark_out_of_step(reason: str) -> None:
+    """This rank raised after a block's entry check: its later compiled calls raise
+    ``OutOfStepError`` (``check_in_step``) until ``reset_call_counts``."""
+    global _out_of_step
+    _out_of_step = reason
+
+
+def check_in_step(blocks: list[str]) -> None:
+    """Raise ``OutOfStepError`` naming ``blocks`` where an earlier call left this rank out of step."""
+    if _out_of_step is not None:
+        shown = ", ".join(repr(b) for b in blocks)
+        raise OutOfStepError(f"MoE block(s) {shown}: not called: {_out_of_step}. This rank's exchanges may no "
+                             "longer pair with its peers' (a peer may still wait in the one this rank left): end "
+                             "the job on every rank and restart it")
 
 
 @host_op("guard")
@@ -100,6 +125,8 @@ def guard(topk_ids: torch.Tensor, fingerprint: list[int], block: str, group_name
     (module docstring). ``fingerprint``: the compile-time fields of ``FIELDS`` without "call", in
     order. ``checks_ids``: on calls without the table, this op checks the ids on the device itself
     (where the graph holds no check of its own: moe_fx.lowering.guard)."""
+    global _entered
+    _entered += 1
     num_experts = fingerprint[1]
     key = (group_name, block)
     call = _calls.get(key, 0) + 1
