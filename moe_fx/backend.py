@@ -68,7 +68,7 @@ def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         return compiled
     if not torch.is_grad_enabled() and not records_cuda_graphs():  # a graph's replay calls no op
         compiled = _below_autograd(compiled)
-    return _naming_peer_failures(compiled, exchanging)
+    return _in_step_with_peers(compiled, exchanging)
 
 
 def _below_autograd(compiled: Callable) -> Callable:
@@ -87,11 +87,10 @@ def _below_autograd(compiled: Callable) -> Callable:
         with torch._C._AutoDispatchBelowAutograd():
             return compiled(*args)
 
-    run._boxed_call = getattr(compiled, "_boxed_call", False)
-    return run
+    return _called_like(compiled, run)
 
 
-def _naming_peer_failures(compiled: Callable, blocks: list[str]) -> Callable:
+def _in_step_with_peers(compiled: Callable, blocks: list[str]) -> Callable:
     """``compiled``, raising ``CollectiveTimeoutError`` naming ``blocks`` where a gloo collective
     of the graph failed (moe_fx's exchanges time out after ``config.collective_timeout_s``: a
     peer raised inside a block, stopped calling or died). NCCL's timeouts end the process from
@@ -112,8 +111,13 @@ def _naming_peer_failures(compiled: Callable, blocks: list[str]) -> Callable:
                 raise CollectiveTimeoutError(peer_failure_message(blocks, exc)) from exc
             raise
 
-    run._boxed_call = getattr(compiled, "_boxed_call", False)  # dynamo passes boxed args alike
-    return run
+    return _called_like(compiled, run)
+
+
+def _called_like(compiled: Callable, wrapper: Callable) -> Callable:
+    """``wrapper`` of ``compiled``, which dynamo must call the same way (boxed args alike)."""
+    wrapper._boxed_call = getattr(compiled, "_boxed_call", False)
+    return wrapper
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list, *, keep_order: bool = False) -> Callable:
