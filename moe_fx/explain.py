@@ -192,7 +192,7 @@ def _add_probe_verdicts(report: ExplainReport, model_or_fn, args, kwargs, flags:
         return gm.forward
 
     try:
-        with torch._dynamo.config.patch(**flags), torch.no_grad():
+        with torch._dynamo.config.patch(**flags):  # in the caller's grad mode: a training graph is refused
             torch.compile(model_or_fn, backend=probe)(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001  (the report says so; the first capture's findings stand)
         report.notes.append(f"the probe check could not run ({type(exc).__name__}: {str(exc).strip()[:200]})")

@@ -64,7 +64,8 @@ class DepthRouter(nn.Module):
 def test_a_router_feeding_unknown_experts_code_is_a_near_miss():
     """No recognizer matches; the generic path delimits the block and its probe check refuses it
     (``self.w_in[ids]`` reads a dropped slot's id -1 as the last expert), and explain() says so."""
-    report = moe_fx.explain(ElementwiseExperts(), torch.randn(T, H))
+    with torch.no_grad():  # with grad on, the generic path's reason is the training graph
+        report = moe_fx.explain(ElementwiseExperts(), torch.randn(T, H))
     assert not report.blocks
     misses = [m for m in report.near_misses if m.form == "generic"]
     assert len(misses) == 1 and not [m for m in report.near_misses if m.form == "unrecognized"], str(report)

@@ -21,7 +21,7 @@ from moe_fx.lowering.base import LoweringPlan
 from moe_fx.passes.canonical import canonicalize, keep_claimed
 from moe_fx.passes import capacity_gate
 from moe_fx.passes.find import find_moe_regions
-from moe_fx.passes.generic import GenericRegion, find_generic, plan_generic, rewrite_generic
+from moe_fx.passes.generic import GenericRegion, find_generic, generic_blocker, plan_generic, rewrite_generic
 from moe_fx.passes.plan import block_facts, ep_plan, guard_plan, lowering_plan, make_lowering
 from moe_fx.passes.probe import (
     ProbeResult, RegionEvaluator, concrete_inputs, generic_refusal, prove_generic, prove_region, refusal,
@@ -132,7 +132,10 @@ def probe_refusals(gm: fx.GraphModule, example_inputs: list) -> tuple[list[NoMat
             misses.append(refusal(decision.region, result))
     for region in analysis.generic:
         capacity = max(config.max_tokens_per_rank or 0, region.num_tokens)
-        result = _probe(lambda: prove_generic(evaluator, region, max(ep_plan(region).ep_size, 2), capacity))
+        if reason := generic_blocker(region):
+            result = ProbeResult(None, note=reason)
+        else:
+            result = _probe(lambda: prove_generic(evaluator, region, max(ep_plan(region).ep_size, 2), capacity))
         if result.agreed:
             proven.add(region.block)
         else:

@@ -245,6 +245,18 @@ def drop_foreign_slots(ids_TK, start: int, count: int):
     return torch.where((ids_TK >= start) & (ids_TK < start + count), ids_TK, -1)
 
 
+def generic_blocker(region: GenericRegion) -> str | None:
+    """Why the generic path leaves ``region`` as traced under any EP group; None if it may not."""
+    if fake(region.hidden).device.type == "npu":
+        return "the generic path has no Ascend lowering"
+    if token_layout() != "per_rank":
+        return "the generic path gathers per-rank tokens only (moe_fx.config.tokens='per_rank')"
+    if torch.is_grad_enabled() and any(getattr(fake(n), "requires_grad", False)
+                                       for node in region.nodes for n in node.all_input_nodes):
+        return "a training graph: the generic path rewrites inference graphs only"
+    return None
+
+
 def plan_generic(region: GenericRegion, ep: EPPlan) -> tuple[LoweringPlan, LoweringChoice] | str:
     """The bounded AllGather plan of ``region`` at ``ep``, or why the block stays as traced."""
     device_type = fake(region.hidden).device.type
@@ -253,13 +265,8 @@ def plan_generic(region: GenericRegion, ep: EPPlan) -> tuple[LoweringPlan, Lower
     if capacity < region.num_tokens:  # as the recognized AllGather does: an error, never one rank's refusal
         raise UnsupportedMoEError(f"MoE block {region.block!r} (generic): {region.num_tokens} tokens on rank "
                                   f"{ep.ep_rank} exceed moe_fx.config.max_tokens_per_rank={bound}; raise the bound")
-    if device_type == "npu":
-        return "the generic path has no Ascend lowering"
-    if token_layout() != "per_rank":
-        return "the generic path gathers per-rank tokens only (moe_fx.config.tokens='per_rank')"
-    if torch.is_grad_enabled() and any(getattr(fake(n), "requires_grad", False)
-                                       for node in region.nodes for n in node.all_input_nodes):
-        return "a training graph: the generic path rewrites inference graphs only"
+    if reason := generic_blocker(region):
+        return reason
     source = "config.max_tokens_per_rank" if bound is not None else "this rank's token count (set " \
              "moe_fx.config.max_tokens_per_rank when ranks hold different counts)"
     choice = LoweringChoice(strategy=Strategy.ALLGATHER, capacity_tokens=capacity,
