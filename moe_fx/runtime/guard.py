@@ -34,7 +34,8 @@ graph the check is graph ops right after this op, which then only copies the ids
 (``moe_fx.lowering.guard.emit_guard``); elsewhere (``checks_ids``: Ascend, whose graph compiler
 gets the guard as one op) the op runs it.
 
-The call numbers and failed groups are per-process state (``reset_call_counts``).
+The call numbers, failed groups and the out-of-step mark (a compiled call that raised after a
+block's entry check: moe_fx/backend.py) are per-process state (``reset_call_counts``).
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def reset_call_counts() -> None:
-    """Forget the call numbers, the failed guard groups and an out-of-step mark. Every rank must call it at the same
-    point: after catching a call-number or block mismatch on every rank, before running the step
-    again. A guard group that failed is dropped (not torn down: a gloo group that timed out may
+    """Forget the call numbers, the failed guard groups and an out-of-step mark. Every rank must
+    call it at the same point: after catching a call-number or block mismatch on every rank,
+    before running the step again. A guard group that failed is dropped (not torn down: a gloo group that timed out may
     not tear down cleanly); the next block call creates a new one, which every EP rank must reach."""
     global _out_of_step
     _calls.clear()
