@@ -145,7 +145,7 @@ def exchange_group(ep: EPPlan, region: MoERegion, strategy: Strategy, capacity: 
     parent = resolve_group(ep.group_name)
     try:
         group = timed_sibling(parent, config.collective_timeout_s, protocol)
-    except Exception as exc:  # c10d's store barrier: a peer never came to the set-up
+    except dist.DistStoreError as exc:  # c10d's store barrier timed out: a peer never came to the set-up
         raise CollectiveTimeoutError(
             f"MoE block {region.block!r}: not every rank of EP group {ep.group_name!r} (global ranks "
             f"{dist.get_process_group_ranks(parent)}) came to set up moe_fx's exchange group within "
